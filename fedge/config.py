@@ -1,0 +1,253 @@
+"""Typed configuration: TOML files and CLI flags become frozen dataclasses, validated once, here.
+
+Every command reads an optional TOML file, lays the flags the user gave over it, and builds its
+typed config with :func:`from_mapping`; :func:`dump_toml` writes the resolved result into the run
+directory. Example::
+
+    raw = merge(load_toml("fl.toml"), {"rounds": 3})
+    cfg = from_mapping(FlConfig, raw)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from fedge.errors import ConfigError
+
+__all__ = [
+    "PartitionConfig",
+    "dump_toml",
+    "from_mapping",
+    "load_toml",
+    "merge",
+    "parse_partition",
+    "to_mapping",
+]
+
+C = TypeVar("C")
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file.
+
+    Raises:
+        ConfigError: the file is missing, unreadable or not valid TOML.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; pass an existing .toml file or leave it out")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from err
+
+
+def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` laid over it, recursively; None in ``overrides`` means "not given"."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or origin is types.UnionType:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list; got {value!r}")
+        args = typing.get_args(tp)
+        item = args[0] if args else Any
+        items = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a table; got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if dataclasses.is_dataclass(value) and isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a table of settings; got {value!r}")
+        return from_mapping(tp, value, where=where)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(
+                f"{where} must be one of {', '.join(str(m.value) for m in tp)}; got {value!r}"
+            ) from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where} must be true or false; got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be an integer; got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be an integer; got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be a number; got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where} must be a string; got {value!r}")
+    if tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise ConfigError(f"{where} must be a path; got {value!r}")
+    return value
+
+
+def from_mapping(cls: type[C], data: Mapping[str, Any], *, where: str = "config") -> C:
+    """Build the frozen dataclass ``cls`` from a mapping (TOML table, flags), coercing strings.
+
+    Raises:
+        ConfigError: an unknown key (the message lists the valid ones), a value of the wrong type,
+            or a value the dataclass's ``__post_init__`` rejects.
+    """
+    if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown setting {where}.{unknown[0]}; valid settings: {', '.join(sorted(fields)) or 'none'}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}.{missing[0]} is required; set it in the config file or with its flag")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def to_mapping(obj: Any) -> Any:
+    """A config as plain TOML-ready data: enums become values, tuples lists, None is left out."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {
+            f.name: to_mapping(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if getattr(obj, f.name) is not None
+        }
+    if isinstance(obj, Mapping):
+        return {str(k): to_mapping(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        return [to_mapping(v) for v in obj]
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def dump_toml(data: Mapping[str, Any]) -> str:
+    """TOML text for a mapping of plain data (see :func:`to_mapping`)."""
+    import tomli_w
+
+    return tomli_w.dumps(to_mapping(data))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class PartitionConfig:
+    """How a dataset is split across clients or workers."""
+
+    scheme: Literal["iid", "dirichlet", "shards"] = "iid"
+    """``iid``: shuffled equal parts; ``dirichlet``: label skew drawn from Dir(alpha); ``shards``: k labels each."""
+    alpha: float = 0.5
+    """Dirichlet concentration; smaller is more skewed (``dirichlet`` only)."""
+    shards_per_client: int = 2
+    """Label shards each client receives (``shards`` only)."""
+    seed: int = 0
+    """Seed of the split; the same seed gives the same partitions."""
+
+    def __post_init__(self) -> None:
+        if self.alpha <= 0:
+            raise ValueError(f"partition alpha must be > 0, got {self.alpha}")
+        if self.shards_per_client < 1:
+            raise ValueError(f"partition shards_per_client must be >= 1, got {self.shards_per_client}")
+
+    def __str__(self) -> str:
+        if self.scheme == "dirichlet":
+            return f"dirichlet:{self.alpha:g}"
+        if self.scheme == "shards":
+            return f"shards:{self.shards_per_client}"
+        return "iid"
+
+
+def parse_partition(spec: str, *, seed: int = 0) -> PartitionConfig:
+    """Parse ``iid``, ``dirichlet:ALPHA`` or ``shards:K``.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    scheme, _, arg = spec.strip().partition(":")
+    try:
+        if scheme == "iid" and not arg:
+            return PartitionConfig(scheme="iid", seed=seed)
+        if scheme == "dirichlet":
+            return PartitionConfig(scheme="dirichlet", alpha=float(arg) if arg else 0.5, seed=seed)
+        if scheme == "shards":
+            return PartitionConfig(scheme="shards", shards_per_client=int(arg) if arg else 2, seed=seed)
+    except ValueError as err:
+        raise ConfigError(f"bad partition {spec!r}: {err}; use iid, dirichlet:ALPHA or shards:K") from err
+    raise ConfigError(f"bad partition {spec!r}; use iid, dirichlet:ALPHA (e.g. dirichlet:0.5) or shards:K")

@@ -1,0 +1,1 @@
+"""Federated learning on Flower's Deployment Engine (SuperLink + SuperNodes over gRPC)."""

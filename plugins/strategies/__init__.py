@@ -1,0 +1,1 @@
+"""Strategy plugins: ways to train one model across the processes of a torch.distributed job."""

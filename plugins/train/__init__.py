@@ -1,0 +1,1 @@
+"""Cluster training through torchrun: the worker loop, checkpoints, and the launcher."""

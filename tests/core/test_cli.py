@@ -1,0 +1,61 @@
+"""The CLI boundary: help, version, plugin listing, and one clear line for mistakes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedge.cli.app import main
+
+FEDGE = str(Path(sys.executable).with_name("fedge"))
+
+
+def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    assert "plugins" in capsys.readouterr().out
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("fedge 0.")
+
+
+def test_plugins_json_lists_builtins(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plugins", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    by_name = {(r["kind"], r["name"]): r for r in rows}
+    for key in [("dataset", "digits"), ("dataset", "npz"), ("dataset", "csv"), ("dataset", "image-folder"),
+                ("model", "mlp"), ("model", "cnn"), ("model", "tiny-gpt")]:
+        assert key in by_name
+        assert set(by_name[key]) == {"name", "kind", "distribution", "version", "summary"}
+    assert by_name[("model", "cnn")]["distribution"] == "fedge"
+    assert by_name[("model", "cnn")]["summary"].startswith("Small CNN")
+
+
+def test_plugins_kind_filter_and_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plugins", "--kind", "dataset"]) == 0
+    out = capsys.readouterr().out
+    assert "digits" in out and "tiny-gpt" not in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["plugins", "--kind", "widget"], "unknown plugin kind 'widget'; valid: strategy"),
+        (["plugins", "--colour"], "No such option"),
+        (["frobnicate"], "No such command 'frobnicate'"),
+    ],
+)
+def test_user_mistakes_give_one_line_and_exit_1(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_console_script_exit_codes() -> None:
+    ok = subprocess.run([FEDGE, "--version"], capture_output=True, text=True)
+    bad = subprocess.run([FEDGE, "plugins", "--kind", "nope"], capture_output=True, text=True)
+    assert ok.returncode == 0
+    assert bad.returncode == 1 and bad.stderr.startswith("fedge: error:")

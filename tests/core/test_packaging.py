@@ -1,0 +1,72 @@
+"""Packaging hygiene: the wheel holds only fedge/..., with the entry points; a third-party plugin is found."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.slow
+def test_wheel_holds_only_fedge_with_entry_points(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
+        check=True, capture_output=True, cwd=tmp_path,
+    )
+    (wheel,) = tmp_path.glob("fedge-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert all(n.startswith(("fedge/", "fedge-")) for n in names), [n for n in names if not n.startswith("fedge")]
+    for module in ("fedge/registry.py", "fedge/plugins/data/digits.py", "fedge/edge/__init__.py",
+                   "fedge/profiler/__init__.py", "fedge/py.typed"):
+        assert module in names
+    (ep_file,) = [n for n in names if n.endswith("entry_points.txt")]
+    entry_points = zipfile.ZipFile(wheel).read(ep_file).decode()
+    for group in ("[fedge.datasets]", "[fedge.models]", "[fedge.commands]", "[console_scripts]"):
+        assert group in entry_points
+
+
+def test_bare_plugins_import_is_refused() -> None:
+    code = "import runpy; runpy.run_path('plugins/__init__.py', run_name='plugins')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and "must be imported as fedge.plugins" in out.stderr
+
+
+@pytest.mark.slow
+def test_custom_plugin_package_is_discovered_and_usable(tmp_path: Path) -> None:
+    # Install the example into a private target directory, so the shared venv is left untouched.
+    target, source = tmp_path / "site", tmp_path / "src"
+    shutil.copytree(ROOT / "examples" / "custom_plugin", source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
+         str(source)],
+        check=True, capture_output=True,
+    )
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    listing = subprocess.run([str(BIN / "fedge"), "plugins", "--kind", "model", "--json"],
+                             env=env, capture_output=True, text=True, check=True)
+    rows = {r["name"]: r for r in json.loads(listing.stdout)}
+    assert rows["logreg"]["distribution"] == "fedge-example-plugin"
+    assert rows["logreg"]["summary"].startswith("Multinomial logistic regression")
+
+    code = (
+        "from fedge.plugins.models import build_model; import torch;"
+        "m = build_model('logreg', {'bias': False}, input_shape=(1, 8, 8), num_classes=10);"
+        "print(tuple(m(torch.zeros(2, 1, 8, 8)).shape))"
+    )
+    used = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert used.stdout.strip() == "(2, 10)"
+
+    # Without autoload, only fedge's own plugins (and those named in FEDGE_PLUGINS) are visible.
+    env_off = {**env, "FEDGE_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    hidden = subprocess.run([str(BIN / "fedge"), "plugins", "--kind", "model", "--json"],
+                            env=env_off, capture_output=True, text=True, check=True)
+    assert "logreg" not in {r["name"] for r in json.loads(hidden.stdout)}
