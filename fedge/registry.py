@@ -137,7 +137,7 @@ class EntryPointSource(Protocol):
 
 
 def _installed_entry_points(group: str) -> list[tuple[_EntryPoint, str, str]]:
-    found = []
+    found: list[tuple[_EntryPoint, str, str]] = []
     for ep in importlib.metadata.entry_points(group=group):
         dist = ep.dist
         found.append((ep, dist.name if dist else "unknown", dist.version if dist else "unknown"))
@@ -241,7 +241,7 @@ class Registry(Generic[T]):
                 f"object decorated with @plugin({self.kind.value!r}, {name!r}); found {info}"
             )
         self._loaded[name] = obj
-        return obj
+        return self._loaded[name]
 
     def load_all(self) -> dict[str, T]:
         """Import every plugin; one that fails becomes a warning naming it and the cause."""

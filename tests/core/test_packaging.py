@@ -33,6 +33,14 @@ def test_wheel_holds_only_fedge_with_entry_points(tmp_path: Path) -> None:
     for group in ("[fedge.datasets]", "[fedge.models]", "[fedge.commands]", "[console_scripts]"):
         assert group in entry_points
 
+    # The dependency direction (core -> nothing heavy), checked on the installed layout, outside the checkout.
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    (site / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    lint = subprocess.run([str(BIN / "lint-imports")], cwd=site, env={**os.environ, "PYTHONPATH": str(site)},
+                          capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout[-2000:] + lint.stderr[-2000:]
+
 
 def test_bare_plugins_import_is_refused() -> None:
     code = "import runpy; runpy.run_path('plugins/__init__.py', run_name='plugins')"
@@ -70,3 +78,13 @@ def test_custom_plugin_package_is_discovered_and_usable(tmp_path: Path) -> None:
     hidden = subprocess.run([str(BIN / "fedge"), "plugins", "--kind", "model", "--json"],
                             env=env_off, capture_output=True, text=True, check=True)
     assert "logreg" not in {r["name"] for r in json.loads(hidden.stdout)}
+
+
+@pytest.mark.slow
+def test_core_passes_mypy_strict(tmp_path: Path) -> None:
+    core = [str(ROOT / "fedge" / name) for name in ("errors.py", "registry.py", "config.py", "rundir.py", "cli")]
+    out = subprocess.run(
+        [str(BIN / "mypy"), "--strict", "--cache-dir", str(tmp_path / "mypy"), *core],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stdout[-3000:]
