@@ -5,3 +5,33 @@ if __name__ != "fedge.edge":
         f"this package must be imported as fedge.edge, not {__name__!r}; install fedge "
         "(pip install -e .) and keep the repository root off sys.path"
     )
+
+from fedge.edge.boards import Board, Fit, check_fit, load_boards
+from fedge.edge.convert import EdgeModel, Quantization, export_tflite, load_edge_model
+from fedge.edge.csource import c_source
+from fedge.edge.tflite_info import ModelInfo, TensorInfo, inspect_tflite
+
+__all__ = [
+    "Board",
+    "EdgeModel",
+    "Fit",
+    "ModelInfo",
+    "Quantization",
+    "TensorInfo",
+    "c_source",
+    "check_fit",
+    "export_model",
+    "export_tflite",
+    "inspect_tflite",
+    "load_boards",
+    "load_edge_model",
+]
+
+
+def __getattr__(name: str) -> object:
+    # export_model pulls in the dataset and model plugins (torch): load it only when asked for.
+    if name == "export_model":
+        from fedge.edge.pipeline import export_model
+
+        return export_model
+    raise AttributeError(f"module 'fedge.edge' has no attribute {name!r}")

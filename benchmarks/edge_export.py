@@ -1,0 +1,92 @@
+"""Export time, file size and accuracy of the default CNN on digits at every quantization, through the real
+`fedge edge export` pipeline (conversion child process, LiteRT + TFLite Micro verification).
+
+Run from the repository root:
+
+    PYTHONSAFEPATH=1 .venv/bin/python benchmarks/edge_export.py [--epochs 3] [--channels 16,32 --hidden 64]
+
+Prints one JSON line per quantization and a summary with the int8 / float32 size ratio; times are wall-clock
+seconds on this machine, and CPU seconds (this process + the converter child), which vary less when cores are shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--channels", default="16,32", help="cnn conv channels (default: the plugin's default)")
+    parser.add_argument("--hidden", type=int, default=64)
+    args = parser.parse_args()
+
+    from fedge.edge.pipeline import ExportConfig, export_model
+    from fedge.edge.tflite_info import inspect_tflite
+    from fedge.plugins.data import load_dataset
+    from fedge.plugins.models import build_model, save_model
+    from fedge.plugins.training import train_epochs
+
+    ds = load_dataset("digits")
+    options = {"channels": [int(c) for c in args.channels.split(",")], "hidden": args.hidden}
+    model = build_model("cnn", options, input_shape=ds.input_shape, num_classes=ds.num_classes)
+    train_epochs(model, ds.x_train, ds.y_train, epochs=args.epochs)
+    num_params = sum(p.numel() for p in model.parameters())
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(model, Path(tmp) / "run", extra={"dataset": "digits"})
+        for quant in ("none", "float16", "dynamic", "int8"):
+            t0, cpu0 = time.perf_counter(), _cpu_s()
+            report = export_model(Path(tmp) / "run", ExportConfig(quantize=quant), out=Path(tmp) / quant)
+            total_s, cpu_s = time.perf_counter() - t0, _cpu_s() - cpu0
+            data = (Path(tmp) / quant / "model.tflite").read_bytes()
+            info = inspect_tflite(data)
+            const_bytes = sum(len(t.shape) and _const_size(t) for t in info.tensors if t.is_constant)
+            rows[quant] = {
+                "quantization": quant,
+                "params": num_params,
+                "size_bytes": report["size_bytes"],
+                "constant_bytes": const_bytes,
+                "arena_bytes": report["arena_bytes"],
+                "accuracy_source": report["accuracy_source"],
+                "accuracy_exported": report["accuracy_exported"],
+                "tflm_agreed": report["runtimes"]["agreed"],
+                "convert_s": report["convert_s"],
+                "verify_s": report["verify_s"],
+                "export_total_s": round(total_s, 2),
+                "export_cpu_s": round(cpu_s, 2),
+            }
+            print(json.dumps(rows[quant]))
+    int8, fp32 = rows["int8"], rows["none"]
+    print(
+        json.dumps(
+            {
+                "int8_over_float32_file": round(int8["size_bytes"] / fp32["size_bytes"], 3),
+                "int8_over_float32_constants": round(int8["constant_bytes"] / fp32["constant_bytes"], 3),
+                "int8_accuracy_drop_points": round(100 * (int8["accuracy_source"] - int8["accuracy_exported"]), 2),
+            }
+        )
+    )
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and its finished children (the converter): steadier than wall time on shared cores."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _const_size(t) -> int:  # bytes of a constant tensor's data: weights and biases
+    import math
+
+    width = {"float32": 4, "int32": 4, "float16": 2, "int8": 1, "int64": 8}.get(t.dtype, 4)
+    return math.prod(t.shape) * width
+
+
+if __name__ == "__main__":
+    main()

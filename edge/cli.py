@@ -1,0 +1,194 @@
+"""``fedge edge``: export a trained model to TFLite for a board (verified on LiteRT and TFLite Micro), inspect a
+``.tflite`` file, list boards.
+
+Run ``fedge edge export runs/fl-XXXX --quantize int8 --target arduino-nano-33-ble-sense``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fedge.config import from_mapping, load_toml, merge
+
+app = typer.Typer(
+    name="edge",
+    help="TFLite export for microcontrollers and phones, verified on LiteRT and TensorFlow Lite Micro.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _kb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1024:.1f} KB ({n:,} B)"
+
+
+def _print_report(r: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rt = r["runtimes"]
+    table = Table(show_header=False, box=None)
+    table.add_row("model", f"{r['source']} -> {r['quantization']} ({r['exporter']})")
+    table.add_row("file", f"{_kb(r['size_bytes'])}, ops: {', '.join(f'{k} x{v}' for k, v in r['ops'].items())}")
+    if r["arena_bytes"] is None:
+        table.add_row("tensor arena", "- (not run on TFLite Micro)")
+    else:
+        table.add_row(
+            "tensor arena", f"{_kb(r['arena_bytes'])} for TFLite Micro (smallest that ran: {_kb(r['arena_min_bytes'])})"
+        )
+    table.add_row(
+        "accuracy",
+        f"source {r['accuracy_source']:.4f}  exported {r['accuracy_exported']:.4f}  "
+        f"({r['accuracy_drop_points']:.2f} points lost) on {r['held_out_samples']} held-out {r['dataset']} samples",
+    )
+    tflm = rt.get("tflm", {})
+    if tflm.get("ran"):
+        a = rt["agreement"]
+        table.add_row(
+            "runtimes",
+            f"LiteRT and TFLite Micro {'agree' if a['agreed'] else 'DISAGREE'}: same prediction on "
+            f"{a['same_predictions']}/{a['samples']}, identical outputs on {a['identical_outputs']}, "
+            f"max difference {a['max_abs_diff']:g}; TFLM accuracy {tflm['accuracy']:.4f}",
+        )
+    else:
+        table.add_row("runtimes", f"LiteRT ran it; TFLite Micro did not: {tflm.get('reason', '-')}")
+    if "board" in r:
+        b = r["board"]
+        verdict = "fits" if r["fits"] else "DOES NOT FIT"
+        table.add_row(
+            "board",
+            f"{b['name']}: {verdict} (flash {_kb(r['size_bytes'])} of {_kb(b['flash_bytes'] or None)}, "
+            f"arena {_kb(r['arena_bytes'])} of {_kb(b['ram_bytes'] or None)} RAM)",
+        )
+    table.add_row("time", f"convert {r['convert_s']:.1f} s, verify {r['verify_s']:.1f} s")
+    table.add_row("written", f"{r['run_dir']}/ model.tflite model_data.cc model_data.h edge-report.json")
+    Console().print(table)
+
+
+@app.command(no_args_is_help=True)
+def export(
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="fedge run directory (model.pt + model.json), a .pt beside model.json, a .keras file or a SavedModel directory."
+        ),
+    ],
+    quantize: Annotated[
+        str | None, typer.Option("--quantize", "-q", help="none, float16, dynamic or int8 (default int8).")
+    ] = None,
+    calibration_samples: Annotated[
+        int | None, typer.Option(help="Training samples that calibrate int8 (default 200).")
+    ] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(help="Dataset for calibration and held-out checks when model.json names none (default digits)."),
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option("--target", "-t", help="Board to check flash and RAM against (see: fedge edge boards)."),
+    ] = None,
+    boards: Annotated[
+        Path | None, typer.Option(help="TOML file with your own [boards.NAME] tables (flash_kb, ram_kb, notes).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML file with these settings (flags win).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Run directory (default runs/edge-<timestamp>).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print edge-report.json instead of the summary.")] = False,
+) -> None:
+    """Convert a trained model to TFLite (+ C array), verify it on LiteRT and TFLite Micro, check a board."""
+    from fedge.edge.pipeline import ExportConfig, export_model
+
+    raw = load_toml(config) if config else {}
+    raw = merge(
+        raw, {"quantize": quantize, "calibration_samples": calibration_samples, "dataset": dataset, "target": target}
+    )
+    cfg = from_mapping(ExportConfig, raw, where="edge export")
+    if as_json:
+        report = export_model(model, cfg, out=out, boards=boards)
+    else:
+        from rich.console import Console
+
+        with Console(stderr=True).status(f"exporting {model} ({cfg.quantize.value}): convert, then run on LiteRT/TFLM"):
+            report = export_model(model, cfg, out=out, boards=boards)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        _print_report(report)
+
+
+@app.command(no_args_is_help=True)
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A .tflite file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print ops, tensors and quantization as JSON.")] = False,
+) -> None:
+    """Ops, tensors, quantization parameters and sizes of a .tflite file, and which ops TFLite Micro lacks."""
+    from fedge.edge.convert import load_edge_model
+
+    edge = load_edge_model(file)
+    info = edge.info()
+    if as_json:
+        typer.echo(json.dumps({"quantization": edge.quantization.value, **info.to_json()}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"{file}: {_kb(info.size_bytes)}, quantization {edge.quantization.value}")
+    console.print("ops: " + ", ".join(f"{k} x{v}" for k, v in info.ops.items()))
+    if info.tflm_unsupported:
+        console.print(f"TFLite Micro lacks: {', '.join(info.tflm_unsupported)}")
+    else:
+        console.print(
+            "TFLite Micro: every op has a kernel"
+            + ("" if edge.quantization.runs_on_tflm else f", but TFLM cannot run {edge.quantization.value} models")
+        )
+    table = Table("#", "name", "shape", "dtype", "scale", "zero point", "const", box=None)
+    for t in info.tensors:
+        scale = f"{t.scales[0]:.6g}" + (f" (+{len(t.scales) - 1})" if len(t.scales) > 1 else "") if t.scales else ""
+        zero = (
+            str(t.zero_points[0]) if t.zero_points and len(t.scales) <= 1 else ("per-channel" if t.zero_points else "")
+        )
+        name = t.name if len(t.name) <= 60 else "..." + t.name[-57:]
+        table.add_row(str(t.index), name, str(t.shape), t.dtype, scale, zero, "yes" if t.is_constant else "")
+    console.print(table)
+
+
+@app.command("boards")
+def list_boards(
+    boards: Annotated[Path | None, typer.Option(help="TOML file with your own [boards.NAME] tables.")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON list of {name, flash_kb, ram_kb, notes}.")
+    ] = False,
+) -> None:
+    """The boards --target knows: flash, RAM and notes."""
+    from fedge.edge.boards import load_boards
+
+    rows = [
+        {"name": b.name, "flash_kb": b.flash_kb, "ram_kb": b.ram_kb, "notes": b.notes}
+        for b in load_boards(boards).values()
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "flash", "RAM", "notes", box=None)
+    for r in rows:
+        table.add_row(
+            r["name"],
+            f"{r['flash_kb']} KB" if r["flash_kb"] else "-",
+            f"{r['ram_kb']} KB" if r["ram_kb"] else "-",
+            r["notes"],
+        )
+    Console().print(table)
+
+
+__all__ = ["app"]

@@ -1,0 +1,263 @@
+"""``export_tflite``: a torch ``nn.Module`` or a Keras model to a verified-runnable :class:`EdgeModel`.
+
+Torch models convert through litert-torch (int8 by PT2E static quantization, float16 and dynamic-range by
+ai-edge-quantizer); Keras models through TensorFlow's TFLite converter. The conversion runs in a child
+process so a converter crash becomes a clear error instead of taking the caller down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedge.edge.csource import c_source
+
+from fedge.errors import ConfigError, DataError, RuntimeFailure
+from fedge.rundir import atomic_write_bytes
+
+if TYPE_CHECKING:
+    import numpy as np
+    from fedge.edge.tflite_info import ModelInfo
+
+__all__ = ["EdgeModel", "Quantization", "export_tflite", "load_edge_model"]
+
+CONVERT_TIMEOUT_S = 600
+_CHILD_CODE = "from fedge.edge._convert_child import main; main()"
+
+
+class Quantization(StrEnum):
+    """How weights and activations are stored in the exported model."""
+
+    NONE = "none"
+    """float32 throughout."""
+    FLOAT16 = "float16"
+    """float16 weights, float32 compute (LiteRT only; TFLM has no float16 kernels)."""
+    DYNAMIC = "dynamic"
+    """int8 weights, activations quantized on the fly (LiteRT only; TFLM has no hybrid kernels)."""
+    INT8 = "int8"
+    """Full integer: int8 weights, activations, input and output, calibrated on real samples."""
+
+    @classmethod
+    def parse(cls, value: str) -> Quantization:
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(f"unknown quantization {value!r}; valid: {', '.join(q.value for q in cls)}") from None
+
+    @property
+    def runs_on_tflm(self) -> bool:
+        return self in (Quantization.NONE, Quantization.INT8)
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeModel:
+    """A converted ``.tflite`` model: its bytes, and calls that run it on LiteRT.
+
+    Example::
+
+        edge = export_tflite(model, x_train[:200], quantization="int8")
+        probs = edge(x_test)            # float outputs, one row per sample (LiteRT reference kernels)
+        edge.save("model.tflite")
+        cc, h = edge.to_c_source("g_model")
+    """
+
+    data: bytes
+    quantization: Quantization
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.data)
+
+    def info(self) -> ModelInfo:
+        """Ops, tensors and quantization parameters (see :func:`fedge.edge.inspect_tflite`)."""
+        from fedge.edge.tflite_info import inspect_tflite
+
+        return inspect_tflite(self.data)
+
+    def quantize_inputs(self, x: np.ndarray) -> np.ndarray:
+        """Float samples as the model's input tensor takes them (int8 for a full-integer model)."""
+        import numpy as np
+        from fedge.edge.runtimes import quantize_input
+
+        inp = self.info().inputs[0]
+        dtype = np.dtype(inp.dtype)
+        scale = inp.scales[0] if inp.scales else 0.0
+        zero = inp.zero_points[0] if inp.zero_points else 0
+        return quantize_input(np.asarray(x, dtype=np.float32).reshape(len(x), *inp.shape[1:]), dtype, scale, zero)
+
+    def dequantize_outputs(self, raw: np.ndarray) -> np.ndarray:
+        """Raw outputs (int8 for a full-integer model) as float32."""
+        import numpy as np
+
+        out = self.info().outputs[0]
+        if out.scales and np.issubdtype(raw.dtype, np.integer):
+            return ((raw.astype(np.float32) - out.zero_points[0]) * out.scales[0]).astype(np.float32)
+        return raw.astype(np.float32)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Float outputs for a batch of float samples, run one by one on the LiteRT interpreter."""
+        from fedge.edge.runtimes import run_litert
+
+        return self.dequantize_outputs(run_litert(self.data, self.quantize_inputs(x)))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the ``.tflite`` file atomically."""
+        return atomic_write_bytes(path, self.data)
+
+    def to_c_source(self, symbol: str = "g_model") -> tuple[str, str]:
+        """``(model_data.cc, model_data.h)``: a 16-byte-aligned ``const unsigned char`` array and ``SYMBOL_len``."""
+        return c_source(self.data, symbol)
+
+
+def load_edge_model(path: str | Path) -> EdgeModel:
+    """Read a ``.tflite`` file; its quantization is inferred from its tensors.
+
+    Raises:
+        DataError: missing, unreadable or not a TFLite model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no TFLite model at {str(path)!r}; pass an existing .tflite file")
+    data = path.read_bytes()
+    from fedge.edge.tflite_info import inspect_tflite
+
+    info = inspect_tflite(data)
+    dtypes = {t.dtype for t in info.tensors}
+    if info.inputs and info.inputs[0].dtype == "int8":
+        quant = Quantization.INT8
+    elif "float16" in dtypes:
+        quant = Quantization.FLOAT16
+    elif "int8" in dtypes:
+        quant = Quantization.DYNAMIC
+    else:
+        quant = Quantization.NONE
+    return EdgeModel(data=data, quantization=quant)
+
+
+def _child_env() -> dict[str, str]:
+    # TensorFlow's C++ start-up chatter is not news to a user; errors still come through.
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def _is_torch_module(model: object) -> bool:
+    mod = type(model).__module__ or ""
+    if not (mod.startswith("torch") or "torch" in sys.modules):
+        return False
+    import torch
+
+    return isinstance(model, torch.nn.Module)
+
+
+def _keras_path(model: object, tmp: Path) -> str:
+    if isinstance(model, (str, Path)):
+        p = Path(model)
+        if p.is_dir() and (p / "saved_model.pb").is_file():
+            return str(p)
+        if p.is_file() and p.suffix == ".keras":
+            return str(p)
+        raise DataError(f"{str(p)!r} is not a Keras model; expected a .keras file or a SavedModel directory")
+    if hasattr(model, "save") and hasattr(model, "inputs"):  # an in-memory Keras model
+        path = tmp / "model.keras"
+        model.save(path)  # type: ignore[attr-defined]
+        return str(path)
+    raise ConfigError(
+        f"export_tflite takes a torch nn.Module, a Keras model, or a .keras/SavedModel path; got {type(model).__name__}"
+    )
+
+
+def _export_torch_program(model: Any, sample: Any, path: Path) -> None:
+    import torch
+
+    model.eval()
+    try:
+        program = torch.export.export(model, (sample,))
+    except Exception as err:
+        first = next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        raise DataError(
+            f"torch.export cannot trace the model, so litert-torch cannot convert it: {first[:300]}"
+        ) from err
+    torch.export.save(program, path)
+
+
+def export_tflite(
+    model: object,
+    sample_inputs: np.ndarray,
+    *,
+    quantization: Quantization | str = Quantization.NONE,
+    calibration_samples: int = 200,
+    timeout_s: float = CONVERT_TIMEOUT_S,
+) -> EdgeModel:
+    """Convert ``model`` to TFLite with a fixed batch of 1.
+
+    Args:
+        model: a torch ``nn.Module`` (converted by litert-torch), a Keras model, or a path to a ``.keras``
+            file or SavedModel directory (converted by TensorFlow's TFLite converter).
+        sample_inputs: float32 samples, batch first, in the model's input layout. The first fixes the input
+            shape; the first ``calibration_samples`` calibrate int8 quantization (use real training samples).
+        quantization: ``none``, ``float16``, ``dynamic`` or ``int8``.
+        calibration_samples: how many samples calibrate int8 activations.
+        timeout_s: the conversion child process is stopped after this long.
+
+    Returns:
+        The converted model; call it to compare with the source model.
+
+    Raises:
+        DataError: the model cannot be traced or converted (the message names the layer when it can).
+        RuntimeFailure: the converter crashed or timed out.
+
+    Example::
+
+        edge = export_tflite(cnn, dataset.x_train, quantization="int8")
+    """
+    import numpy as np
+
+    quant = Quantization.parse(str(quantization))
+    samples = np.ascontiguousarray(np.asarray(sample_inputs, dtype=np.float32))
+    if samples.ndim < 2 or len(samples) == 0:
+        raise ConfigError(f"sample_inputs must be a batch of at least one sample; got shape {samples.shape}")
+    if calibration_samples < 1:
+        raise ConfigError(f"calibration_samples must be >= 1, got {calibration_samples}")
+    with tempfile.TemporaryDirectory(prefix="fedge-edge-") as tmp_name:
+        tmp = Path(tmp_name)
+        job: dict[str, Any] = {"quantization": quant.value}
+        if _is_torch_module(model):
+            import torch
+
+            _export_torch_program(model, torch.as_tensor(samples[:1]), tmp / "program.pt2")
+            job["source"] = "torch"
+        else:
+            job["source"] = "keras"
+            job["path"] = _keras_path(model, tmp)
+        np.save(tmp / "samples.npy", samples[:calibration_samples])
+        (tmp / "job.json").write_text(json.dumps(job))
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", _CHILD_CODE, str(tmp)],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                env=_child_env(),
+            )
+        except subprocess.TimeoutExpired as err:
+            raise RuntimeFailure(f"the TFLite conversion did not finish within {timeout_s:.0f} s") from err
+        if (tmp / "error.json").is_file():
+            error = json.loads((tmp / "error.json").read_text())
+            where = f" at {error['layer']}" if error.get("layer") else ""
+            tool = "litert-torch" if job["source"] == "torch" else "the TFLite converter"
+            raise DataError(f"{tool} cannot convert the model ({quant.value}){where}: {error['message']}")
+        if proc.returncode != 0 or not (tmp / "model.tflite").is_file():
+            how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+            tail = next((ln for ln in reversed(proc.stderr.splitlines()) if ln.strip()), "no output")
+            raise RuntimeFailure(
+                f"the TFLite converter crashed ({how}) converting the model to {quant.value}: {tail[:200]}; "
+                "try another --quantize, or simplify the layer named in the log"
+            )
+        return EdgeModel(data=(tmp / "model.tflite").read_bytes(), quantization=quant)

@@ -1,0 +1,34 @@
+"""What a TFLite ``exporter`` plugin provides, and the config the four of them share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import numpy as np
+    from fedge.edge.convert import EdgeModel, Quantization
+
+__all__ = ["ExporterPlugin", "TfliteExporterConfig"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TfliteExporterConfig:
+    """Settings of every TFLite exporter."""
+
+    calibration_samples: int = 200
+    """How many training samples calibrate int8 activations (ignored by the other quantizations)."""
+
+    def __post_init__(self) -> None:
+        if self.calibration_samples < 1:
+            raise ValueError(f"calibration_samples must be >= 1, got {self.calibration_samples}")
+
+
+class ExporterPlugin(Protocol):
+    """A TFLite exporter: a quantization, a nested ``Config`` and ``export``."""
+
+    quantization: Quantization
+    Config: type
+
+    @staticmethod
+    def export(model: object, sample_inputs: np.ndarray, config: TfliteExporterConfig) -> EdgeModel: ...

@@ -1,0 +1,55 @@
+"""Kernel launch delay as a fedge ``analysis`` plugin: how long each GPU kernel waited between the CPU
+launch call returning and the kernel starting (install: pip install ./examples/custom_plugin; then
+``fedge profile report TRACES`` lists it under "analyses")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from fedge.profiler.analyses.base import AnalysisConfig, Result
+from fedge.profiler.timeline import kernels, launch_rows
+from fedge.profiler.trace import Job
+
+from fedge.registry import plugin
+
+
+@dataclass(frozen=True, slots=True)
+class RankDelay:
+    rank: int
+    kernels: int
+    mean_us: float | None
+    p50_us: float | None
+    max_us: float | None
+    over_threshold: int
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchDelays(Result):
+    threshold_us: float
+    rows: tuple[RankDelay, ...]
+
+
+@plugin("analysis", "launch-delay")
+class LaunchDelay:
+    """Kernel launch delay per rank: GPU start minus the end of the CPU launch call."""
+
+    @dataclass(frozen=True, kw_only=True, slots=True)
+    class Config(AnalysisConfig):
+        threshold_us: float = 100.0
+        """Delays above this are counted as long."""
+
+    @staticmethod
+    def run(job: Job, config: Config) -> LaunchDelays:
+        rows = []
+        for trace in job.traces:
+            k = kernels(trace, config.mode, include_last_step=config.include_last_step)
+            launch = launch_rows(trace, trace.gpu.corr[k.row])
+            ok = launch >= 0
+            delay = k.ts[ok] - (trace.cpu.ts[launch[ok]] + trace.cpu.dur[launch[ok]])
+            if len(delay):
+                rows.append(RankDelay(trace.rank, len(delay), float(delay.mean()), float(np.median(delay)),
+                                      float(delay.max()), int((delay > config.threshold_us).sum())))
+            else:
+                rows.append(RankDelay(trace.rank, 0, None, None, None, 0))
+        return LaunchDelays(threshold_us=config.threshold_us, rows=tuple(rows))

@@ -1,0 +1,82 @@
+"""Idle time per rank: gaps in the GPU timeline, split into waiting on the host (the next kernel had not
+been launched yet when the GPU went idle) and other (dependencies, synchronisation, the profiler)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from fedge.profiler.analyses.base import AnalysisConfig, Result, as_job
+from fedge.profiler.kinds import Mode
+from fedge.profiler.timeline import kernels, launch_rows, merge
+from fedge.profiler.trace import Job, Trace
+
+from fedge.registry import plugin
+
+__all__ = ["IdleBreakdown", "IdleTime", "RankIdle", "idle_time"]
+
+
+@dataclass(frozen=True, slots=True)
+class RankIdle:
+    """One rank (µs); ``num_gaps`` counts the idle intervals of the merged GPU timeline."""
+
+    rank: int
+    idle_us: float
+    host_wait_us: float
+    other_us: float
+    num_gaps: int
+
+
+@dataclass(frozen=True, slots=True)
+class IdleBreakdown(Result):
+    """Idle time per rank, host wait vs other."""
+
+    mode: str
+    rows: tuple[RankIdle, ...]
+
+
+def _rank_idle(trace: Trace, mode: Mode, include_last_step: bool) -> RankIdle:
+    k = kernels(trace, mode, include_last_step=include_last_step)
+    if len(k) < 2:
+        return RankIdle(trace.rank, 0.0, 0.0, 0.0, 0)
+    s, e = merge(k.ts, k.end)
+    gap_start, gap_end = e[:-1], s[1:]
+    # The event that ends each gap is the earliest-starting one of the next merged block.
+    order = np.argsort(k.ts, kind="stable")
+    first_after = order[np.searchsorted(k.ts[order], gap_end, side="left")]
+    rows = launch_rows(trace, trace.gpu.corr[k.row[first_after]])
+    launch_end = np.where(rows >= 0, trace.cpu.ts[rows] + trace.cpu.dur[rows], -np.inf)
+    if mode is Mode.HTA:
+        launch_end = np.floor(launch_end)
+    host = np.clip(np.minimum(launch_end, gap_end) - gap_start, 0.0, None)
+    idle = float(np.sum(gap_end - gap_start))
+    host_wait = float(host.sum())
+    return RankIdle(trace.rank, idle, host_wait, idle - host_wait, len(gap_start))
+
+
+def idle_time(data: Job | Trace, *, mode: Mode | str = Mode.FEDGE, include_last_step: bool = False) -> IdleBreakdown:
+    """GPU idle time per rank, split into host wait and other.
+
+    A gap counts as host wait up to the moment the runtime call that launched the kernel after the gap
+    returned: until then the GPU had nothing queued.
+
+    Example::
+
+        idle = idle_time(load_trace("rank0.json.gz"))
+        print(idle.rows[0].host_wait_us)
+    """
+    mode = Mode(mode)
+    return IdleBreakdown(mode=mode.value, rows=tuple(_rank_idle(t, mode, include_last_step) for t in as_job(data).traces))
+
+
+@plugin("analysis", "idle")
+class IdleTime:
+    """Idle time per rank: GPU waiting on the host vs other."""
+
+    @dataclass(frozen=True, kw_only=True, slots=True)
+    class Config(AnalysisConfig):
+        pass
+
+    @staticmethod
+    def run(job: Job, config: Config) -> IdleBreakdown:
+        return idle_time(job, mode=config.mode, include_last_step=config.include_last_step)

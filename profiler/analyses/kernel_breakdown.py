@@ -1,0 +1,120 @@
+"""Kernel-type breakdown per rank: time in computation, communication and memory kernels (exclusive
+combinations, as HTA's pie, and plain sums), plus the kernels that take the most time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from fedge.profiler.analyses.base import AnalysisConfig, Result, as_job
+from fedge.profiler.kinds import KernelKind, Mode
+from fedge.profiler.timeline import exclusive_kinds, kernels
+from fedge.profiler.trace import Job, Trace
+
+from fedge.registry import plugin
+
+__all__ = ["KernelBreakdown", "KernelStat", "KernelTypes", "RankKernels", "kernel_breakdown"]
+
+
+@dataclass(frozen=True, slots=True)
+class KernelStat:
+    """One kernel name on one rank (µs)."""
+
+    rank: int
+    kind: str
+    name: str
+    count: int
+    sum_us: float
+    mean_us: float
+    min_us: float
+    max_us: float
+
+
+@dataclass(frozen=True, slots=True)
+class RankKernels:
+    """One rank: ``exclusive_us`` maps ``"COMPUTATION"``, ``"COMPUTATION overlapping COMMUNICATION"``... to
+    the time exactly that combination runs; ``sum_us`` is the plain sum of durations per kind."""
+
+    rank: int
+    exclusive_us: dict[str, float]
+    sum_us: dict[str, float]
+    top: tuple[KernelStat, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class KernelBreakdown(Result):
+    """Kernel-type breakdown and top kernels per rank."""
+
+    mode: str
+    ranks: tuple[RankKernels, ...]
+
+    def all_ranks_exclusive_us(self) -> dict[str, float]:
+        """``exclusive_us`` summed over ranks (HTA's all-ranks pie)."""
+        total: dict[str, float] = {}
+        for r in self.ranks:
+            for key, value in r.exclusive_us.items():
+                total[key] = total.get(key, 0.0) + value
+        return total
+
+    def to_rows(self) -> list[dict[str, object]]:
+        return [
+            {"rank": r.rank, "kernel_type": key, "exclusive_us": round(value, 3)}
+            for r in self.ranks
+            for key, value in sorted(r.exclusive_us.items(), key=lambda kv: -kv[1])
+        ]
+
+
+def _rank_kernels(trace: Trace, mode: Mode, include_last_step: bool, top: int) -> RankKernels:
+    k = kernels(trace, mode, include_last_step=include_last_step)
+    dur = k.end - k.ts
+    sums = {kind.name: float(dur[k.kind == int(kind)].sum()) for kind in KernelKind if np.any(k.kind == int(kind))}
+    stats: list[KernelStat] = []
+    if len(k):
+        key = k.name.astype(np.int64) * 4 + k.kind
+        uniq, inverse = np.unique(key, return_inverse=True)
+        total = np.bincount(inverse, weights=dur)
+        count = np.bincount(inverse)
+        order = np.argsort(inverse, kind="stable")  # group durations by kernel (ufunc.at is slow)
+        starts = np.r_[0, np.cumsum(count)[:-1]]
+        lo = np.minimum.reduceat(dur[order], starts)
+        hi = np.maximum.reduceat(dur[order], starts)
+        for i in np.argsort(-total, kind="stable")[:top]:
+            stats.append(
+                KernelStat(trace.rank, KernelKind(int(uniq[i] % 4)).name, trace.names[int(uniq[i] // 4)], int(count[i]),
+                           float(total[i]), float(total[i] / count[i]), float(lo[i]), float(hi[i]))
+            )
+    return RankKernels(trace.rank, exclusive_kinds(k), sums, tuple(stats))
+
+
+def kernel_breakdown(
+    data: Job | Trace, *, mode: Mode | str = Mode.FEDGE, include_last_step: bool = False, top: int = 10
+) -> KernelBreakdown:
+    """Kernel-type breakdown and the ``top`` kernels by total time, per rank.
+
+    Example::
+
+        kb = kernel_breakdown(load_trace("rank0.json.gz"), top=5)
+        print(kb.ranks[0].exclusive_us, kb.ranks[0].top[0].name)
+    """
+    mode = Mode(mode)
+    ranks = tuple(_rank_kernels(t, mode, include_last_step, top) for t in as_job(data).traces)
+    return KernelBreakdown(mode=mode.value, ranks=ranks)
+
+
+@plugin("analysis", "kernels")
+class KernelTypes:
+    """Kernel-type breakdown (computation / communication / memory and overlaps) and top kernels per rank."""
+
+    @dataclass(frozen=True, kw_only=True, slots=True)
+    class Config(AnalysisConfig):
+        top: int = 10
+        """How many kernels to list per rank, by total time."""
+
+        def __post_init__(self) -> None:
+            AnalysisConfig.__post_init__(self)
+            if self.top < 0:
+                raise ValueError(f"top must be >= 0, got {self.top}")
+
+    @staticmethod
+    def run(job: Job, config: Config) -> KernelBreakdown:
+        return kernel_breakdown(job, mode=config.mode, include_last_step=config.include_last_step, top=config.top)

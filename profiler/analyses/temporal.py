@@ -1,0 +1,110 @@
+"""Temporal breakdown per rank: of the span from the first kernel start to the last kernel end, how much
+the GPU is idle, computing, or doing only non-compute work (communication, memory)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from fedge.profiler.analyses.base import AnalysisConfig, Result, as_job, jsonable
+from fedge.profiler.kinds import KernelKind, Mode
+from fedge.profiler.timeline import cpu_intervals, kernels, union_us
+from fedge.profiler.trace import Job, Trace
+
+from fedge.registry import plugin
+
+__all__ = ["RankTime", "Temporal", "TemporalBreakdown", "temporal_breakdown"]
+
+
+@dataclass(frozen=True, slots=True)
+class RankTime:
+    """One rank's breakdown (µs). ``device`` is ``gpu``, or ``cpu`` for a trace with no GPU activity, where
+    the same quantities are measured on CPU ops (collectives vs the rest)."""
+
+    rank: int
+    device: str
+    span_us: float
+    idle_us: float
+    compute_us: float
+    non_compute_us: float
+    memory_us: float
+    num_kernels: int
+
+    @property
+    def idle_pct(self) -> float:
+        return 100.0 * self.idle_us / self.span_us if self.span_us else 0.0
+
+    @property
+    def compute_pct(self) -> float:
+        return 100.0 * self.compute_us / self.span_us if self.span_us else 0.0
+
+    @property
+    def non_compute_pct(self) -> float:
+        return 100.0 * self.non_compute_us / self.span_us if self.span_us else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TemporalBreakdown(Result):
+    """Per-rank temporal breakdown."""
+
+    mode: str
+    rows: tuple[RankTime, ...]
+
+    def to_rows(self) -> list[dict[str, object]]:
+        return [
+            {**jsonable(r), "idle_pct": round(r.idle_pct, 2), "compute_pct": round(r.compute_pct, 2),
+             "non_compute_pct": round(r.non_compute_pct, 2)}
+            for r in self.rows
+        ]
+
+    def to_json(self) -> dict[str, object]:
+        return {"mode": self.mode, "rows": self.to_rows()}
+
+
+def _rank_time(trace: Trace, mode: Mode, include_last_step: bool) -> RankTime:
+    k = kernels(trace, mode, include_last_step=include_last_step)
+    if len(k):
+        span = float(k.end.max() - k.ts.min())
+        idle = span - union_us(k.ts, k.end)
+        compute = union_us(*k.of(KernelKind.COMPUTATION))
+        memory = union_us(*k.of(KernelKind.MEMORY))
+        return RankTime(trace.rank, "gpu", span, idle, compute, span - compute - idle, memory, len(k))
+    iv = cpu_intervals(trace, include_last_step=include_last_step)
+    comp, comm = iv["compute"], iv["comm"]
+    starts = [a.min() for a in (comp[0], comm[0]) if len(a)]
+    ends = [a.max() for a in (comp[1], comm[1]) if len(a)]
+    if not starts:
+        return RankTime(trace.rank, "cpu", 0.0, 0.0, 0.0, 0.0, 0.0, 0)
+    span = float(max(ends) - min(starts))
+    busy = union_us(np.concatenate([comp[0], comm[0]]), np.concatenate([comp[1], comm[1]]))
+    compute = union_us(*comp)
+    return RankTime(trace.rank, "cpu", span, span - busy, compute, busy - compute, 0.0, 0)
+
+
+def temporal_breakdown(data: Job | Trace, *, mode: Mode | str = Mode.FEDGE, include_last_step: bool = False) -> TemporalBreakdown:
+    """Idle / compute / non-compute time per rank.
+
+    span = last kernel end - first kernel start (all streams); idle = span - |union of all GPU events|;
+    compute = |union of computation kernels|; non-compute = span - compute - idle.
+
+    Example::
+
+        tb = temporal_breakdown(load_job("traces/"), mode="hta")
+        print(tb.to_rows()[0]["compute_pct"])
+    """
+    mode = Mode(mode)
+    rows = tuple(_rank_time(t, mode, include_last_step) for t in as_job(data).traces)
+    return TemporalBreakdown(mode=mode.value, rows=rows)
+
+
+@plugin("analysis", "temporal")
+class Temporal:
+    """Temporal breakdown per rank: idle, compute and non-compute share of the GPU span."""
+
+    @dataclass(frozen=True, kw_only=True, slots=True)
+    class Config(AnalysisConfig):
+        pass
+
+    @staticmethod
+    def run(job: Job, config: Config) -> TemporalBreakdown:
+        return temporal_breakdown(job, mode=config.mode, include_last_step=config.include_last_step)
