@@ -1,0 +1,37 @@
+"""``fedadam`` aggregator: Flower's ``FedAdam`` strategy, wrapped."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from fedge.plugins.aggregators.base import Sampling
+
+from fedge.registry import plugin
+
+if TYPE_CHECKING:
+    from flwr.serverapp.strategy import Strategy
+
+
+@plugin("aggregator", "fedadam")
+class FedAdam:
+    """Adaptive server optimisation with Adam on the averaged update (Flower's FedAdam)."""
+
+    @dataclass(frozen=True, kw_only=True, slots=True)
+    class Config:
+        eta: float = 0.01
+        """Server learning rate."""
+        eta_l: float = 0.05
+        """Client learning rate (informational in Flower)."""
+        beta_1: float = 0.9
+        """First-moment decay."""
+        beta_2: float = 0.99
+        """Second-moment decay."""
+        tau: float = 1e-3
+        """Adaptivity (numerical stability) term."""
+
+    @staticmethod
+    def build(config: Config, sampling: Sampling) -> Strategy:
+        from flwr.serverapp import strategy
+
+        return strategy.FedAdam(**sampling.kwargs(), **asdict(config))

@@ -1,0 +1,124 @@
+"""The typed settings of a federated run (``fedge fl run``), read from TOML and flags.
+
+Standard library only: the CLI and the process supervisor import it without torch or flwr.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedge.config import PartitionConfig, from_mapping, load_toml, merge, parse_partition, to_mapping
+
+__all__ = ["FAULTS", "FlConfig", "load_config"]
+
+FAULTS = ("nan", "inf", "shape", "noise")
+"""Fault kinds a client can be told to inject (testing robustness): NaN / Inf / wrongly shaped update, or a
+huge random (Byzantine) update."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FlConfig:
+    """One federated run: data, model, federation size, aggregation and transport settings."""
+
+    dataset: str = "digits"
+    """Dataset plugin (``fedge plugins --kind dataset``)."""
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    """Options of the dataset plugin (its Config fields)."""
+    model: str = "cnn"
+    """Model plugin (``fedge plugins --kind model``)."""
+    model_options: dict[str, Any] = field(default_factory=dict)
+    """Options of the model plugin (its Config fields)."""
+    clients: int = 5
+    """Number of SuperNodes (clients); each holds one partition of the training set."""
+    rounds: int = 5
+    """Federated rounds (Flower's ``num_rounds``)."""
+    aggregator: str = "fedavg"
+    """Aggregator plugin: a wrapped Flower strategy (``fedge plugins --kind aggregator``)."""
+    aggregator_options: dict[str, Any] = field(default_factory=dict)
+    """Options of the aggregator plugin (its Config fields)."""
+    partition: str = "dirichlet:0.5"
+    """How the training set is split: ``iid``, ``dirichlet:ALPHA`` or ``shards:K``."""
+    local_epochs: int = 5
+    """Epochs each client trains on its partition per round."""
+    batch_size: int = 16
+    """Client mini-batch size."""
+    lr: float = 0.05
+    """Client SGD learning rate (momentum 0.9)."""
+    fraction_train: float = 1.0
+    """Share of connected clients sampled per round (Flower's ``fraction_train``)."""
+    min_clients: int = 0
+    """Clients that must be connected before a round starts; 0 means all ``clients``."""
+    round_timeout_s: float = 120.0
+    """Seconds the server waits for replies in a round; late or dead clients are dropped from that round. The
+    first round a server runs waits at least ``startup_timeout_s`` (clients start cold)."""
+    startup_timeout_s: float = 120.0
+    """Seconds to wait for the SuperLink, the SuperNodes and the ServerApp to come up."""
+    tls: bool = False
+    """Encrypt SuperLink traffic with a development CA and certificate made for this run."""
+    auth: bool = False
+    """SuperNode authentication: only nodes whose public keys were registered may join (implies ``tls``)."""
+    dp_noise_multiplier: float = 0.0
+    """Central differential privacy (Flower's server-side fixed clipping): Gaussian noise multiplier; 0 is off."""
+    dp_clipping_norm: float = 1.0
+    """L2 norm each client's update is clipped to before noise is added (with ``dp_noise_multiplier`` > 0)."""
+    warm_workers: bool = True
+    """Give each SuperNode a warm worker that keeps torch loaded between rounds (the ClientApp process Flower
+    starts per message then skips importing torch); false trains inside the ClientApp process."""
+    seed: int = 0
+    """Seed of the partition, model initialisation and client shuffling."""
+    faults: dict[str, str] = field(default_factory=dict)
+    """Fault injection for robustness tests: partition id -> one of nan, inf, shape, noise."""
+
+    def __post_init__(self) -> None:
+        if self.clients < 1:
+            raise ValueError(f"clients must be >= 1, got {self.clients}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.local_epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("local_epochs and batch_size must be >= 1 and lr > 0")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ValueError(f"fraction_train must be in (0, 1], got {self.fraction_train}")
+        if not 0 <= self.min_clients <= self.clients:
+            raise ValueError(f"min_clients must be between 0 and clients ({self.clients}), got {self.min_clients}")
+        if self.round_timeout_s <= 0 or self.startup_timeout_s <= 0:
+            raise ValueError("round_timeout_s and startup_timeout_s must be > 0")
+        if self.dp_noise_multiplier < 0 or self.dp_clipping_norm <= 0:
+            raise ValueError("dp_noise_multiplier must be >= 0 and dp_clipping_norm > 0")
+        parse_partition(self.partition, seed=self.seed)  # raises ConfigError on a bad spec
+        for pid, fault in self.faults.items():
+            if fault not in FAULTS or not str(pid).isdigit() or int(pid) >= self.clients:
+                raise ValueError(
+                    f"faults must map a partition id < {self.clients} to one of {', '.join(FAULTS)}; got {pid}={fault}"
+                )
+
+    @property
+    def partition_config(self) -> PartitionConfig:
+        return parse_partition(self.partition, seed=self.seed)
+
+    @property
+    def required_clients(self) -> int:
+        """Connected clients a round waits for."""
+        return self.min_clients or self.clients
+
+    @property
+    def secure(self) -> bool:
+        return self.tls or self.auth
+
+    def to_mapping(self) -> dict[str, Any]:
+        return to_mapping(self)  # type: ignore[no-any-return]
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> FlConfig:
+    """The run config: the TOML file (top level or its ``[fl]`` table), with ``overrides`` (flags) laid over it.
+
+    Raises:
+        ConfigError: unknown key, wrong type or invalid value (one line, naming the key).
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = load_toml(path)
+        raw = dict(raw.get("fl", raw))
+    return from_mapping(FlConfig, merge(raw, overrides or {}), where="fl")

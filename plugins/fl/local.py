@@ -1,0 +1,82 @@
+"""One client's round of local training on plain data (dicts of numpy arrays in and out).
+
+Used by the ClientApp directly, or by a SuperNode's warm worker (:mod:`.worker`) that keeps torch
+imported and the node's data loaded between rounds. torch is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+__all__ = ["load_local_data", "train_round"]
+
+
+@lru_cache(maxsize=4)
+def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as data:
+        return data["x_train"], data["y_train"]
+
+
+def load_local_data(config: Mapping[str, Any], node: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """This node's training data: ``data-path`` (.npz) from the node config, else its partition of ``dataset``."""
+    if "data-path" in node:
+        return _load_npz(str(node["data-path"]))
+    if "partition-id" not in node or "num-partitions" not in node:
+        raise ValueError(
+            "this SuperNode has no data: give it --node-config 'data-path=...' or 'partition-id=I num-partitions=N'"
+        )
+    from fedge.plugins.data import load_dataset, partition
+
+    from fedge.config import parse_partition
+
+    dataset = load_dataset(str(config["dataset"]), json.loads(str(config["dataset-options"])))
+    split = parse_partition(str(config["partition"]), seed=int(config["seed"]))
+    idx = partition(dataset.y_train, int(node["num-partitions"]), split)[int(node["partition-id"])]
+    return dataset.x_train[idx], dataset.y_train[idx]
+
+
+def train_round(
+    config: Mapping[str, Any], node: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Train the global model ``arrays`` for ``local-epochs`` on local data.
+
+    Args:
+        config: the server's train config (``model-spec``, ``local-epochs``, ``batch-size``, ``lr``, ``seed``,
+            ``server-round``, optional ``proximal-mu``).
+        node: the SuperNode's node config.
+        arrays: the global model's state, by parameter name.
+
+    Returns:
+        The new state and metrics ``num-examples``, ``train-loss``, ``compute-s``.
+    """
+    import torch
+    from fedge.plugins.models import build_model
+    from fedge.plugins.training import train_epochs
+
+    torch.set_num_threads(1)
+    x, y = load_local_data(config, node)
+    spec = json.loads(str(config["model-spec"]))
+    model = build_model(
+        spec["model"], spec.get("config", {}), input_shape=tuple(spec["input_shape"]), num_classes=spec["num_classes"]
+    )
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+    seed = int(config["seed"]) * 100_003 + int(config["server-round"]) * 1_009 + int(node.get("partition-id", 0))
+    start = time.perf_counter()
+    loss = train_epochs(
+        model,
+        x,
+        y,
+        epochs=int(config["local-epochs"]),
+        batch_size=int(config["batch-size"]),
+        lr=float(config["lr"]),
+        seed=seed,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+    )
+    metrics = {"num-examples": len(x), "train-loss": float(loss), "compute-s": time.perf_counter() - start}
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, metrics

@@ -1,0 +1,199 @@
+"""End-to-end federations with real processes: a SuperLink and SuperNodes talking gRPC on 127.0.0.1.
+
+Few clients, few rounds and a tiny CNN: these tests are about the machinery (transport, TLS, node auth,
+robustness, resume, teardown), not accuracy. Every test checks that no process it started is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fedge.plugins.fl import FlConfig, run
+from fedge.plugins.fl.federation import _alive, _cmdline
+
+from fedge.cli.app import main
+from fedge.errors import RuntimeFailure
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
+
+TINY = {"model_options": {"channels": [4], "hidden": 16}, "local_epochs": 1, "batch_size": 32}
+
+
+def _our_processes(root: Path) -> list[str]:
+    """Live processes started for a run under ``root``: they all inherit a FLWR_HOME inside it."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid() or not _alive(int(entry)):
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        home = next((e[len(b"FLWR_HOME="):].decode() for e in environ if e.startswith(b"FLWR_HOME=")), "")
+        if home.startswith(str(root)):
+            found.append(f"{entry} {_cmdline(int(entry))}")
+    return found
+
+
+def _pids(run_dir: Path, name: str) -> int:
+    recorded = json.loads((run_dir / "flower" / "pids.json").read_text())
+    return next(int(p["pid"]) for p in recorded if p["name"] == name)
+
+
+def test_insecure_cli_run_rejects_nan_client_and_writes_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: 3 clients, client 1 sends NaN updates.
+    config = tmp_path / "fl.toml"
+    config.write_text(
+        "clients = 3\nrounds = 2\nlocal_epochs = 1\npartition = \"shards:4\"\n"
+        "model_options = { channels = [4], hidden = 16 }\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "run"
+
+    # Execute
+    code = main(["fl", "run", str(config), "--fault", "1=nan", "--out", str(out), "--json"])
+
+    # Assert
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert {"round", "loss", "accuracy", "num_clients", "round_s"} <= set(m)
+        assert m["num_clients"] == 2 and m["rejected"] == 1
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert all("non-finite" in r["reason"] for r in rejected)
+    assert result["accuracy"] == pytest.approx(metrics[-1]["accuracy"], abs=1e-4) and result["rejected"] == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-0001.pt", "round-0002.pt"]
+    stats = json.loads((out / "partitions.json").read_text())["clients"]
+    assert len(stats) == 3 and all(sum(c["label_histogram"]) == c["size"] for c in stats)
+
+    from fedge.plugins.models import load_model
+
+    model = load_model(out)
+    assert all(np.isfinite(p.detach().numpy()).all() for p in model.parameters())
+    assert json.loads((out / "model.json").read_text())["dataset"] == "digits"
+    assert "Fleet API (gRPC-rere)" in (out / "flower" / "logs" / "superlink.log").read_text()
+    assert not _our_processes(out)
+
+
+def test_tls_and_node_auth_run(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+
+    result = run(FlConfig(clients=2, rounds=1, auth=True, **TINY), out=out)  # type: ignore[arg-type]
+
+    assert len(result.metrics) == 1 and result.metrics[0]["num_clients"] == 2
+    log = (out / "flower" / "logs" / "superlink.log").read_text()
+    assert "--insecure" not in log and "authentication is disabled" not in log
+    assert (out / "certs" / "ca.crt").is_file()
+    assert not _our_processes(out)
+
+
+def test_unregistered_supernode_is_refused(tmp_path: Path) -> None:
+    from fedge.plugins.fl.certs import make_certs, make_node_keys
+    from fedge.plugins.fl.federation import Federation, TlsFiles
+
+    certs = make_certs(tmp_path / "certs")
+    (reg_key, reg_pub), (rogue_key, _) = make_node_keys(tmp_path / "certs", num_nodes=2)
+    tls = TlsFiles(certs.ca_cert, certs.server_cert, certs.server_key)
+    with Federation(tmp_path / "fed", tls=tls, auth=True) as fed:
+        fed.start_superlink(timeout_s=120)
+        fed.register_node(reg_pub)
+        fed.start_supernode(0, node_config={"partition-id": 0}, auth_key=reg_key)
+        rogue = fed.start_supernode(1, node_config={"partition-id": 1}, auth_key=rogue_key)
+
+        deadline = time.monotonic() + 120
+        link_log = fed.workdir / "logs" / "superlink.log"
+        while time.monotonic() < deadline:
+            activated = link_log.read_text().count("Activated node_id")
+            if activated >= 1 and (rogue.proc.poll() is not None or "UNAUTHENTICATED" in rogue.log.read_text()):
+                break
+            time.sleep(0.5)
+        activated = link_log.read_text().count("Activated node_id")
+        rogue_log = rogue.log.read_text()
+
+    assert activated == 1
+    assert rogue.proc.poll() is not None or "UNAUTHENTICATED" in rogue_log, rogue_log[-2000:]
+    assert not _our_processes(tmp_path)
+
+
+def test_client_killed_mid_run_does_not_stall_past_round_timeout(tmp_path: Path) -> None:
+    # Prepare: kill SuperNode 2 (and its worker) as soon as round 1 is recorded.
+    out = tmp_path / "run"
+    killed: list[int] = []
+
+    def on_round(m: dict) -> None:
+        if m["round"] == 1 and not killed:
+            for name in ("supernode-2", "worker-2"):
+                pid = _pids(out, name)
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
+                killed.append(pid)
+
+    # Execute
+    start = time.monotonic()
+    result = run(FlConfig(clients=3, rounds=2, round_timeout_s=20, **TINY), out=out, on_round=on_round)  # type: ignore[arg-type]
+    elapsed = time.monotonic() - start
+
+    # Assert: every round finished; later rounds went on with the two live clients.
+    assert killed and not any(_alive(p) for p in killed)
+    assert [m["round"] for m in result.metrics] == [1, 2]
+    assert result.metrics[0]["num_clients"] == 3
+    assert result.metrics[1]["num_clients"] == 2
+    assert result.metrics[1]["round_s"] < 20 + 30  # bounded by the round timeout (plus slack for a busy machine)
+    assert elapsed < 600
+    assert not _our_processes(out)
+
+
+def test_resume_after_superlink_is_killed(tmp_path: Path) -> None:
+    # Prepare: kill the server side (SuperLink, hence its ServerApp) after round 1.
+    out = tmp_path / "run"
+    cfg = FlConfig(clients=2, rounds=2, **TINY)  # type: ignore[arg-type]
+
+    def kill_server(m: dict) -> None:
+        if m["round"] == 1:
+            os.killpg(os.getpgid(_pids(out, "superlink")), signal.SIGKILL)
+
+    with pytest.raises(RuntimeFailure, match="SuperLink exited|ServerApp"):
+        run(cfg, out=out, on_round=kill_server)
+    done = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert done == [1]
+    assert not _our_processes(out)
+
+    # Execute
+    result = run(resume=out)
+
+    # Assert: the rounds before the kill are kept once, the rest were added.
+    rounds = [m["round"] for m in result.metrics]
+    assert rounds == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-0001.pt", "round-0002.pt"]
+    assert (out / "model.pt").is_file()
+    assert not _our_processes(out)
+
+
+def test_ctrl_c_mid_round_stops_every_process(tmp_path: Path) -> None:
+    from fedge.plugins.fl.federation import processes_under
+
+    out = tmp_path / "run"
+
+    def interrupt_when_clients_train(line: str) -> None:
+        # Ctrl-C while the first round's ClientApp processes are running.
+        if not line.startswith("submitted"):
+            return
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if any("flwr-clientapp" in _cmdline(p) for p in processes_under(out / "flower")):
+                break
+            time.sleep(0.1)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(FlConfig(clients=2, rounds=3, **TINY), out=out, on_status=interrupt_when_clients_train)  # type: ignore[arg-type]
+
+    assert not _our_processes(out)
+    assert not (out / "flower" / "pids.json").exists()

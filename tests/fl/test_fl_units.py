@@ -1,0 +1,329 @@
+"""In-process tests of the federated app logic: config, reply screening, aggregators (Flower's strategies
+driven with real Messages), the round loop on an in-process Grid, certificates and process teardown."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fedge.plugins.fl.config import FlConfig, load_config
+
+from fedge.errors import ConfigError
+from fedge.registry import Kind, Registry
+
+flwr_app = pytest.importorskip("flwr.app")
+from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app.message import make_message
+
+AGGREGATORS = ["bulyan", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedmedian", "fedprox", "fedtrimmedavg",
+               "fedyogi", "krum", "multikrum"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    # Flower stamps new Messages with the running task's identity, which flwr-serverapp sets in a real run.
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _reply(arrays: dict[str, np.ndarray], *, node_id: int, num_examples: int = 10) -> Message:
+    metadata = Metadata(
+        run_id=1, message_id="", src_node_id=node_id, dst_node_id=0, reply_to_message_id=f"m{node_id}",
+        group_id="1", created_at=time.time(), ttl=60.0, message_type="train",
+    )  # fmt: skip
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 0.1}),
+        }
+    )
+    return make_message(metadata=metadata, content=content)
+
+
+# -- config ----------------------------------------------------------------------------------------------
+def test_config_defaults_are_the_main_job() -> None:
+    cfg = load_config()
+
+    assert (cfg.dataset, cfg.model, cfg.aggregator) == ("digits", "cnn", "fedavg")
+    assert cfg.partition_config.scheme in ("dirichlet", "shards")
+    assert cfg.required_clients == cfg.clients
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"partition": "zipf:2"}, "bad partition"),
+        ({"clients": 0}, "clients must be >= 1"),
+        ({"faults": {"7": "nan"}}, "faults must map"),
+        ({"faults": {"0": "explode"}}, "faults must map"),
+        ({"min_clients": 9}, "min_clients must be between"),
+        ({"roundz": 3}, "unknown setting fl.roundz"),
+    ],
+)
+def test_config_rejects_bad_values_in_one_line(overrides: dict, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected) as err:
+        load_config(None, overrides)
+
+    assert "\n" not in str(err.value)
+
+
+def test_config_reads_toml_fl_table(tmp_path: Path) -> None:
+    path = tmp_path / "fl.toml"
+    path.write_text('[fl]\nclients = 3\nrounds = 2\nmodel_options = { channels = [4] }\n', encoding="utf-8")
+
+    cfg = load_config(path, {"rounds": 4})
+
+    assert (cfg.clients, cfg.rounds, cfg.model_options) == (3, 4, {"channels": [4]})
+
+
+# -- screening -------------------------------------------------------------------------------------------
+def test_screen_replies_rejects_nan_inf_shape_and_keeps_good() -> None:
+    from fedge.plugins.fl.guard import screen_replies
+
+    reference = {"w": (2, 3), "b": (3,)}
+    good = {"w": np.ones((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+    replies = [
+        _reply(good, node_id=1),
+        _reply({**good, "w": np.full((2, 3), np.nan, np.float32)}, node_id=2),
+        _reply({**good, "b": np.array([0, np.inf, 0], np.float32)}, node_id=3),
+        _reply({**good, "w": np.ones((3, 2), np.float32)}, node_id=4),
+        _reply({"w": good["w"]}, node_id=5),
+        _reply(good, node_id=6, num_examples=0),
+    ]
+
+    kept, rejected = screen_replies(replies, reference)
+
+    assert [int(m.metadata.src_node_id) for m in kept] == [1]
+    reasons = {r.node_id: r.reason for r in rejected}
+    assert "non-finite" in reasons[2] and "non-finite" in reasons[3]
+    assert "wrong shape for w" in reasons[4]
+    assert "missing ['b']" in reasons[5]
+    assert "num-examples must be a positive number" in reasons[6]
+
+
+# -- aggregators -----------------------------------------------------------------------------------------
+def test_every_flower_strategy_is_registered_and_builds() -> None:
+    from fedge.plugins.aggregators import build_strategy
+    from flwr.serverapp.strategy import Strategy
+
+    registry = Registry(Kind.AGGREGATOR)
+
+    assert set(AGGREGATORS) <= set(registry.names())
+    for name in AGGREGATORS:
+        assert isinstance(build_strategy(name, registry=registry), Strategy)
+
+
+def test_aggregator_option_error_names_the_setting() -> None:
+    from fedge.plugins.aggregators import build_strategy
+
+    with pytest.raises(ConfigError, match="aggregator.fedtrimmedavg.*beta"):
+        build_strategy("fedtrimmedavg", {"beta": 0.7})
+
+
+def _trained_mlp() -> tuple[object, np.ndarray, np.ndarray]:
+    from fedge.plugins.data import load_dataset
+    from fedge.plugins.models import build_model
+    from fedge.plugins.training import train_epochs
+
+    data = load_dataset("digits")
+    model = build_model("mlp", {}, input_shape=data.input_shape, num_classes=data.num_classes)
+    train_epochs(model, data.x_train, data.y_train, epochs=8, batch_size=32, lr=0.05)
+    return model, data.x_test, data.y_test
+
+
+def _accuracy_after(name: str, replies: list[Message], model: object, x: np.ndarray, y: np.ndarray) -> float:
+    import torch
+    from fedge.plugins.aggregators import build_strategy
+    from fedge.plugins.fl.server_app import _NodeSnapshot
+    from fedge.plugins.training import evaluate
+
+    strategy = build_strategy(name, {"num_malicious_nodes": 1} if "krum" in name else {})
+    state = model.state_dict()  # type: ignore[attr-defined]
+    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in state.items()})
+    strategy.configure_train(1, arrays, flwr_app.ConfigRecord({}), _NodeSnapshot([1, 2, 3, 4, 5]))  # type: ignore[arg-type]
+    aggregated, _ = strategy.aggregate_train(1, replies)
+    model.load_state_dict({k: torch.from_numpy(np.array(v.numpy())) for k, v in aggregated.items()})  # type: ignore[attr-defined]
+    return evaluate(model, x, y)[1]  # type: ignore[arg-type]
+
+
+def test_robust_aggregators_keep_accuracy_where_fedavg_does_not() -> None:
+    # Prepare: four honest clients near a good model, one Byzantine client sending huge random weights.
+    model, x, y = _trained_mlp()
+    base = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}  # type: ignore[attr-defined]
+    rng = np.random.default_rng(0)
+    honest_acc = _accuracy_after("fedavg", [_reply(base, node_id=i) for i in range(1, 5)], model, x, y)
+
+    def replies() -> list[Message]:
+        out = [_reply({k: v + rng.normal(0, 1e-3, v.shape).astype(v.dtype) for k, v in base.items()}, node_id=i)
+               for i in range(1, 5)]  # fmt: skip
+        out.append(_reply({k: rng.normal(0, 50.0, v.shape).astype(v.dtype) for k, v in base.items()}, node_id=5))
+        return out
+
+    # Execute
+    results = {name: _accuracy_after(name, replies(), model, x, y) for name in ("fedavg", "fedmedian", "krum")}
+
+    # Assert
+    assert honest_acc > 0.9
+    assert results["fedavg"] < 0.5
+    assert results["fedmedian"] > honest_acc - 0.05
+    assert results["krum"] > honest_acc - 0.05
+
+
+# -- round loop on an in-process Grid ---------------------------------------------------------------------
+class _LoopbackGrid:
+    """A Grid stand-in for the unit test of the round loop: replies come from fedge's own client code."""
+
+    def __init__(self, node_ids: list[int], node_configs: dict[int, dict]) -> None:
+        self.node_ids, self.node_configs, self.outbox = node_ids, node_configs, []
+
+    def get_node_ids(self) -> list[int]:
+        return self.node_ids
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        from fedge.plugins.fl.client_app import _inject_fault
+        from fedge.plugins.fl.local import train_round
+
+        for i, msg in enumerate(messages):
+            node = self.node_configs[msg.metadata.dst_node_id]
+            config = dict(msg.content["config"])
+            arrays, metrics = train_round(config, node, {k: v.numpy() for k, v in msg.content["arrays"].items()})
+            if node.get("fault"):
+                arrays = _inject_fault(arrays, node["fault"], 0)
+            reply = _reply(arrays, node_id=msg.metadata.dst_node_id, num_examples=int(metrics["num-examples"]))
+            reply.metadata.__dict__["_reply_to_message_id"] = f"id{i}"
+            self.outbox.append(reply)
+        return [f"id{i}" for i in range(len(messages))]
+
+    def pull_messages(self, ids: set[str]) -> list[Message]:
+        out, self.outbox = self.outbox, []
+        return out
+
+
+def test_round_loop_rejects_nan_client_checkpoints_and_resumes(tmp_path: Path) -> None:
+    from fedge.plugins.fl.runner import prepare_data
+    from fedge.plugins.fl.server_app import latest_checkpoint, run_rounds
+
+    from fedge.rundir import RunDir
+
+    cfg = FlConfig(clients=3, rounds=2, local_epochs=1, model="mlp", model_options={"hidden": [16]},
+                   partition="iid", faults={"2": "nan"})  # fmt: skip
+    run = RunDir(tmp_path)
+    files = prepare_data(run, cfg)
+    configs = {10 + i: {"data-path": str(f), "partition-id": i, **({"fault": "nan"} if i == 2 else {})}
+               for i, f in enumerate(files)}  # fmt: skip
+
+    result = run_rounds(_LoopbackGrid(list(configs), configs), run, cfg)  # type: ignore[arg-type]
+
+    metrics = run.read_metrics()
+    assert [m["round"] for m in metrics] == [1, 2]
+    assert all(m["num_clients"] == 2 and m["rejected"] == 1 for m in metrics)
+    assert "non-finite" in run.file("rejected.jsonl").read_text()
+    assert latest_checkpoint(tmp_path)[0] == 2  # type: ignore[index]
+    assert np.isfinite(result["loss"]) and result["accuracy"] > 0.3
+
+    # A longer run in the same directory continues after round 2.
+    run.write_config({**cfg.to_mapping(), "rounds": 3})
+    run_rounds(_LoopbackGrid(list(configs), configs), run, FlConfig(**{**cfg.to_mapping(), "rounds": 3}))  # type: ignore[arg-type]
+    assert [m["round"] for m in run.read_metrics()] == [1, 2, 3]
+
+
+# -- certificates and teardown ----------------------------------------------------------------------------
+def test_certs_have_loopback_san_and_node_keys_load(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+    from fedge.plugins.fl.certs import make_certs, make_node_keys
+
+    paths = make_certs(tmp_path, hosts=["superlink.lan"])
+    pairs = make_node_keys(tmp_path, num_nodes=2)
+
+    cert = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "127.0.0.1" in [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    assert "superlink.lan" in san.get_values_for_type(x509.DNSName)
+    assert load_ssh_private_key(pairs[1][0].read_bytes(), None) is not None
+    assert load_ssh_public_key(pairs[1][1].read_bytes()) is not None
+
+
+def test_terminate_tree_kills_detached_grandchildren() -> None:
+    from fedge.plugins.fl.federation import _alive, descendants, terminate_tree
+
+    # A parent in its own session that starts a child in yet another session (as Flower's daemons do).
+    code = "import subprocess,sys,time; subprocess.Popen([sys.executable,'-c','import time; time.sleep(60)'], start_new_session=True); time.sleep(60)"
+    parent = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    deadline = time.monotonic() + 20
+    while not descendants(parent.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    children = descendants(parent.pid)
+
+    terminate_tree([parent.pid], grace_s=2)
+    parent.wait(timeout=10)
+
+    assert children and not any(_alive(p) for p in children)
+
+
+def test_round_loop_with_central_differential_privacy(tmp_path: Path) -> None:
+    from fedge.plugins.fl.runner import prepare_data
+    from fedge.plugins.fl.server_app import run_rounds
+
+    from fedge.rundir import RunDir
+
+    cfg = FlConfig(clients=2, rounds=1, local_epochs=1, model="mlp", model_options={"hidden": [16]},
+                   partition="iid", dp_noise_multiplier=0.1, dp_clipping_norm=1.0)  # fmt: skip
+    run = RunDir(tmp_path)
+    configs = {10 + i: {"data-path": str(f), "partition-id": i} for i, f in enumerate(prepare_data(run, cfg))}
+
+    result = run_rounds(_LoopbackGrid(list(configs), configs), run, cfg)  # type: ignore[arg-type]
+
+    assert run.read_metrics()[0]["num_clients"] == 2
+    assert np.isfinite(result["loss"])
+
+
+# -- CLI errors ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["fl", "superlink", "--clients", "2"], "refusing to serve plaintext on 0.0.0.0"),
+        (["fl", "supernode", "--superlink", "10.0.0.5:9092", "--partition", "0/2"], "refusing plaintext to 10.0.0.5"),
+        (["fl", "supernode", "--superlink", "nowhere", "--partition", "0/2"], "bad --superlink"),
+        (["fl", "run", "--aggregator", "fedmean"], "unknown aggregator 'fedmean'; valid: bulyan"),
+        (["fl", "run", "--fault", "1:nan"], "bad --fault"),
+        (["fl", "run", "--resume", "no/such/dir"], "cannot resume"),
+    ],
+)
+def test_cli_refuses_bad_input_in_one_line(argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedge.cli.app import main
+
+    code = main(argv)
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_global_model_unchanged_when_every_update_is_rejected(tmp_path: Path) -> None:
+    import torch
+    from fedge.plugins.fl.runner import prepare_data
+    from fedge.plugins.fl.server_app import run_rounds
+    from fedge.plugins.models import build_model
+
+    from fedge.rundir import RunDir
+
+    cfg = FlConfig(clients=2, rounds=1, local_epochs=1, model="mlp", model_options={"hidden": [16]}, partition="iid")
+    run = RunDir(tmp_path)
+    files = prepare_data(run, cfg)
+    configs = {10 + i: {"data-path": str(f), "fault": kind} for i, (f, kind) in enumerate(zip(files, ["shape", "inf"]))}
+    initial = build_model("mlp", {"hidden": [16]}, input_shape=(1, 8, 8), num_classes=10).state_dict()
+
+    run_rounds(_LoopbackGrid(list(configs), configs), run, cfg)  # type: ignore[arg-type]
+
+    after = torch.load(tmp_path / "checkpoints" / "round-0001.pt", weights_only=True)
+    assert run.read_metrics()[0]["num_clients"] == 0 and run.read_metrics()[0]["rejected"] == 2
+    assert all(torch.equal(initial[k], after[k]) for k in initial)
