@@ -1,0 +1,74 @@
+"""What the all-reduce strategies share: replicate the model, take this rank's rows, sum gradients.
+
+Gradients live in one flat buffer (each ``param.grad`` is a view into it, as DDP's
+``gradient_as_bucket_view``), so a strategy exchanges one contiguous tensor with no copies in or out.
+The last element carries this rank's loss, so the global-batch mean loss travels with the gradients.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from fedge.plugins.train.base import Strategy, batch_rows, set_lr
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+__all__ = ["DataParallel", "flat_grad_buffer"]
+
+
+def flat_grad_buffer(params: list[nn.Parameter], *, extra: int = 0) -> Tensor:
+    """One zeroed buffer holding every parameter's gradient (set as views) plus ``extra`` trailing slots."""
+    total = sum(p.numel() for p in params)
+    flat = torch.zeros(total + extra, dtype=params[0].dtype, device=params[0].device)
+    offset = 0
+    for p in params:
+        # backward accumulates into an existing .grad in place, so the view stays a view.
+        p.grad = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat
+
+
+class DataParallel(Strategy):
+    """Replicated model; a subclass sums one flat gradient buffer across ranks in :meth:`all_reduce_`."""
+
+    replicated: ClassVar[bool] = True
+
+    def setup(self, model: nn.Module) -> None:
+        self.model = model.to(self.ctx.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = self.make_optimizer(self.params)
+        self.flat = flat_grad_buffer(self.params, extra=1)
+
+    def all_reduce_(self, flat: Tensor) -> None:
+        """Sum ``flat`` over all ranks, in place."""
+        raise NotImplementedError
+
+    def train_step(self, x: Tensor, y: Tensor) -> float:
+        w, r = self.ctx.world_size, self.ctx.rank
+        set_lr(self.optimizer, self.lr_at(self.step, x.shape[0]))
+        xb, yb = batch_rows(x, y, r, w)
+        self.flat.zero_()
+        self.model.train()
+        loss = F.cross_entropy(self.model(xb.to(self.ctx.device)), yb.to(self.ctx.device))
+        loss.backward()
+        self.flat[-1] = loss.detach()
+        if w > 1:
+            self.all_reduce_(self.flat)
+            self.flat.div_(w)  # mean of equal-sized local means = the global-batch mean
+        self.optimizer.step()
+        return float(self.flat[-1])
+
+    def full_state_dict(self) -> dict[str, Tensor] | None:
+        if self.ctx.rank != 0:
+            return None
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def state_for_checkpoint(self) -> dict[str, object]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_checkpoint_state(self, state: dict[str, object]) -> None:
+        self.model.load_state_dict(state["model"])  # type: ignore[arg-type]
+        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]

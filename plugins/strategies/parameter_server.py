@@ -1,0 +1,219 @@
+"""Parameter server: parameters sharded over server ranks; workers push gradients and pull parameters.
+
+With W workers and S servers (world = W + S), ranks 0..W-1 are workers and the last S ranks are
+servers; server j owns slice j of the flattened parameters and its optimizer state. Every message is a
+point-to-point send/recv (never gloo's reduce_scatter, which on gloo is a full all-reduce plus a copy).
+
+- ``sync``: each step every worker pushes its gradient shards; each server waits for all W, applies
+  their mean with SGD, and sends the new shard back. Same result as single-process training.
+- ``async``: a server applies each push on arrival (scaled by 1/W) and answers that worker alone, so fast
+  workers do not wait for slow ones - up to ``staleness`` steps: a worker more than ``staleness`` pushes
+  ahead of the slowest gets its reply only when the slowest catches up (stale synchronous parallel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from fedge.plugins.strategies._data_parallel import flat_grad_buffer
+from fedge.plugins.train.base import Strategy, StrategyConfig, batch_rows, set_lr
+from torch import Tensor, nn
+
+from fedge.errors import ConfigError
+from fedge.registry import plugin
+
+__all__ = ["ParameterServer", "ps_exchange"]
+
+_PUSH, _PULL, _GATHER = 1, 2, 3  # message tags
+
+
+def _shard_bounds(n: int, num_servers: int) -> list[int]:
+    return [n * j // num_servers for j in range(num_servers + 1)]
+
+
+def ps_exchange(flat: Tensor, *, num_servers: int = 1, buffers: list[Tensor] | None = None) -> list[Tensor]:
+    """One synchronous push/pull round on ``flat`` (1-D): workers end holding the sum over workers.
+
+    The last ``num_servers`` ranks act as servers (their ``flat`` is ignored and overwritten), the others
+    as workers. This is the parameter-server traffic pattern without the optimizer, for benchmarks.
+
+    Returns:
+        The servers' receive buffers, to pass back as ``buffers`` next time.
+    """
+    pg = dist.group.WORLD
+    world, r = dist.get_world_size(), dist.get_rank()
+    workers = world - num_servers
+    bounds = _shard_bounds(flat.numel(), num_servers)
+    if r < workers:
+        works = []
+        for j in range(num_servers):
+            piece = flat[bounds[j] : bounds[j + 1]]
+            works += [pg.send([piece], workers + j, _PUSH), pg.recv([piece], workers + j, _PULL)]
+        for work in works:
+            work.wait()
+        return buffers or []
+    j = r - workers
+    shard = flat[bounds[j] : bounds[j + 1]]
+    if not buffers:
+        buffers = [torch.empty_like(shard) for _ in range(workers)]
+    for work in [pg.recv([buffers[k]], k, _PUSH) for k in range(workers)]:
+        work.wait()
+    shard.copy_(buffers[0])
+    for buf in buffers[1:]:
+        shard.add_(buf)
+    for work in [pg.send([shard], k, _PULL) for k in range(workers)]:
+        work.wait()
+    return buffers
+
+
+@plugin("strategy", "parameter-server")
+class ParameterServer(Strategy):
+    """Parameter server: params sharded over server ranks; workers push grads and pull params, sync or async."""
+
+    @dataclass(frozen=True, kw_only=True, slots=True)
+    class Config(StrategyConfig):
+        num_servers: int = 1
+        """Server ranks (the last ones); the rest are workers. Each server owns a slice of the parameters."""
+        mode: Literal["sync", "async"] = "sync"
+        """``sync``: every step averages all workers' gradients; ``async``: each push is applied on arrival."""
+        staleness: int = 2
+        """``async`` only: how many pushes a worker may run ahead of the slowest worker."""
+
+        def __post_init__(self) -> None:
+            StrategyConfig.__post_init__(self)
+            if self.num_servers < 1:
+                raise ValueError(f"num_servers must be >= 1, got {self.num_servers}")
+            if self.staleness < 0:
+                raise ValueError(f"staleness must be >= 0, got {self.staleness}")
+
+    config: Config
+    replicated: ClassVar[bool] = False
+
+    @classmethod
+    def check_world_size(cls, config: StrategyConfig, world_size: int, batch_size: int) -> None:
+        assert isinstance(config, cls.Config)
+        workers = world_size - config.num_servers
+        if workers < 1:
+            raise ConfigError(
+                f"parameter-server needs at least {config.num_servers + 1} processes ({config.num_servers} "
+                f"server(s) + 1 worker), got {world_size}; raise --nproc or lower num_servers"
+            )
+        if batch_size % workers:
+            raise ConfigError(
+                f"batch size {batch_size} does not split evenly over {workers} workers "
+                f"({world_size} processes - {config.num_servers} servers); use a multiple of {workers}"
+            )
+
+    def setup(self, model: nn.Module) -> None:
+        if self.config.mode == "async" and self.ctx.backend != "gloo":
+            raise ConfigError("parameter-server mode = 'async' needs the gloo backend (it receives from any source)")
+        self.num_workers = self.ctx.world_size - self.config.num_servers
+        self.is_server = self.ctx.rank >= self.num_workers
+        self.pg = dist.group.WORLD
+        self.model = model.to(self.ctx.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        n = sum(p.numel() for p in params)
+        # One trailing slot travels with the last shard: the loss (push) and the mean loss (pull).
+        self.bounds = _shard_bounds(n, self.config.num_servers)
+        self.bounds[-1] += 1
+        if self.is_server:
+            j = self.ctx.rank - self.num_workers
+            full = torch.cat([p.detach().reshape(-1) for p in params] + [torch.zeros(1, device=self.ctx.device)])
+            self.shard = nn.Parameter(full[self.bounds[j] : self.bounds[j + 1]].clone())
+            self.optimizer = self.make_optimizer([self.shard])
+            self.inbox = [torch.empty_like(self.shard) for _ in range(self.num_workers)]
+            self.received = [0] * self.num_workers
+            self.deferred: list[int] = []
+            return
+        # Worker: parameters and gradients are views into two flat buffers, so messages need no copies.
+        self.pflat = torch.zeros(n + 1, device=self.ctx.device)
+        offset = 0
+        for p in params:
+            self.pflat[offset : offset + p.numel()].copy_(p.detach().reshape(-1))
+            p.data = self.pflat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.gflat = flat_grad_buffer(params, extra=1)
+
+    def _last(self, j: int) -> bool:
+        return j == self.config.num_servers - 1
+
+    def train_step(self, x: Tensor, y: Tensor) -> float:
+        if self.is_server:
+            set_lr(self.optimizer, self.lr_at(self.step, x.shape[0]))
+            return self._serve_sync() if self.config.mode == "sync" else self._serve_async()
+        xb, yb = batch_rows(x, y, self.ctx.rank, self.num_workers)
+        self.gflat.zero_()
+        self.model.train()
+        loss = F.cross_entropy(self.model(xb.to(self.ctx.device)), yb.to(self.ctx.device))
+        loss.backward()
+        self.gflat[-1] = loss.detach()
+        works = []
+        for j in range(self.config.num_servers):
+            a, b = self.bounds[j], self.bounds[j + 1]
+            server = self.num_workers + j
+            works += [self.pg.send([self.gflat[a:b]], server, _PUSH), self.pg.recv([self.pflat[a:b]], server, _PULL)]
+        for work in works:
+            work.wait()
+        return float(self.pflat[-1]) if self.config.mode == "sync" else float(loss)
+
+    def _apply(self, grad: Tensor) -> None:
+        j = self.ctx.rank - self.num_workers
+        self.shard.grad = grad
+        loss = grad[-1].item() if self._last(j) else 0.0
+        self.optimizer.step()
+        if self._last(j):
+            self.shard.data[-1] = loss  # the slot is not a parameter: it carries the loss back
+
+    def _serve_sync(self) -> float:
+        for work in [self.pg.recv([self.inbox[k]], k, _PUSH) for k in range(self.num_workers)]:
+            work.wait()
+        grad = torch.stack(self.inbox).sum(0).div_(self.num_workers)
+        self._apply(grad)
+        for work in [self.pg.send([self.shard.data], k, _PULL) for k in range(self.num_workers)]:
+            work.wait()
+        return float(self.shard.data[-1])
+
+    def _serve_async(self) -> float:
+        """Apply pushes as they come until every worker has pushed for this step; reply within the staleness bound."""
+        buf = self.inbox[0]
+        while min(self.received) < self.step + 1:
+            work = self.pg.recv_anysource([buf], _PUSH)
+            work.wait()
+            k = work._source_rank()
+            self.received[k] += 1
+            self._apply(buf / self.num_workers)
+            self.deferred.append(k)
+            slowest = min(self.received)
+            for k in [k for k in self.deferred if self.received[k] - slowest <= self.config.staleness]:
+                self.deferred.remove(k)
+                self.pg.send([self.shard.data], k, _PULL).wait()
+        return float("nan")
+
+    def full_state_dict(self) -> dict[str, Tensor] | None:
+        # Pull the servers' current shards to rank 0 (in async mode a worker's copy may be stale).
+        if self.is_server:
+            self.pg.send([self.shard.data], 0, _GATHER).wait()
+            return None
+        if self.ctx.rank != 0:
+            return None
+        for j in range(self.config.num_servers):
+            a, b = self.bounds[j], self.bounds[j + 1]
+            self.pg.recv([self.pflat[a:b]], self.num_workers + j, _GATHER).wait()
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def state_for_checkpoint(self) -> dict[str, Any]:
+        if self.is_server:
+            return {"shard": self.shard.data, "optimizer": self.optimizer.state_dict(), "received": self.received}
+        return {"params": self.pflat}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        if self.is_server:
+            self.shard.data.copy_(state["shard"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.received = list(state["received"])
+        else:
+            self.pflat.copy_(state["params"])

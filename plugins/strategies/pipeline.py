@@ -1,0 +1,187 @@
+"""The ``pipeline`` strategy: an ``nn.Sequential`` split by layers into stages fed with micro-batches.
+
+Stages and schedules (GPipe: all forwards then all backwards; 1F1B: one forward, one backward in the
+steady state, so at most p micro-batches of activations are live) are torch.distributed.pipelining's
+``PipelineStage``, ``ScheduleGPipe`` and ``Schedule1F1B``. fedge adds the balanced split, optional
+recomputation, data-parallel replicas of the whole pipeline (``dp``), and the measured bubble.
+
+Example::
+
+    fedge train --strategy pipeline --nproc 2 --model tiny-gpt -o stages=2 -o microbatches=4 -o schedule=1f1b
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from fedge.plugins.strategies._megatron_layers import allreduce_grads
+from fedge.plugins.strategies._pipeline_groups import gather_to_rank0, make_groups, sum_across_world
+from fedge.plugins.strategies._pipeline_stage import StageModule, StageRunner, resolve_split
+from fedge.plugins.train.base import DistContext, Strategy, StrategyConfig, batch_rows, set_lr
+from torch import Tensor, nn
+
+from fedge.errors import ConfigError
+from fedge.parallel import MeshAxis, ParallelDims
+from fedge.registry import plugin
+
+__all__ = ["Pipeline", "check_pipeline", "sample_input"]
+
+logger = logging.getLogger(__name__)
+
+
+def sample_input(model: nn.Module, rows: int = 8) -> Tensor | None:
+    """A random batch the model accepts, from the input shape a fedge-built model carries; None if unknown."""
+    spec = getattr(model, "fedge_spec", None)
+    if not spec:
+        return None
+    shape = (rows, *spec["input_shape"])
+    vocab = int(spec.get("config", {}).get("vocab_size", 0) or 0)
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, shape, generator=gen) if vocab else torch.randn(shape, generator=gen)
+
+
+def check_pipeline(*, dp: int, pp: int, microbatches: int, batch_size: int) -> None:
+    """Raise ConfigError unless each of the dp replicas' rows split into ``microbatches`` equal micro-batches."""
+    if batch_size % dp:
+        raise ConfigError(f"batch size {batch_size} does not split over dp={dp} replicas; use a multiple of {dp}")
+    rows = batch_size // dp
+    if pp > 1 and rows % microbatches:
+        raise ConfigError(
+            f"microbatches={microbatches} does not divide the {rows} rows each pipeline gets "
+            f"(batch {batch_size} / dp {dp}); choose microbatches dividing {rows} or a batch size that is a multiple of "
+            f"{dp * microbatches}"
+        )
+
+
+@plugin("strategy", "pipeline")
+class Pipeline(Strategy):
+    """Pipeline parallelism: layers split into stages, micro-batches on a GPipe or 1F1B schedule."""
+
+    @dataclass(frozen=True, kw_only=True, slots=True)
+    class Config(StrategyConfig):
+        stages: int = 0
+        """Pipeline stages (one process each); 0 means world size / dp (the length of ``split`` if given)."""
+        microbatches: int = 4
+        """Micro-batches per step; must divide each replica's rows of the global batch."""
+        schedule: Literal["gpipe", "1f1b"] = "1f1b"
+        """``gpipe`` (fill, then drain) or ``1f1b`` (same bubble, activations of at most p micro-batches live)."""
+        balance: Literal["params", "time"] = "params"
+        """Automatic split: equal parameter counts, or equal measured forward+backward time per stage."""
+        split: tuple[int, ...] = ()
+        """Explicit layers per stage (e.g. ``1,3,2``); overrides ``balance``."""
+        recompute: bool = False
+        """Recompute each layer's activations in backward instead of keeping them (less memory, ~1/3 more compute)."""
+        dp: int = 0
+        """Data-parallel replicas of the whole pipeline (world size = stages x dp); 0 means world size / stages,
+        or 1 when ``stages`` is 0 too."""
+
+        def __post_init__(self) -> None:
+            StrategyConfig.__post_init__(self)
+            if self.stages < 0 or self.dp < 0 or self.microbatches < 1:
+                raise ValueError("stages and dp must be >= 0 (0: derived from the world size), microbatches >= 1")
+            if self.split and self.stages and len(self.split) != self.stages:
+                raise ValueError(f"split gives {len(self.split)} stages but stages = {self.stages}")
+
+    config: Config
+
+    def __init__(self, config: StrategyConfig, ctx: DistContext) -> None:
+        super().__init__(config, ctx)
+        self.dims = self.layout(config, ctx.world_size)
+        self.last_metrics: dict[str, float] = {}
+
+    @classmethod
+    def layout(cls, config: StrategyConfig, world_size: int) -> ParallelDims:
+        """The validated dp x pp layout for ``world_size`` processes."""
+        assert isinstance(config, cls.Config)
+        stages = config.stages or len(config.split)
+        if stages and not config.dp:
+            return ParallelDims.infer_dp(world_size=world_size, pp=stages)
+        dp = config.dp or 1
+        if not stages:
+            if world_size % dp:
+                raise ConfigError(
+                    f"dp={dp} does not divide the world size {world_size}; set stages and dp so that "
+                    f"stages x dp = {world_size}"
+                )
+            stages = world_size // dp
+        return ParallelDims(dp=dp, pp=stages, world_size=world_size)
+
+    @classmethod
+    def check_world_size(cls, config: StrategyConfig, world_size: int, batch_size: int) -> None:
+        assert isinstance(config, cls.Config)
+        dims = cls.layout(config, world_size)
+        check_pipeline(dp=dims.dp, pp=dims.pp, microbatches=config.microbatches, batch_size=batch_size)
+
+    def setup(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Sequential):
+            raise ConfigError(f"pipeline splits an nn.Sequential by position; got {type(model).__name__}")
+        c, dims, rank = self.config, self.dims, self.ctx.rank
+        coords = dims.coords(rank)
+        self.stage_index, self.dp_index = coords[MeshAxis.PP], coords[MeshAxis.DP]
+        groups = make_groups(dims, rank)
+        self.dp_group = groups[MeshAxis.DP]
+        sizes = self._split(list(model.children()), model)
+        lo = sum(sizes[: self.stage_index])
+        names = list(model._modules)  # original names, so state_dict keys match the full model
+        layers = OrderedDict((names[i], model[i]) for i in range(lo, lo + sizes[self.stage_index]))
+        self.sizes = sizes
+        if rank == 0:
+            logger.info("pipeline: layers per stage %s (%s)", sizes, "split" if c.split else f"balance={c.balance}")
+        self.model = StageModule(layers, recompute=c.recompute).to(self.ctx.device)
+        self.runner = StageRunner(
+            self.model,
+            stage_index=self.stage_index,
+            num_stages=dims.pp,
+            group=groups[MeshAxis.PP],
+            microbatches=c.microbatches,
+            schedule=c.schedule,
+            device=self.ctx.device,
+        )
+        self.optimizer = self.make_optimizer(self.model.parameters())
+
+    def _split(self, layers: list[nn.Module], model: nn.Module) -> list[int]:
+        c = self.config
+        if c.balance == "time" and not c.split:
+            # Timings differ between ranks; rank 0 decides so every rank builds the same split.
+            box: list[object] = [None]
+            if self.ctx.rank == 0:
+                try:
+                    box[0] = resolve_split(
+                        layers, num_stages=self.dims.pp, split=(), balance="time", sample=sample_input(model)
+                    )
+                except ConfigError as err:
+                    box[0] = err
+            dist.broadcast_object_list(box, src=0)
+            if isinstance(box[0], ConfigError):
+                raise box[0]
+            sizes: list[int] = box[0]  # type: ignore[assignment]
+            return sizes
+        return resolve_split(layers, num_stages=self.dims.pp, split=c.split, balance=c.balance, sample=None)
+
+    def train_step(self, x: Tensor, y: Tensor) -> float:
+        check_pipeline(dp=self.dims.dp, pp=self.dims.pp, microbatches=self.config.microbatches, batch_size=len(x))
+        x, y = batch_rows(x, y, self.dp_index, self.dims.dp)
+        set_lr(self.optimizer, self.lr_at(self.step, len(x) * self.dims.dp))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, idle = self.runner.step(x.to(self.ctx.device), y.to(self.ctx.device))
+        allreduce_grads(list(self.model.parameters()), group=self.dp_group, size=self.dims.dp)
+        self.optimizer.step()
+        # One all-reduce brings the last stages' losses and every stage's idle fraction to all ranks.
+        is_last = self.stage_index == self.dims.pp - 1
+        world = self.ctx.world_size
+        loss_sum, idle_sum = sum_across_world([loss / self.dims.dp if is_last else 0.0, idle / world], self.ctx.device)
+        self.last_metrics = {"bubble": idle_sum, "bubble_formula": self.runner.bubble_formula()}
+        return float(loss_sum)
+
+    def step_metrics(self) -> dict[str, float]:
+        """The last step's measured bubble (mean over ranks of idle / step time) and (p - 1) / (m + p - 1)."""
+        return dict(self.last_metrics)
+
+    def full_state_dict(self) -> dict[str, Tensor] | None:
+        # Replicas hold the same weights; only dp index 0 sends its stage.
+        return gather_to_rank0(self.model.state_dict() if self.dp_index == 0 else {})

@@ -1,0 +1,199 @@
+"""The contract every torch.distributed strategy implements, and the helpers they share.
+
+A strategy turns "one optimizer step on a global batch" into whatever its processes must do: slice the
+batch and all-reduce gradients (data parallel), push to and pull from parameter servers, run pipeline
+stages or tensor shards. The worker loop (``fedge.plugins.train.worker``, run under torchrun) drives it::
+
+    strategy = StrategyClass(config, ctx)          # config: StrategyClass.Config, ctx: DistContext
+    strategy.setup(model)                          # the full model, built identically on every rank
+    for step in range(start, steps):
+        strategy.step = step                       # 0-based index of the step about to run
+        loss = strategy.train_step(x, y)           # x, y: the GLOBAL batch, identical on every rank
+        if checkpoint due: save strategy.state_for_checkpoint() per rank
+    state = strategy.full_state_dict()             # collective: every rank calls it; rank 0 gets the dict
+    strategy.close()
+
+Parity (what the tests check): single-process training is the same model (same seed), SGD with the same
+lr/momentum, stepping on the same global batches with mean cross-entropy over the global batch. A strategy
+on W processes must give the same parameters after K steps (fp32, rtol 1e-5).
+
+What a strategy plugin looks like::
+
+    @plugin("strategy", "my-strategy")
+    class MyStrategy(Strategy):
+        \"\"\"One-line summary shown by ``fedge plugins``.\"\"\"
+
+        @dataclass(frozen=True, kw_only=True, slots=True)
+        class Config(StrategyConfig):
+            chunk_bytes: int = 1 << 20
+            \"\"\"Docstring under every field.\"\"\"
+
+        def setup(self, model): ...
+        def train_step(self, x, y): ...
+        def full_state_dict(self): ...
+
+Shared helpers: :meth:`Strategy.lr_at` (linear lr scaling + warm-up), :meth:`Strategy.make_optimizer`,
+:func:`set_lr`, :func:`batch_rows` (this rank's rows of the global batch), :meth:`Strategy.check_world_size`
+(called by the launcher before anything starts, and by the worker).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from fedge.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor, nn
+
+__all__ = ["DistContext", "Strategy", "StrategyConfig", "batch_rows", "set_lr"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StrategyConfig:
+    """Settings every strategy has: the optimizer (SGD with momentum) and the learning-rate rule."""
+
+    lr: float = 0.05
+    """Learning rate of SGD (for ``base_batch_size`` samples when ``lr_scaling`` is ``linear``)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    lr_scaling: Literal["none", "linear"] = "none"
+    """``linear``: lr x global_batch / base_batch_size (Goyal et al., 2017); ``none``: lr as given."""
+    base_batch_size: int = 32
+    """The batch size ``lr`` was tuned for (``lr_scaling = "linear"`` only)."""
+    warmup_steps: int = 0
+    """Ramp the lr linearly from ``lr`` to the scaled lr over this many steps (needs ``lr_scaling = "linear"``)."""
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.base_batch_size < 1:
+            raise ValueError(f"base_batch_size must be >= 1, got {self.base_batch_size}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.warmup_steps and self.lr_scaling == "none":
+            raise ValueError("warmup_steps ramps towards the scaled lr, so it needs lr_scaling = 'linear'")
+
+
+@dataclass(frozen=True, slots=True)
+class DistContext:
+    """What a worker knows about its job (from torchrun's environment and the process group)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    """``gloo`` or ``nccl``."""
+    device: torch.device
+    """Where this rank's tensors live: ``cuda:<local_rank>`` with NCCL, else ``cpu``."""
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def batch_rows(x: Tensor, y: Tensor, index: int, parts: int) -> tuple[Tensor, Tensor]:
+    """Rows ``[index*B/parts, (index+1)*B/parts)`` of the global batch (B divisible by ``parts``)."""
+    n = x.shape[0] // parts
+    assert n * parts == x.shape[0], "check_world_size guarantees the batch divides evenly"
+    return x[index * n : (index + 1) * n], y[index * n : (index + 1) * n]
+
+
+class Strategy(abc.ABC):
+    """Base of every torch.distributed strategy: a few abstract hooks; the worker loop is the run loop.
+
+    Attributes:
+        config: this strategy's ``Config``.
+        ctx: the process's :class:`DistContext`.
+        step: 0-based index of the step about to run; the worker sets it before each ``train_step``
+            (and on resume), so lr schedules read it instead of counting calls.
+    """
+
+    Config: ClassVar[type[StrategyConfig]] = StrategyConfig
+    replicated: ClassVar[bool] = False
+    """True when every rank's checkpoint state is identical (plain data parallel): only rank 0 writes it,
+    and a job restarted with a different world size (``--nnodes MIN:MAX``) can still resume from it."""
+
+    def __init__(self, config: StrategyConfig, ctx: DistContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.step = 0
+
+    @classmethod
+    def check_world_size(cls, config: StrategyConfig, world_size: int, batch_size: int) -> None:
+        """Raise ConfigError if this strategy cannot run ``batch_size`` global batches on ``world_size`` ranks.
+
+        The default is plain data parallelism: every rank takes an equal share of the batch.
+        """
+        if world_size < 1:
+            raise ConfigError(f"world size must be >= 1, got {world_size}")
+        if batch_size % world_size:
+            raise ConfigError(
+                f"batch size {batch_size} does not split evenly over {world_size} processes; "
+                f"use a batch size divisible by {world_size}"
+            )
+
+    @abc.abstractmethod
+    def setup(self, model: nn.Module) -> None:
+        """Take the full model (built identically on every rank from the same seed) and keep/wrap/shard
+        what this rank needs; build the optimizer."""
+
+    @abc.abstractmethod
+    def train_step(self, x: Tensor, y: Tensor) -> float:
+        """One optimizer step on the GLOBAL batch (x, y are identical on every rank).
+
+        The strategy takes the slice its rank needs (data parallel: rows ``[r*B/dp, (r+1)*B/dp)``; pipeline:
+        micro-batches of the whole batch; megatron: its dp group's rows). Returns the global-batch mean loss,
+        the same number on every rank (an asynchronous strategy may return its own workers' loss instead).
+        """
+
+    @abc.abstractmethod
+    def full_state_dict(self) -> dict[str, Tensor] | None:
+        """The full model's state_dict with the same keys as single-process training, on rank 0; None elsewhere.
+
+        A collective: every rank calls it (shards travel to rank 0).
+        """
+
+    def state_for_checkpoint(self) -> dict[str, Any]:
+        """This rank's shard and optimizer state, for resume. The default saves ``self.model`` and
+        ``self.optimizer`` when the strategy has them."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}  # type: ignore[attr-defined]
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_for_checkpoint` returned (called after ``setup``)."""
+        self.model.load_state_dict(state["model"])  # type: ignore[attr-defined]
+        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        """Release hooks, buffers and in-flight communication. Called once, after the last step."""
+
+    def step_metrics(self) -> dict[str, float]:
+        """Extra numbers about the last ``train_step`` for its metrics.jsonl line (e.g. a pipeline's
+        measured ``bubble`` and ``bubble_formula``); the same on every rank. None by default."""
+        return {}
+
+    # -- helpers for subclasses -------------------------------------------------------------------------
+
+    def lr_at(self, step: int, global_batch: int) -> float:
+        """The learning rate for ``step``: linear scaling to ``global_batch`` with linear warm-up."""
+        c = self.config
+        if c.lr_scaling == "none":
+            return c.lr
+        target = c.lr * global_batch / c.base_batch_size
+        if step < c.warmup_steps:
+            return c.lr + (target - c.lr) * (step + 1) / c.warmup_steps
+        return target
+
+    def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """SGD with this config's lr and momentum (the optimizer single-process training uses)."""
+        import torch
+
+        return torch.optim.SGD(params, lr=self.config.lr, momentum=self.config.momentum)

@@ -1,0 +1,154 @@
+"""``fedge bench``: fedge's collectives and strategies against PyTorch's own, as ratios measured in one run.
+
+Example::
+
+    fedge bench collectives --nproc 2 --json
+    fedge bench strategies --nproc 2
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fedge.errors import ConfigError
+from fedge.rundir import RunDir
+
+__all__ = ["app", "parse_size", "run_bench"]
+
+app = typer.Typer(
+    name="bench",
+    no_args_is_help=True,
+    help="Benchmarks: fedge's collectives and strategies against the backend's and DDP, in one run.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+DEFAULT_SIZES = "4KB,16KB,64KB,256KB,1MB,4MB,16MB,64MB"
+_UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """``"4KB"`` -> 4096, ``"64MB"`` -> 67108864 (binary units); a multiple of 4 bytes (float32)."""
+    t = text.strip().upper()
+    unit = next((u for u in ("KB", "MB", "GB", "B") if t.endswith(u)), "B")
+    number = t.removesuffix(unit)
+    try:
+        size = int(float(number) * _UNITS[unit])
+    except ValueError:
+        raise ConfigError(f"bad size {text!r}; use e.g. 4KB, 256KB, 64MB") from None
+    if size < 4 or size % 4:
+        raise ConfigError(f"size {text!r} must be a positive multiple of 4 bytes (float32 elements)")
+    return size
+
+
+def run_bench(what: str, nproc: int, spec: dict[str, Any], out: Path | None = None) -> list[dict[str, Any]]:
+    """Run the bench worker (``collectives`` or ``strategies``) on ``nproc`` processes; rank 0's result rows."""
+    from fedge.plugins.train.config import TrainConfig
+    from fedge.plugins.train.launcher import launch
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    with tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp:
+        run = RunDir(out) if out is not None else RunDir(tmp)
+        run.write_json("bench.json", {"what": what, **spec})
+        launch(TrainConfig(nproc=nproc), run, module="fedge.plugins.train.bench_worker")
+        return json.loads(run.file("results.json").read_text(encoding="utf-8"))
+
+
+def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*[title for _, title, _ in columns], box=None)
+    for row in rows:
+        table.add_row(*[format(row[key], fmt) for key, _, fmt in columns])
+    Console().print(table)
+
+
+def _human(size: int) -> str:
+    for unit in ("GB", "MB", "KB"):
+        if size >= _UNITS[unit] and size % _UNITS[unit] == 0:
+            return f"{size // _UNITS[unit]}{unit}"
+    return f"{size}B"
+
+
+@app.command()
+def collectives(
+    nproc: Annotated[int, typer.Option("--nproc", help="Processes (gloo, this machine).")] = 2,
+    sizes: Annotated[str, typer.Option("--sizes", help="Comma-separated buffer sizes.")] = DEFAULT_SIZES,
+    reps: Annotated[int, typer.Option("--reps", help="Interleaved repetitions; the median is reported.")] = 5,
+    max_iters: Annotated[int, typer.Option("--max-iters", help="Most calls timed per repetition (small sizes).")] = 50,
+    ring_chunk: Annotated[str, typer.Option("--ring-chunk", help="ring-allreduce pipeline chunk.")] = "4MB",
+    tree_chunk: Annotated[str, typer.Option("--tree-chunk", help="tree-allreduce pipeline chunk.")] = "1MB",
+    out: Annotated[Path | None, typer.Option("--out", help="Keep bench.json and results.json in this directory.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of {impl, bytes, algbw_gbps, busbw_gbps, ratio_to_native}.")] = False,
+) -> int:
+    """algbw/busbw of native all_reduce vs ring vs tree vs parameter-server exchange, 4 KB .. 64 MB."""
+    spec = {
+        "sizes": [parse_size(s) for s in sizes.split(",") if s.strip()],
+        "reps": max(1, reps),
+        "max_iters": max(2, max_iters),
+        "ring_chunk_bytes": parse_size(ring_chunk),
+        "tree_chunk_bytes": parse_size(tree_chunk),
+    }
+    rows = run_bench("collectives", nproc, spec, out)
+    if as_json:
+        keys = ("impl", "bytes", "algbw_gbps", "busbw_gbps", "ratio_to_native")
+        typer.echo(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2))
+    else:
+        for r in rows:
+            r["size"] = _human(r["bytes"])
+        _table(
+            rows,
+            [("size", "size", ""), ("impl", "impl", ""), ("time_us", "time (us)", ".1f"),
+             ("algbw_gbps", "algbw (GB/s)", ".3f"), ("busbw_gbps", "busbw (GB/s)", ".3f"),
+             ("ratio_to_native", "x native", ".2f")],
+        )
+    return 0
+
+
+@app.command()
+def strategies(
+    nproc: Annotated[int, typer.Option("--nproc", help="Processes (gloo, this machine).")] = 2,
+    hidden: Annotated[str, typer.Option("--hidden", help="MLP hidden widths (the model whose gradients travel).")] = "1024,1024",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch size.")] = 64,
+    reps: Annotated[int, typer.Option("--reps", help="Interleaved repetitions; the median is reported.")] = 7,
+    iters: Annotated[int, typer.Option("--iters", help="Steps timed per repetition.")] = 10,
+    bucket_mb: Annotated[float, typer.Option("--bucket-mb", help="Bucket size of DDP and of allreduce.")] = 25.0,
+    out: Annotated[Path | None, typer.Option("--out", help="Keep bench.json and results.json in this directory.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of {impl, step_ms, samples_per_s, throughput_vs_ddp}.")] = False,
+) -> int:
+    """Step time of each data-parallel strategy against DistributedDataParallel on one model and batch."""
+    try:
+        widths = [int(h) for h in hidden.split(",") if h.strip()]
+    except ValueError:
+        raise ConfigError(f"--hidden takes comma-separated integers, got {hidden!r}") from None
+    if batch_size % nproc:
+        raise ConfigError(f"--batch-size {batch_size} must be divisible by --nproc {nproc}")
+    spec = {
+        "model": "mlp",
+        "model_options": {"hidden": widths},
+        "batch_size": batch_size,
+        "bucket_mb": bucket_mb,
+        "reps": max(1, reps),
+        "iters": max(1, iters),
+        "strategies": {
+            "allreduce": {"bucket_mb": bucket_mb},
+            "ring-allreduce": {},
+            "tree-allreduce": {},
+        },
+    }
+    rows = run_bench("strategies", nproc, spec, out)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        _table(
+            rows,
+            [("impl", "impl", ""), ("step_ms", "step (ms)", ".2f"), ("samples_per_s", "samples/s", ".0f"),
+             ("throughput_vs_ddp", "x ddp", ".3f")],
+        )
+    return 0

@@ -1,0 +1,164 @@
+"""The per-rank side of ``fedge bench``: ``python -m fedge.plugins.train.bench_worker RUN_DIR`` under torchrun.
+
+Reads ``RUN_DIR/bench.json`` ({"what": "collectives"|"strategies", ...}) and rank 0 writes
+``RUN_DIR/results.json``. Every comparison is measured in one run and interleaved: each repetition
+times every implementation once, in rotating order, so load from other processes hits all of them
+alike; the figure reported is the median over repetitions of the slowest rank's time.
+
+- collectives: sum a float32 buffer over all ranks with the backend's all_reduce (``native``), fedge's
+  ring and tree, and one parameter-server push/pull round (last rank serves). busbw = algbw x 2(W-1)/W,
+  the all-reduce convention, for every implementation.
+- strategies: the time of one training step of each strategy on the same model and global batch,
+  against ``torch.nn.parallel.DistributedDataParallel`` (``ddp``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fedge.rundir import RunDir
+
+__all__ = ["main"]
+
+
+def _timed(fn: Callable[[], object], iters: int) -> float:
+    """Seconds per call of ``fn`` on the slowest rank."""
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    elapsed = torch.tensor([(time.perf_counter() - t0) / iters], dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return float(elapsed)
+
+
+def _interleaved(impls: dict[str, Callable[[], object]], *, reps: int, iters: int, warmup: int = 1) -> dict[str, float]:
+    names = list(impls)
+    for name in names:
+        for _ in range(warmup):
+            impls[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(reps):
+        for i in range(len(names)):
+            name = names[(rep + i) % len(names)]
+            times[name].append(_timed(impls[name], iters))
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def _collective_impls(buf: torch.Tensor, spec: dict[str, Any], w: int) -> dict[str, Callable[[], object]]:
+    """One call each of native, ring, tree and parameter-server on ``buf``; scratch buffers reused."""
+    from fedge.plugins.strategies.parameter_server import ps_exchange
+    from fedge.plugins.strategies.ring_allreduce import ring_all_reduce
+    from fedge.plugins.strategies.tree_allreduce import tree_all_reduce
+
+    scratch: dict[str, Any] = {"ring": None, "tree": None, "ps": None}
+
+    def ring() -> None:
+        scratch["ring"] = ring_all_reduce(buf, chunk_bytes=spec["ring_chunk_bytes"], scratch=scratch["ring"])
+
+    def tree() -> None:
+        scratch["tree"] = tree_all_reduce(buf, chunk_bytes=spec["tree_chunk_bytes"], scratch=scratch["tree"])
+
+    def ps() -> None:
+        scratch["ps"] = ps_exchange(buf, buffers=scratch["ps"])
+
+    impls: dict[str, Callable[[], object]] = {"native": lambda: dist.all_reduce(buf), "ring": ring, "tree": tree}
+    if w > 1:
+        impls["parameter-server"] = ps
+    return impls
+
+
+def _collectives(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    w = dist.get_world_size()
+    rows = []
+    for size in spec["sizes"]:
+        buf = torch.zeros(size // 4, dtype=torch.float32)  # sums of zeros stay finite however often they run
+        impls = _collective_impls(buf, spec, w)
+        iters = max(2, min(spec["max_iters"], (8 << 20) // size))
+        times = _interleaved(impls, reps=spec["reps"], iters=iters)
+        for name, t in times.items():
+            algbw = size / t / 1e9
+            rows.append(
+                {
+                    "impl": name,
+                    "bytes": size,
+                    "algbw_gbps": algbw,
+                    "busbw_gbps": algbw * 2 * (w - 1) / w if w > 1 else algbw,
+                    "ratio_to_native": times["native"] / t,
+                    "time_us": t * 1e6,
+                }
+            )
+    return rows
+
+
+def _strategies(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    import torch.nn.functional as F
+    from fedge.plugins.models import build_model
+    from fedge.plugins.train.base import DistContext
+    from fedge.plugins.train.worker import resolve_strategy, strategy_config
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    w, r = dist.get_world_size(), dist.get_rank()
+    ctx = DistContext(rank=r, world_size=w, local_rank=r, backend="gloo", device=torch.device("cpu"))
+    shape, classes, batch = (1, 8, 8), 10, spec["batch_size"]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *shape, generator=gen)
+    y = torch.randint(0, classes, (batch,), generator=gen)
+
+    def model() -> nn.Module:
+        return build_model(spec["model"], spec["model_options"], input_shape=shape, num_classes=classes)
+
+    ddp = DistributedDataParallel(model(), bucket_cap_mb=spec["bucket_mb"])
+    ddp_opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+    n = batch // w
+
+    def ddp_step() -> None:
+        ddp_opt.zero_grad(set_to_none=False)
+        F.cross_entropy(ddp(x[r * n : (r + 1) * n]), y[r * n : (r + 1) * n]).backward()
+        ddp_opt.step()
+
+    impls: dict[str, Callable[[], object]] = {"ddp": ddp_step}
+    for name, options in spec["strategies"].items():
+        cls = resolve_strategy(options.get("plugin", name))
+        scfg = strategy_config(cls, {k: v for k, v in options.items() if k != "plugin"} | {"lr": 0.01}, name)
+        strategy = cls(scfg, ctx)
+        strategy.setup(model())
+        impls[name] = lambda s=strategy: s.train_step(x, y)
+    times = _interleaved(impls, reps=spec["reps"], iters=spec["iters"], warmup=2)
+    params = sum(p.numel() for p in ddp.parameters())
+    return [
+        {"impl": name, "step_ms": t * 1e3, "samples_per_s": batch / t, "throughput_vs_ddp": times["ddp"] / t, "params": params}
+        for name, t in times.items()
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    run = RunDir(Path(argv[0]))
+    spec = json.loads(run.file("bench.json").read_text(encoding="utf-8"))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=spec.get("timeout_s", 300)))
+    try:
+        rows = _collectives(spec) if spec["what"] == "collectives" else _strategies(spec)
+        if int(os.environ["RANK"]) == 0:
+            run.write_json("results.json", rows)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

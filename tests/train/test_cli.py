@@ -1,0 +1,156 @@
+"""``fedge train`` end to end through the real torchrun: a worker killed mid-run is restarted by torchrun
+and resumes from the checkpoint; ``--resume`` continues a finished run; ``--profile`` traces load in the
+profiler; and user mistakes end in one line and a non-zero exit before any process starts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedge.cli.app import main
+
+FAULT_STEPS, CKPT_EVERY, RESUME_STEPS = 12, 4, 14
+
+
+def _fedge(args: list[str], env: dict[str, str], timeout_s: float = 420) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from fedge.cli.app import main; sys.exit(main())", *args],
+        env=env, capture_output=True, text=True, timeout=timeout_s, check=False,
+    )
+
+
+def _assert_same(state: dict, ref: dict) -> None:
+    for key, value in ref.items():
+        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.fixture(scope="module")
+def fault_run(tmp_path_factory: pytest.TempPathFactory, write_run) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """A 2-process allreduce job whose rank 1 SIGKILLs itself before step 6 (checkpoint at 4), --max-restarts 1."""
+    import os
+
+    tmp = tmp_path_factory.mktemp("fault")
+    config = write_run(tmp / "settings") / "config.toml"  # the tiny model and data settings
+    run_dir = tmp / "run"
+    env = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1")
+    proc = _fedge(
+        [
+            "train", str(config), "--strategy", "allreduce", "--nproc", "2", "--steps", str(FAULT_STEPS),
+            "--checkpoint-every", str(CKPT_EVERY), "--max-restarts", "1", "--fault-at", "1:6", "--profile",
+            "--out", str(run_dir), "--json",
+        ],
+        env,
+    )
+    return run_dir, proc
+
+
+@pytest.mark.multiproc
+def test_killed_worker_restarts_and_resumes_from_checkpoint(fault_run, reference_state) -> None:
+    run_dir, proc = fault_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["restarts"] == 1 and summary["resumed_from_step"] == CKPT_EVERY
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, FAULT_STEPS + 1))
+    ref_state, _ = reference_state(FAULT_STEPS)
+    _assert_same(torch.load(run_dir / "model.pt", weights_only=True), ref_state)  # = an uninterrupted run
+    assert json.loads((run_dir / "model.json").read_text())["dataset"] == "digits"
+
+
+@pytest.mark.multiproc
+def test_profile_writes_one_trace_per_rank_that_the_profiler_reads(fault_run, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir, proc = fault_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    traces = sorted(p.name.split(".")[0] for p in (run_dir / "traces").glob("*.pt.trace.json"))
+    assert traces == ["rank0", "rank1"]
+    capsys.readouterr()
+    code = main(["profile", "report", str(run_dir / "traces"), "--json"])
+    out = capsys.readouterr()
+    if "No such command 'profile'" in out.err:
+        pytest.skip("fedge profile is not installed")
+    assert code == 0, out.err
+    assert [r["rank"] for r in json.loads(out.out)["ranks"]] == [0, 1]
+
+
+@pytest.mark.multiproc
+def test_resume_continues_a_finished_run(fault_run, reference_state) -> None:
+    import os
+
+    run_dir, first = fault_run
+    assert first.returncode == 0, first.stderr[-3000:]
+    env = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1")
+
+    proc = _fedge(["train", "--resume", str(run_dir), "--steps", str(RESUME_STEPS), "--json"], env)
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["resumed_from_step"] == FAULT_STEPS
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, RESUME_STEPS + 1))
+    ref_state, _ = reference_state(RESUME_STEPS)
+    _assert_same(torch.load(run_dir / "model.pt", weights_only=True), ref_state)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--strategy", "no-such"], "unknown strategy 'no-such'; valid: "),
+        (["--strategy", "parameter-server", "--nproc", "1"], "parameter-server needs at least 2 processes"),
+        (["--strategy", "ring-allreduce", "--nproc", "4", "--batch-size", "10"], "does not split evenly over 4"),
+        (["--strategy", "ring-allreduce", "-o", "chunk_bytes=big"], "chunk_bytes must be an integer"),
+        (["--strategy", "allreduce", "-o", "bucket-mb"], "--option takes KEY=VALUE"),
+        (["--nnodes", "2"], "needs --rdzv-endpoint"),
+        (["--nnodes", "3:1", "--rdzv-endpoint", "h:1"], "MIN <= MAX"),
+    ],
+)
+def test_user_mistakes_are_one_line_before_any_process_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    code = main(["train", *args, "--out", str(tmp_path / "run")])
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "train.log").exists()
+
+
+def test_unreachable_rendezvous_endpoint_fails_in_time(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # 192.0.2.0/24 is TEST-NET-1: never routed, so nothing answers.
+    args = ["train", "--nnodes", "2", "--rdzv-endpoint", "192.0.2.1:29400", "--rdzv-timeout", "2"]
+
+    code = main([*args, "--out", str(tmp_path / "run")])
+
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "cannot reach the rendezvous endpoint 192.0.2.1:29400 within 2s" in err
+
+
+def test_resume_needs_a_checkpoint(tmp_path: Path, write_run, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = write_run(tmp_path / "run")
+
+    code = main(["train", "--resume", str(run_dir)])
+
+    assert code == 1
+    assert "has no checkpoint yet" in capsys.readouterr().err
+
+
+@pytest.mark.multiproc
+def test_bench_collectives_json_contract(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["bench", "collectives", "--nproc", "2", "--sizes", "4KB,64KB", "--reps", "1", "--max-iters", "3", "--json"])
+
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    rows = json.loads(out.out)
+    assert {(r["impl"], r["bytes"]) for r in rows} == {
+        (impl, size) for impl in ("native", "ring", "tree", "parameter-server") for size in (4096, 65536)
+    }
+    for r in rows:
+        assert set(r) == {"impl", "bytes", "algbw_gbps", "busbw_gbps", "ratio_to_native"}
+        assert r["algbw_gbps"] > 0 and r["busbw_gbps"] == pytest.approx(r["algbw_gbps"])  # 2(W-1)/W = 1 at W=2
+        if r["impl"] == "native":
+            assert r["ratio_to_native"] == 1.0
