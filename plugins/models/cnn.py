@@ -16,9 +16,9 @@ class CNN:
 
     @dataclass(frozen=True, kw_only=True, slots=True)
     class Config(ModelConfig):
-        channels: tuple[int, ...] = (16, 32)
+        channels: tuple[int, ...] = (32, 64)
         """Output channels of each conv block; each block halves height and width."""
-        hidden: int = 64
+        hidden: int = 128
         """Width of the dense layer before the classifier."""
 
         def __post_init__(self) -> None:

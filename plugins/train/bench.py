@@ -50,8 +50,8 @@ def run_bench(what: str, nproc: int, spec: dict[str, Any], out: Path | None = No
     from fedge.plugins.train.config import TrainConfig
     from fedge.plugins.train.launcher import launch
 
-    if nproc < 1:
-        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    if nproc < 2:
+        raise ConfigError(f"--nproc must be >= 2 (one process has nothing to exchange), got {nproc}")
     with tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp:
         run = RunDir(out) if out is not None else RunDir(tmp)
         run.write_json("bench.json", {"what": what, **spec})

@@ -56,9 +56,9 @@ def test_int8_is_small_fits_the_board_and_litert_and_tflm_agree(export_run) -> N
     # Assert
     int8, fp32 = _report(int8_dir), _report(float_dir)
     assert int8["input"]["dtype"] == "int8" and int8["output"]["dtype"] == "int8"
-    # Weights shrink 4x; per-channel scales/zero points and the flatbuffer's per-tensor tables do not, and
-    # on this 13.7k-parameter model they are about a third of the int8 file (see docs/edge.md).
-    assert int8["size_bytes"] <= 0.4 * fp32["size_bytes"]
+    # Weights shrink 4x; per-channel scales/zero points and the flatbuffer's per-tensor tables do not
+    # (see docs/edge.md), so the ratio sits just under 0.3 on the default 53k-parameter CNN.
+    assert int8["size_bytes"] <= 0.3 * fp32["size_bytes"]
     tflm = int8["runtimes"]["tflm"]
     agreement = int8["runtimes"]["agreement"]
     assert tflm["ran"] and int8["runtimes"]["agreed"] is True
