@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+from fedge.edge.convert import EdgeModel, Quantization, export_tflite
 
 if TYPE_CHECKING:
     import numpy as np
-    from fedge.edge.convert import EdgeModel, Quantization
 
-__all__ = ["ExporterPlugin", "TfliteExporterConfig"]
+__all__ = ["ExporterPlugin", "TfliteExporter", "TfliteExporterConfig"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -32,3 +33,16 @@ class ExporterPlugin(Protocol):
 
     @staticmethod
     def export(model: object, sample_inputs: np.ndarray, config: TfliteExporterConfig) -> EdgeModel: ...
+
+
+class TfliteExporter:
+    """Base of the TFLite exporters: each names its quantization and inherits ``export``."""
+
+    quantization: ClassVar[Quantization]
+    Config: ClassVar[type[TfliteExporterConfig]] = TfliteExporterConfig
+
+    @classmethod
+    def export(cls, model: object, sample_inputs: np.ndarray, config: TfliteExporterConfig) -> EdgeModel:
+        return export_tflite(
+            model, sample_inputs, quantization=cls.quantization, calibration_samples=config.calibration_samples
+        )

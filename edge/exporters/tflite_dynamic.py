@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from fedge.edge.convert import EdgeModel, Quantization, export_tflite
-from fedge.edge.exporters.base import TfliteExporterConfig
+from fedge.edge.convert import Quantization
+from fedge.edge.exporters.base import TfliteExporter
 
 from fedge.registry import plugin
 
-if TYPE_CHECKING:
-    import numpy as np
-
 
 @plugin("exporter", "tflite-dynamic")
-class TfliteDynamic:
+class TfliteDynamic(TfliteExporter):
     """Dynamic-range TFLite model: int8 weights, float activations; LiteRT only (TFLM has no hybrid kernels)."""
 
     quantization = Quantization.DYNAMIC
-
-    @dataclass(frozen=True, kw_only=True, slots=True)
-    class Config(TfliteExporterConfig):
-        pass
-
-    @staticmethod
-    def export(model: object, sample_inputs: np.ndarray, config: TfliteExporterConfig) -> EdgeModel:
-        return export_tflite(
-            model, sample_inputs, quantization=Quantization.DYNAMIC, calibration_samples=config.calibration_samples
-        )

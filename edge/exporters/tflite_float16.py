@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from fedge.edge.convert import EdgeModel, Quantization, export_tflite
-from fedge.edge.exporters.base import TfliteExporterConfig
+from fedge.edge.convert import Quantization
+from fedge.edge.exporters.base import TfliteExporter
 
 from fedge.registry import plugin
 
-if TYPE_CHECKING:
-    import numpy as np
-
 
 @plugin("exporter", "tflite-float16")
-class TfliteFloat16:
+class TfliteFloat16(TfliteExporter):
     """float16-weight TFLite model: half the size of float32; LiteRT only (TFLM has no float16 kernels)."""
 
     quantization = Quantization.FLOAT16
-
-    @dataclass(frozen=True, kw_only=True, slots=True)
-    class Config(TfliteExporterConfig):
-        pass
-
-    @staticmethod
-    def export(model: object, sample_inputs: np.ndarray, config: TfliteExporterConfig) -> EdgeModel:
-        return export_tflite(
-            model, sample_inputs, quantization=Quantization.FLOAT16, calibration_samples=config.calibration_samples
-        )
