@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from fedge.plugins.aggregators.base import Sampling
+from fedge.plugins.aggregators.fedadam import FedAdam
 
 from fedge.registry import plugin
 
@@ -17,21 +18,10 @@ if TYPE_CHECKING:
 class FedYogi:
     """Adaptive server optimisation with Yogi on the averaged update (Flower's FedYogi)."""
 
-    @dataclass(frozen=True, kw_only=True, slots=True)
-    class Config:
-        eta: float = 0.01
-        """Server learning rate."""
-        eta_l: float = 0.05
-        """Client learning rate (informational in Flower)."""
-        beta_1: float = 0.9
-        """First-moment decay."""
-        beta_2: float = 0.99
-        """Second-moment decay."""
-        tau: float = 1e-3
-        """Adaptivity (numerical stability) term."""
+    Config = FedAdam.Config  # Yogi takes exactly Adam's settings
 
     @staticmethod
-    def build(config: Config, sampling: Sampling) -> Strategy:
+    def build(config: FedAdam.Config, sampling: Sampling) -> Strategy:
         from flwr.serverapp import strategy
 
         return strategy.FedYogi(**sampling.kwargs(), **asdict(config))
