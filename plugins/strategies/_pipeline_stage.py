@@ -112,6 +112,13 @@ class StageModule(nn.Sequential):
         super().__init__(named)
         self.recompute = recompute
 
+    @classmethod
+    def of(cls, model: nn.Sequential, sizes: Sequence[int], index: int, *, recompute: bool = False) -> StageModule:
+        """Stage ``index`` of ``model`` split into consecutive runs of ``sizes`` layers."""
+        lo = sum(sizes[:index])
+        names = list(model._modules)
+        return cls(OrderedDict((names[i], model[i]) for i in range(lo, lo + sizes[index])), recompute=recompute)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self:
             # Recomputation keeps only each layer's input and redoes its forward in backward.

@@ -13,7 +13,6 @@ Ranks are laid out by :class:`fedge.parallel.ParallelDims` (tp innermost). Examp
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
@@ -95,9 +94,7 @@ class Megatron(Strategy):
             sizes = resolve_split(
                 list(model.children()), num_stages=dims.pp, split=(), balance="params", sample=None, flag="pp"
             )
-            lo = sum(sizes[: self.stage_index])
-            names = list(model._modules)
-            model = StageModule(OrderedDict((names[i], model[i]) for i in range(lo, lo + sizes[self.stage_index])))
+            model = StageModule.of(model, sizes, self.stage_index)
         self.model = model.to(self.ctx.device)
         if dims.pp > 1:
             self.runner = StageRunner(

@@ -13,7 +13,6 @@ Example::
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
@@ -126,13 +125,10 @@ class Pipeline(Strategy):
         groups = make_groups(dims, rank)
         self.dp_group = groups[MeshAxis.DP]
         sizes = self._split(list(model.children()), model)
-        lo = sum(sizes[: self.stage_index])
-        names = list(model._modules)  # original names, so state_dict keys match the full model
-        layers = OrderedDict((names[i], model[i]) for i in range(lo, lo + sizes[self.stage_index]))
         self.sizes = sizes
         if rank == 0:
             logger.info("pipeline: layers per stage %s (%s)", sizes, "split" if c.split else f"balance={c.balance}")
-        self.model = StageModule(layers, recompute=c.recompute).to(self.ctx.device)
+        self.model = StageModule.of(model, sizes, self.stage_index, recompute=c.recompute).to(self.ctx.device)
         self.runner = StageRunner(
             self.model,
             stage_index=self.stage_index,
