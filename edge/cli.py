@@ -54,6 +54,13 @@ def _print_report(r: dict[str, Any]) -> None:
             f"{a['same_predictions']}/{a['samples']}, identical outputs on {a['identical_outputs']}, "
             f"max difference {a['max_abs_diff']:g}; TFLM accuracy {tflm['accuracy']:.4f}",
         )
+        if first := a.get("first_difference"):
+            why = ": the runtimes round an exact half differently" if first["max_abs_diff"] <= 1 else ""
+            table.add_row(
+                "",
+                f"outputs first differ at op {first['op_index']} {first['op']} on {first['samples']} samples "
+                f"(max {first['max_abs_diff']:g}){why}",
+            )
     else:
         table.add_row("runtimes", f"LiteRT ran it; TFLite Micro did not: {tflm.get('reason', '-')}")
     if "board" in r:

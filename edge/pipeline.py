@@ -182,13 +182,13 @@ def verify(edge: EdgeModel, x_test: np.ndarray, y_test: np.ndarray, *, require_t
 
     With ``require_tflm`` (int8, or a board) a model TFLM cannot run is a problem, not a note.
     """
-    from fedge.edge.runtimes import find_arena_bytes, run_litert, run_tflm
+    from fedge.edge.runtimes import LITERT_KERNELS, find_arena_bytes, locate_divergence, run_litert, run_tflm
 
     info = edge.info()
     x_in = edge.quantize_inputs(x_test)
     litert_raw = run_litert(edge.data, x_in)
     accuracy = float((edge.dequantize_outputs(litert_raw).argmax(1) == y_test).mean())
-    runtimes: dict[str, Any] = {"litert": {"ran": True, "kernels": "builtin_ref", "accuracy": accuracy}}
+    runtimes: dict[str, Any] = {"litert": {"ran": True, "kernels": LITERT_KERNELS.lower(), "accuracy": accuracy}}
     arena_bytes = arena_min = None
     problem: FedgeError | None = None
     if info.tflm_unsupported:
@@ -210,6 +210,9 @@ def verify(edge: EdgeModel, x_test: np.ndarray, y_test: np.ndarray, *, require_t
             problem = err if require_tflm else None
         else:
             agreement = _agreement(litert_raw, tflm_raw)
+            differing = (litert_raw != tflm_raw).reshape(len(litert_raw), -1).any(axis=1)
+            if differing.any():
+                agreement["first_difference"] = locate_divergence(edge.data, x_in[differing])
             tflm_acc = float((edge.dequantize_outputs(tflm_raw).argmax(1) == y_test).mean())
             runtimes["tflm"] = {"ran": True, "accuracy": tflm_acc}
             runtimes["agreement"] = agreement

@@ -34,15 +34,30 @@ def shared_traces() -> Path:
     return SHARED_TRACES
 
 
-def _leftover_processes() -> list[str]:
+_SESSION_MARK = "FEDGE_TEST_SESSION"
+
+
+def _leftover_processes(mark: str) -> list[str]:
+    """Flower/torchrun processes started by this test session (they inherit its mark in their environment);
+    other sessions running on the same machine are not ours to judge."""
     out = subprocess.run(["pgrep", "-af", _LEFTOVER_PATTERN], capture_output=True, text=True).stdout
-    me = str(os.getpid())
-    return [line for line in out.splitlines() if line and not line.startswith(me + " ") and "pgrep" not in line]
+    needle = f"{_SESSION_MARK}={mark}".encode()
+    found = []
+    for line in out.splitlines():
+        pid = line.split(" ", 1)[0]
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:  # gone already, or not ours to read
+            continue
+        if needle in environ.split(b"\0"):
+            found.append(line)
+    return found
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _no_leftover_processes():
-    before = set(_leftover_processes())
+    mark = f"{os.getpid()}-{os.urandom(4).hex()}"
+    os.environ[_SESSION_MARK] = mark
     yield
-    after = [p for p in _leftover_processes() if p not in before]
+    after = _leftover_processes(mark)
     assert not after, f"processes left running after the test session: {after}"

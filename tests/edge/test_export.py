@@ -64,6 +64,12 @@ def test_int8_is_small_fits_the_board_and_litert_and_tflm_agree(export_run) -> N
     assert tflm["ran"] and int8["runtimes"]["agreed"] is True
     assert agreement["same_predictions"] == agreement["samples"] == 360
     assert agreement["max_abs_diff"] <= 1  # one int8 step: FULLY_CONNECTED requantization rounding
+    if agreement["identical_outputs"] < agreement["samples"]:
+        first = agreement["first_difference"]
+        assert first["op"] == "FULLY_CONNECTED" and first["max_abs_diff"] == 1
+        assert 1 <= first["samples"] <= agreement["samples"] - agreement["identical_outputs"]
+    else:
+        assert "first_difference" not in agreement
     assert tflm["accuracy"] == int8["accuracy_exported"]
     assert int8["arena_min_bytes"] < int8["arena_bytes"] < 64 * 1024
     assert int8["board"]["name"] == BOARD and int8["fits"] is True
