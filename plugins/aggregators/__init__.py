@@ -4,6 +4,13 @@ Each module registers one ``@plugin("aggregator", name)`` class with a ``Config`
 ``build(config, sampling) -> flwr Strategy``; ``fedge fl run --aggregator NAME`` picks one.
 """
 
-from fedge.plugins.aggregators.base import AggregatorPlugin, Sampling, build_strategy
+from fedge.plugins.aggregators.base import (
+    AggregatorPlugin,
+    Sampling,
+    build_strategy,
+    load_strategy_state,
+    state_kinds,
+    strategy_state,
+)
 
-__all__ = ["AggregatorPlugin", "Sampling", "build_strategy"]
+__all__ = ["AggregatorPlugin", "Sampling", "build_strategy", "load_strategy_state", "state_kinds", "strategy_state"]

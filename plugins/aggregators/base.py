@@ -1,4 +1,5 @@
-"""What every aggregator plugin provides, and ``build_strategy`` by name."""
+"""What every aggregator plugin provides, ``build_strategy`` by name, and the strategies' server-side state
+(``strategy_state`` / ``load_strategy_state``) that a checkpoint carries across a resume."""
 
 from __future__ import annotations
 
@@ -6,13 +7,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
+
 from fedge.config import from_mapping
+from fedge.errors import DataError
 from fedge.registry import Kind, Registry
 
 if TYPE_CHECKING:
     from flwr.serverapp.strategy import Strategy
 
-__all__ = ["AggregatorPlugin", "Sampling", "build_strategy"]
+__all__ = ["AggregatorPlugin", "Sampling", "build_strategy", "load_strategy_state", "state_kinds", "strategy_state"]
+
+_STATE_ATTRS: dict[str, type] = {"m_t": dict, "v_t": dict, "momentum_vector": list}
+"""Server-side optimizer state of Flower 1.39's strategies: FedOpt's (FedAdam, FedYogi, FedAdagrad) first and
+second moments, dicts by array name, and FedAvgM's momentum, a list in array order. All else a strategy holds is
+its settings, or the current global arrays, which ``configure_train`` takes again from the (checkpointed) model."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -60,3 +69,82 @@ def build_strategy(
     plugin = registry.get(name)
     config = from_mapping(plugin.Config, options or {}, where=f"aggregator.{name}")
     return plugin.build(config, sampling or Sampling())
+
+
+def _innermost(strategy: Strategy) -> Strategy:
+    # Flower's differential-privacy wrappers keep the strategy that aggregates (and holds the state) in .strategy.
+    while (inner := getattr(strategy, "strategy", None)) is not None:
+        strategy = inner
+    return strategy
+
+
+def state_kinds(strategy: Strategy) -> list[str]:
+    """The kinds of server-side state the strategy keeps (``m_t``, ``v_t``, ``momentum_vector``); empty if none."""
+    inner = _innermost(strategy)
+    return [attr for attr in _STATE_ATTRS if hasattr(inner, attr)]
+
+
+def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
+    """The strategy's server-side optimizer state as named arrays, for a checkpoint.
+
+    Keys are ``m_t/<array name>``, ``v_t/<array name>`` (FedAdam, FedYogi, FedAdagrad) and
+    ``momentum_vector/<index>`` (FedAvgM); empty for a stateless strategy and before its first aggregation.
+
+    Example::
+
+        np.savez(file, **strategy_state(strategy))
+    """
+    inner = _innermost(strategy)
+    state: dict[str, np.ndarray] = {}
+    for attr in _STATE_ATTRS:
+        value = getattr(inner, attr, None)
+        if isinstance(value, Mapping):
+            state.update({f"{attr}/{k}": np.asarray(v) for k, v in value.items()})
+        elif isinstance(value, (list, tuple)):
+            state.update({f"{attr}/{i}": np.asarray(v) for i, v in enumerate(value)})
+    return state
+
+
+def load_strategy_state(
+    strategy: Strategy, state: Mapping[str, np.ndarray], *, shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> None:
+    """Put a :func:`strategy_state` back into a freshly built strategy of the same aggregator.
+
+    Args:
+        strategy: the strategy, as ``build_strategy`` (and a DP wrapper) made it.
+        state: the saved arrays.
+        shapes: the global model's array shapes by name, in order; when given, every saved array must match.
+
+    Raises:
+        DataError: an entry this strategy has no place for, or that does not fit the model.
+    """
+    inner = _innermost(strategy)
+    grouped: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in state.items():
+        attr, _, name = key.partition("/")
+        if attr not in state_kinds(inner) or not name:
+            raise DataError(
+                f"saved strategy state {key!r} does not belong to {type(inner).__name__} "
+                f"(it keeps {', '.join(state_kinds(inner)) or 'no state'}); was the aggregator changed?"
+            )
+        grouped.setdefault(attr, {})[name] = np.array(value)
+    expected = list((shapes or {}).items())
+    for attr, entries in grouped.items():
+        if _STATE_ATTRS[attr] is list:
+            if sorted(entries) != sorted(str(i) for i in range(len(entries))):
+                raise DataError(
+                    f"saved strategy state {attr} has entries {sorted(entries)}; expected 0..{len(entries) - 1}"
+                )
+            named = [(f"{attr}/{i}", entries[str(i)]) for i in range(len(entries))]
+            wanted = [(f"{attr}/{i}", shape) for i, (_, shape) in enumerate(expected)]
+        else:
+            named = [(f"{attr}/{k}", v) for k, v in entries.items()]
+            wanted = [(f"{attr}/{k}", shape) for k, shape in expected]
+        if shapes is not None:
+            got = sorted((k, tuple(v.shape)) for k, v in named)
+            if got != sorted(wanted):
+                raise DataError(
+                    f"saved strategy state {attr} does not fit the model (arrays or shapes differ: "
+                    f"{sorted(set(got) ^ set(wanted))[:3]}); delete the strategy state file to restart it from zero"
+                )
+        setattr(inner, attr, dict(entries) if _STATE_ATTRS[attr] is dict else [v for _, v in named])

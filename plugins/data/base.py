@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -9,10 +10,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedge.config import from_mapping
-from fedge.errors import DataError
+from fedge.errors import ConfigError, DataError
 from fedge.registry import Kind, Registry
 
-__all__ = ["ArrayDataset", "DatasetPlugin", "load_dataset", "split_train_test"]
+__all__ = ["ArrayDataset", "DatasetPlugin", "dataset_config", "load_dataset", "split_train_test"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,16 +72,66 @@ def split_train_test(
     )
 
 
+def dataset_config(
+    name: str,
+    options: Mapping[str, Any] | None = None,
+    *,
+    command: str = "",
+    registry: Registry[DatasetPlugin] | None = None,
+) -> Any:
+    """The dataset plugin ``name``'s validated Config for ``options``, without reading any data.
+
+    Commands call it before they create a run directory, so a bad option fails in one line and leaves nothing.
+
+    Args:
+        name: dataset plugin name.
+        options: its Config fields (the ``[dataset_options]`` table of a run's TOML config).
+        command: the command the user runs, e.g. ``"fedge fl run"``; a missing option's message then says
+            how to give it to that command (dataset options have no flags: they live in the TOML file).
+        registry: where to look the plugin up (default: the installed dataset plugins).
+
+    Raises:
+        PluginNotFoundError: no such dataset plugin.
+        ConfigError: a required option is missing, unknown, or has a bad value.
+
+    Example::
+
+        dataset_config("npz", {"path": "data.npz"}, command="fedge fl run")
+    """
+    registry = registry or Registry(Kind.DATASET)
+    plugin = registry.get(name)
+    fields = [f for f in dataclasses.fields(plugin.Config) if f.init]
+    missing = [
+        f.name
+        for f in fields
+        if f.name not in (options or {})
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        table = f'[dataset_options] {missing[0]} = "..."'
+        if command:
+            how = f"it has no flag: put  {table}  in a TOML file and pass the file: {command} FILE.toml"
+        else:
+            how = f"set  {table}  in the run's TOML config"
+        raise ConfigError(f"dataset {name!r} needs dataset_options.{missing[0]}; {how}")
+    return from_mapping(plugin.Config, options or {}, where="dataset_options")
+
+
 def load_dataset(
     name: str, options: Mapping[str, Any] | None = None, *, registry: Registry[DatasetPlugin] | None = None
 ) -> ArrayDataset:
     """Load the dataset plugin ``name`` with ``options`` (its Config fields).
+
+    Raises:
+        PluginNotFoundError: no such dataset plugin.
+        ConfigError: a missing, unknown or bad option (see :func:`dataset_config`).
+        DataError: the data cannot be read (a missing file, a malformed one).
 
     Example::
 
         data = load_dataset("digits", {"test_fraction": 0.2})
     """
     registry = registry or Registry(Kind.DATASET)
-    plugin = registry.get(name)
-    config = from_mapping(plugin.Config, options or {}, where=f"dataset.{name}")
-    return plugin.load(config)
+    config = dataset_config(name, options, registry=registry)
+    return registry.get(name).load(config)

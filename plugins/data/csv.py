@@ -31,7 +31,9 @@ class Csv:
     @staticmethod
     def load(config: Config) -> ArrayDataset:
         if not config.path.is_file():
-            raise DataError(f"CSV file {str(config.path)!r} not found; pass dataset.path = an existing file")
+            raise DataError(
+                f"CSV file {str(config.path)!r} not found; set [dataset_options] path to an existing CSV file"
+            )
         with open(config.path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
         if len(rows) < 2:

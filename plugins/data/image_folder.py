@@ -37,7 +37,9 @@ class ImageFolder:
         from PIL import Image, UnidentifiedImageError
 
         if not config.path.is_dir():
-            raise DataError(f"image folder {str(config.path)!r} not found; pass dataset.path = a folder of class folders")
+            raise DataError(
+                f"image folder {str(config.path)!r} not found; set [dataset_options] path to a folder of class folders"
+            )
         classes = sorted(p.name for p in config.path.iterdir() if p.is_dir())
         if not classes:
             raise DataError(f"{str(config.path)!r} has no class sub-folders (expected ROOT/<class>/<image>)")

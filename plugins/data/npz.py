@@ -29,7 +29,9 @@ class Npz:
     @staticmethod
     def load(config: Config) -> ArrayDataset:
         if not config.path.is_file():
-            raise DataError(f"npz file {str(config.path)!r} not found; pass dataset.path = an existing .npz file")
+            raise DataError(
+                f"npz file {str(config.path)!r} not found; set [dataset_options] path to an existing .npz file"
+            )
         try:
             with np.load(config.path, allow_pickle=False) as f:
                 arrays = {k: f[k] for k in f.files}

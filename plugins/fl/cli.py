@@ -73,29 +73,39 @@ def _run_with_progress(as_json: bool, rounds: int | None, **kwargs: Any) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
-    with Progress(
+    # The display starts with the run's first status line, after the data was read: an error before that
+    # (a missing dataset file, say) stays one line on stderr, with no progress bar above it.
+    progress = Progress(
         TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.description}"), console=console,
-    ) as progress:  # fmt: skip
-        task = progress.add_task("starting SuperLink and SuperNodes", total=rounds)
+    )  # fmt: skip
+    task = progress.add_task("starting SuperLink and SuperNodes", total=rounds)
 
-        def on_round(m: dict[str, Any]) -> None:
-            total = progress.tasks[0].total
-            progress.update(
-                task, completed=m["round"], total=total,
-                description=f"acc {m['accuracy']:.3f} loss {m['loss']:.3f} clients {m['num_clients']} "
-                f"round {m['round_s'] or 0:.1f}s" + (f" rejected {m['rejected']}" if m.get("rejected") else ""),
-            )  # fmt: skip
-            progress.console.print(
-                f"round {m['round']}: accuracy {m['accuracy']:.4f} loss {m['loss']:.4f} clients {m['num_clients']}"
-                f" in {m['round_s'] or 0:.1f} s (client compute {m.get('client_compute_s') or 0:.1f} s)"
-            )
+    def on_round(m: dict[str, Any]) -> None:
+        progress.start()
+        total = progress.tasks[0].total
+        progress.update(
+            task, completed=m["round"], total=total,
+            description=f"acc {m['accuracy']:.3f} loss {m['loss']:.3f} clients {m['num_clients']} "
+            f"round {m['round_s'] or 0:.1f}s" + (f" rejected {m['rejected']}" if m.get("rejected") else ""),
+        )  # fmt: skip
+        progress.console.print(
+            f"round {m['round']}: accuracy {m['accuracy']:.4f} loss {m['loss']:.4f} clients {m['num_clients']}"
+            f" in {m['round_s'] or 0:.1f} s (client compute {m.get('client_compute_s') or 0:.1f} s)"
+        )
 
-        def on_status(line: str) -> None:
-            progress.console.print(line)
+    def on_status(line: str) -> None:
+        started = progress.live.is_started
+        progress.start()
+        progress.console.print(line)
+        if started:
             progress.update(task, description="running")
 
+    try:
         return run(on_round=on_round, on_status=on_status, **kwargs)
+    finally:
+        if progress.live.is_started:  # Progress.stop() prints an empty line even when it never started
+            progress.stop()
 
 
 @app.command("run")
@@ -137,18 +147,25 @@ def run_command(
             round_timeout_s=round_timeout, tls=tls, auth=auth, faults=_parse_faults(fault), seed=seed,
         )  # fmt: skip
         cfg = load_config(config, flags)
-        _check_plugins(cfg)
+        _check_plugins(cfg, "fedge fl run")
         result = _run_with_progress(as_json, cfg.rounds, config=cfg, out=out)
     _print_result(result, as_json)
     return 0
 
 
-def _check_plugins(cfg: Any) -> None:
-    # Fail on a misspelt name here, in one line, before any process starts.
+def _check_plugins(cfg: Any, command: str) -> None:
+    # Fail on a misspelt name or a bad option here, in one line, before any process starts or any run directory
+    # is made. (The run itself then reads the data before it creates the run directory.)
+    from fedge.plugins.data import dataset_config
+
+    from fedge.config import from_mapping
     from fedge.registry import Kind, Registry
 
-    for kind, name in ((Kind.AGGREGATOR, cfg.aggregator), (Kind.DATASET, cfg.dataset), (Kind.MODEL, cfg.model)):
-        Registry(kind).get(name)
+    for kind, name, options in (
+        (Kind.AGGREGATOR, cfg.aggregator, cfg.aggregator_options), (Kind.MODEL, cfg.model, cfg.model_options)
+    ):  # fmt: skip
+        from_mapping(Registry(kind).get(name).Config, options, where=f"{kind}.{name}")
+    dataset_config(cfg.dataset, cfg.dataset_options, command=command)
 
 
 @app.command("superlink")
@@ -188,7 +205,7 @@ def superlink_command(
         if not key.is_file():
             raise ConfigError(f"public key {str(key)!r} not found; `fedge fl certs --nodes N` writes node-<i>.pub")
     cfg = load_config(config, _overrides(clients=clients, rounds=rounds, aggregator=aggregator, round_timeout_s=round_timeout))
-    _check_plugins(cfg)
+    _check_plugins(cfg, "fedge fl superlink")
     remote = RemoteNodes(host=host, fleet_port=fleet_port, control_port=control_port, tls=tls,
                          auth_keys=tuple(k.resolve() for k in auth_keys or []))  # fmt: skip
     result = _run_with_progress(as_json, cfg.rounds, config=cfg, out=out, remote=remote)

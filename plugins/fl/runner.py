@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedge.plugins.fl.config import FlConfig, load_config
 from fedge.plugins.fl.federation import Federation, TlsFiles, kill_recorded, sigterm_as_interrupt
@@ -28,6 +28,10 @@ from fedge.plugins.fl.federation import Federation, TlsFiles, kill_recorded, sig
 from fedge.config import to_mapping
 from fedge.errors import ConfigError, RuntimeFailure
 from fedge.rundir import RunDir
+
+if TYPE_CHECKING:
+    import numpy as np
+    from fedge.plugins.data import ArrayDataset
 
 __all__ = ["RemoteNodes", "RunResult", "prepare_data", "run", "write_app"]
 
@@ -105,24 +109,42 @@ def write_app(directory: Path) -> Path:
 
 def prepare_data(run: RunDir, cfg: FlConfig) -> list[Path]:
     """Split the dataset: ``data/client-<i>.npz`` per client, ``data/test.npz``, and ``partitions.json``."""
+    files = _client_files(run, cfg)
+    if all(f.is_file() for f in files) and (run.file("data") / "test.npz").is_file():
+        return files  # a resumed run keeps its split
+    return _write_data(run, cfg, *_load_and_split(cfg, num_clients=cfg.clients))
+
+
+def _client_files(run: RunDir, cfg: FlConfig) -> list[Path]:
+    return [run.file("data") / f"client-{i}.npz" for i in range(cfg.clients)]
+
+
+def _load_and_split(cfg: FlConfig, *, num_clients: int) -> tuple[ArrayDataset, list[np.ndarray]]:
+    """The dataset and one index array per client (none for ``num_clients=0``: remote nodes bring their data)."""
+    from fedge.plugins.data import load_dataset, partition
+
+    dataset = load_dataset(cfg.dataset, cfg.dataset_options)
+    parts = partition(dataset.y_train, num_clients, cfg.partition_config) if num_clients else []
+    return dataset, parts
+
+
+def _write_data(run: RunDir, cfg: FlConfig, dataset: ArrayDataset, parts: list[np.ndarray]) -> list[Path]:
+    """Write each client's share and the held-out set (the ServerApp evaluates on ``data/test.npz``)."""
     import numpy as np
-    from fedge.plugins.data import load_dataset, partition, partition_stats
+    from fedge.plugins.data import partition_stats
 
     data_dir = run.file("data")
-    files = [data_dir / f"client-{i}.npz" for i in range(cfg.clients)]
-    if all(f.is_file() for f in files) and (data_dir / "test.npz").is_file():
-        return files  # a resumed run keeps its split
-    dataset = load_dataset(cfg.dataset, cfg.dataset_options)
-    parts = partition(dataset.y_train, cfg.clients, cfg.partition_config)
     data_dir.mkdir(parents=True, exist_ok=True)
+    files = _client_files(run, cfg) if parts else []
     for path, idx in zip(files, parts, strict=True):
         np.savez(path, x_train=dataset.x_train[idx], y_train=dataset.y_train[idx])
     np.savez(data_dir / "test.npz", x_test=dataset.x_test, y_test=dataset.y_test, num_classes=dataset.num_classes)
-    stats = partition_stats(dataset.y_train, parts, dataset.num_classes)
-    run.write_json(
-        "partitions.json",
-        {"dataset": cfg.dataset, "partition": cfg.partition, "clients": [s.to_json() for s in stats]},
-    )
+    if parts:
+        stats = partition_stats(dataset.y_train, parts, dataset.num_classes)
+        run.write_json(
+            "partitions.json",
+            {"dataset": cfg.dataset, "partition": cfg.partition, "clients": [s.to_json() for s in stats]},
+        )
     return files
 
 
@@ -177,10 +199,11 @@ def run(
     """
     started = time.monotonic()
     status = on_status or (lambda line: logger.info("%s", line))
+    split: tuple[ArrayDataset, list[np.ndarray]] | None = None
     if resume is not None:
-        run_dir = RunDir(resume)
-        if not run_dir.file("config.toml").is_file():
+        if not (Path(resume) / "config.toml").is_file():
             raise ConfigError(f"cannot resume {str(resume)!r}: no config.toml there; pass a directory made by fedge fl run")
+        run_dir = RunDir(resume)
         cfg = load_config(run_dir.file("config.toml"))
         leftovers = kill_recorded(run_dir.file("flower") / "pids.json")
         if leftovers:
@@ -192,12 +215,19 @@ def run(
             cfg = config
         else:
             cfg = load_config(None, config or {})
+        # Read and split the data before the run directory exists: a missing option or file, a malformed
+        # file or too many clients fails here and leaves nothing behind.
+        split = _load_and_split(cfg, num_clients=cfg.clients if remote is None else 0)
         run_dir = RunDir.create("fl", out)
         run_dir.write_config(to_mapping(cfg))
     run_dir = RunDir(run_dir.path.resolve())  # the daemons run in other working directories
     seen = len(run_dir.read_metrics())
 
-    files = prepare_data(run_dir, cfg) if remote is None else []
+    if split is not None:
+        files = _write_data(run_dir, cfg, *split)
+    else:
+        files = prepare_data(run_dir, cfg) if remote is None else []
+    status(f"run directory {run_dir.path}; starting the SuperLink and SuperNodes")
     app_dir = write_app(run_dir.file("app"))
     if remote is None:
         fed = Federation(run_dir.file("flower"), tls=_tls_files(run_dir, cfg), auth=cfg.auth)

@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedge.errors import FedgeError, RuntimeFailure
 from fedge.rundir import RunDir, atomic_path
 
-__all__ = ["app", "latest_checkpoint", "run_rounds"]
+__all__ = ["app", "latest_checkpoint", "run_rounds", "strategy_state_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,40 @@ def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
     """The last finished round and its checkpoint file, or None."""
     found = [(int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("round-*.pt") if (m := _CKPT.match(p.name))]
     return max(found) if found else None
+
+
+def strategy_state_file(checkpoint: Path) -> Path:
+    """Where the strategy's server-side state (FedAdam moments, FedAvgM momentum) of a round's checkpoint is.
+
+    It sits beside ``round-NNNN.pt``, which stays a plain model ``state_dict`` (loadable as before); the
+    ``.pt`` is written after it, so a round's checkpoint exists only once both files do.
+    """
+    return checkpoint.with_name(checkpoint.stem + ".strategy.npz")
+
+
+def _save_strategy_state(path: Path, strategy: Any) -> None:
+    from fedge.plugins.aggregators import strategy_state
+
+    state = strategy_state(strategy)
+    if not state:  # stateless strategy, or no aggregation yet: nothing to restore
+        path.unlink(missing_ok=True)  # a stale file of an earlier attempt at this round
+        return
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, allow_pickle=False, **state)  # to a file object: given a path, np.savez appends .npz
+
+
+def _restore_strategy_state(checkpoint: Path, strategy: Any, shapes: dict[str, tuple[int, ...]]) -> None:
+    from fedge.plugins.aggregators import load_strategy_state, state_kinds
+
+    path = strategy_state_file(checkpoint)
+    if not path.is_file():
+        # An older fedge's checkpoint, a round without aggregation, or FedAvgM without momentum: nothing to restore.
+        if state_kinds(strategy):
+            logger.info("no %s: the strategy's %s start from zero", path.name, ", ".join(state_kinds(strategy)))
+        return
+    with np.load(path, allow_pickle=False) as data:
+        load_strategy_state(strategy, {k: data[k] for k in data.files}, shapes=shapes)
+    logger.warning("restored the strategy's server-side state from %s", path.name)
 
 
 class _NodeSnapshot:
@@ -118,6 +152,8 @@ def run_rounds(grid: Grid, run: RunDir, cfg: FlConfig) -> dict[str, Any]:
         )
     arrays = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in model.state_dict().items()})
     reference = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if ckpt is not None:
+        _restore_strategy_state(ckpt[1], strategy, reference)
     train_config = {
         "local-epochs": cfg.local_epochs,
         "batch-size": cfg.batch_size,
@@ -160,7 +196,9 @@ def run_rounds(grid: Grid, run: RunDir, cfg: FlConfig) -> dict[str, Any]:
             logger.warning("round %d: the aggregate was non-finite; the global model is unchanged", server_round)
         model.load_state_dict({k: torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()})
         loss, acc = evaluate(model, x_test, y_test)
-        with atomic_path(run.path / "checkpoints" / f"round-{server_round:04d}.pt") as tmp:
+        checkpoint = run.path / "checkpoints" / f"round-{server_round:04d}.pt"
+        _save_strategy_state(strategy_state_file(checkpoint), strategy)
+        with atomic_path(checkpoint) as tmp:  # last: the round's checkpoint is complete once this file exists
             torch.save(model.state_dict(), tmp)
         record = {
             "round": server_round,

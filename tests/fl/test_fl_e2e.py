@@ -150,10 +150,24 @@ def test_client_killed_mid_run_does_not_stall_past_round_timeout(tmp_path: Path)
     assert not _our_processes(out)
 
 
+def _fresh_adam_moments(state_file: Path) -> bool:
+    """Whether FedAdam's saved moments are those of its first aggregation (m_t and v_t started at zero)."""
+    from fedge.plugins.aggregators.fedadam import FedAdam
+
+    beta_1, beta_2 = FedAdam.Config().beta_1, FedAdam.Config().beta_2
+    with np.load(state_file) as saved:
+        names = [k.partition("/")[2] for k in saved.files if k.startswith("m_t/")]
+        assert names and sorted(saved.files) == sorted([f"m_t/{n}" for n in names] + [f"v_t/{n}" for n in names])
+        m, v = (np.concatenate([saved[f"{kind}/{n}"].ravel() for n in names]) for kind in ("m_t", "v_t"))
+    assert np.abs(m).sum() > 0
+    return bool(np.allclose(v, (1 - beta_2) / (1 - beta_1) ** 2 * m**2, rtol=1e-3, atol=1e-12))
+
+
 def test_resume_after_superlink_is_killed(tmp_path: Path) -> None:
-    # Prepare: kill the server side (SuperLink, hence its ServerApp) after round 1.
+    # Prepare: kill the server side (SuperLink, hence its ServerApp) after round 1. FedAdam: its server-side
+    # moments must come back from the checkpoint.
     out = tmp_path / "run"
-    cfg = FlConfig(clients=2, rounds=2, **TINY)  # type: ignore[arg-type]
+    cfg = FlConfig(clients=2, rounds=2, aggregator="fedadam", **TINY)  # type: ignore[arg-type]
 
     def kill_server(m: dict) -> None:
         if m["round"] == 1:
@@ -164,14 +178,20 @@ def test_resume_after_superlink_is_killed(tmp_path: Path) -> None:
     done = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert done == [1]
     assert not _our_processes(out)
+    # A fresh FedAdam's first moments satisfy v = (1 - beta_2) / (1 - beta_1)^2 * m^2 (both start at zero).
+    assert _fresh_adam_moments(out / "checkpoints" / "round-0001.strategy.npz")
 
     # Execute
     result = run(resume=out)
 
-    # Assert: the rounds before the kill are kept once, the rest were added.
+    # Assert: the rounds before the kill are kept once, the rest were added; the resumed round continued
+    # from round 1's moments instead of zeros.
     rounds = [m["round"] for m in result.metrics]
     assert rounds == [1, 2]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-0001.pt", "round-0002.pt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "round-0001.pt", "round-0001.strategy.npz", "round-0002.pt", "round-0002.strategy.npz"
+    ]  # fmt: skip
+    assert not _fresh_adam_moments(out / "checkpoints" / "round-0002.strategy.npz")
     assert (out / "model.pt").is_file()
     assert not _our_processes(out)
 

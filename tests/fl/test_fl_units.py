@@ -177,6 +177,77 @@ def test_robust_aggregators_keep_accuracy_where_fedavg_does_not() -> None:
     assert results["krum"] > honest_acc - 0.05
 
 
+def _aggregate_once(
+    strategy: object, server_round: int, arrays: dict[str, np.ndarray], seed: int
+) -> dict[str, np.ndarray]:
+    """One round of ``strategy`` on ``arrays`` with three clients' random updates; returns the new arrays."""
+    from fedge.plugins.fl.server_app import _NodeSnapshot
+
+    rng = np.random.default_rng(seed)
+    record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    snapshot = _NodeSnapshot([1, 2, 3])
+    strategy.configure_train(server_round, record, flwr_app.ConfigRecord({}), snapshot)  # type: ignore[attr-defined]
+    replies = [_reply({k: v + rng.normal(0, 0.1, v.shape).astype(v.dtype) for k, v in arrays.items()}, node_id=i)
+               for i in (1, 2, 3)]  # fmt: skip
+    new, _ = strategy.aggregate_train(server_round, replies)  # type: ignore[attr-defined]
+    return {k: v.numpy() for k, v in new.items()}
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "kinds"),
+    [
+        ("fedadam", {}, {"m_t", "v_t"}),
+        ("fedyogi", {}, {"m_t", "v_t"}),
+        ("fedadagrad", {}, {"m_t", "v_t"}),
+        ("fedavgm", {"server_momentum": 0.9}, {"momentum_vector"}),
+    ],
+)
+def test_strategy_state_round_trips_and_the_next_round_matches(
+    name: str, options: dict, kinds: set[str], tmp_path: Path
+) -> None:
+    from fedge.plugins.aggregators import build_strategy, load_strategy_state, strategy_state
+
+    # Prepare: two rounds give non-trivial moments; save them as a checkpoint does (npz).
+    arrays = {"w": np.ones((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+    original = build_strategy(name, options)
+    for server_round in (1, 2):
+        arrays = _aggregate_once(original, server_round, arrays, seed=server_round)
+    saved = strategy_state(original)
+    np.savez(tmp_path / "state.npz", **saved)
+
+    # Execute: a fresh strategy (a resumed ServerApp) loads them.
+    restored = build_strategy(name, options)
+    with np.load(tmp_path / "state.npz", allow_pickle=False) as data:
+        load_strategy_state(restored, {k: data[k] for k in data.files}, shapes={"w": (3, 2), "b": (2,)})
+
+    # Assert: same state, arrays equal and non-zero; and the next round gives the same model.
+    assert {k.split("/")[0] for k in saved} == kinds
+    again = strategy_state(restored)
+    assert saved.keys() == again.keys()
+    assert all(np.array_equal(saved[k], again[k]) and saved[k].dtype == again[k].dtype for k in saved)
+    assert all(np.abs(v).sum() > 0 for v in saved.values())
+    expected = _aggregate_once(original, 3, arrays, seed=3)
+    got = _aggregate_once(restored, 3, arrays, seed=3)
+    assert all(np.array_equal(expected[k], got[k]) for k in expected)
+    fresh = _aggregate_once(build_strategy(name, options), 3, arrays, seed=3)
+    assert not all(np.allclose(expected[k], fresh[k]) for k in expected)  # the state matters
+
+
+def test_strategy_state_that_does_not_fit_is_refused() -> None:
+    from fedge.plugins.aggregators import build_strategy, load_strategy_state, strategy_state
+
+    from fedge.errors import DataError
+
+    adam = build_strategy("fedadam")
+    _aggregate_once(adam, 1, {"w": np.ones((3, 2), np.float32)}, seed=0)
+
+    with pytest.raises(DataError, match="does not belong to FedAvg"):
+        load_strategy_state(build_strategy("fedavg"), strategy_state(adam))
+    with pytest.raises(DataError, match="does not fit the model"):
+        load_strategy_state(build_strategy("fedadam"), strategy_state(adam), shapes={"w": (2, 3)})
+    assert strategy_state(build_strategy("fedavg")) == {}
+
+
 # -- round loop on an in-process Grid ---------------------------------------------------------------------
 class _LoopbackGrid:
     """A Grid stand-in for the unit test of the round loop: replies come from fedge's own client code."""
@@ -233,6 +304,40 @@ def test_round_loop_rejects_nan_client_checkpoints_and_resumes(tmp_path: Path) -
     run.write_config({**cfg.to_mapping(), "rounds": 3})
     run_rounds(_LoopbackGrid(list(configs), configs), run, FlConfig(**{**cfg.to_mapping(), "rounds": 3}))  # type: ignore[arg-type]
     assert [m["round"] for m in run.read_metrics()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(("aggregator", "options"), [("fedadam", {}), ("fedavgm", {"server_momentum": 0.9})])
+def test_round_loop_resume_keeps_the_server_optimizer_state(aggregator: str, options: dict, tmp_path: Path) -> None:
+    from fedge.plugins.fl.runner import prepare_data
+    from fedge.plugins.fl.server_app import run_rounds, strategy_state_file
+
+    from fedge.rundir import RunDir
+
+    # Prepare: the same 2-round run, uninterrupted in one directory, stopped after round 1 in another.
+    cfg = FlConfig(clients=2, rounds=2, local_epochs=1, model="mlp", model_options={"hidden": [16]}, partition="iid",
+                   aggregator=aggregator, aggregator_options=options)  # fmt: skip
+    runs = {}
+    for name, rounds in (("whole", 2), ("resumed", 1)):
+        run = RunDir(tmp_path / name)
+        configs = {10 + i: {"data-path": str(f), "partition-id": i} for i, f in enumerate(prepare_data(run, cfg))}
+        stopped = FlConfig(**{**cfg.to_mapping(), "rounds": rounds})
+        run_rounds(_LoopbackGrid(list(configs), configs), run, stopped)  # type: ignore[arg-type]
+        runs[name] = (run, configs)
+
+    # Execute: resume the stopped run for round 2 (a fresh strategy, as in a new ServerApp).
+    run, configs = runs["resumed"]
+    run_rounds(_LoopbackGrid(list(configs), configs), run, cfg)  # type: ignore[arg-type]
+
+    # Assert: round 2 continued from the saved state, so both runs end with the same model.
+    import torch
+
+    state_file = strategy_state_file(tmp_path / "resumed" / "checkpoints" / "round-0001.pt")
+    with np.load(state_file) as data:
+        assert data.files and all(np.abs(data[k]).sum() > 0 for k in data.files)
+    whole = torch.load(tmp_path / "whole" / "checkpoints" / "round-0002.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "round-0002.pt", weights_only=True)
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-6)
 
 
 # -- certificates and teardown ----------------------------------------------------------------------------
@@ -306,6 +411,62 @@ def test_cli_refuses_bad_input_in_one_line(argv: list[str], expected: str, capsy
     err = capsys.readouterr().err
     assert code == 1
     assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["progress", "json"])
+@pytest.mark.parametrize(
+    ("toml", "argv", "expected"),
+    [
+        ("", ["--dataset", "npz"], (
+            "dataset 'npz' needs dataset_options.path; it has no flag: "
+            'put  [dataset_options] path = "..."  in a TOML file and pass the file: fedge fl run FILE.toml'
+        )),
+        ("", ["--dataset", "csv"], "dataset 'csv' needs dataset_options.path"),
+        ('dataset = "image-folder"\n', [], "dataset 'image-folder' needs dataset_options.path"),
+        ('[dataset_options]\npath = "no/such.npz"\n', ["--dataset", "npz"], "npz file 'no/such.npz' not found"),
+        ('dataset = "csv"\n[dataset_options]\npath = "no/such.csv"\n', [], "CSV file 'no/such.csv' not found"),
+        ('[dataset_options]\npath = "no/such"\n', ["--dataset", "image-folder"], "image folder 'no/such' not found"),
+        ('[dataset_options]\npath = "x.npz"\nlabel = "y"\n', ["--dataset", "npz"],
+         "unknown setting dataset_options.label"),
+        ("", ["--clients", "5000"], "cannot split"),
+    ],
+    ids=["npz-no-path", "csv-no-path", "image-folder-no-path", "npz-missing-file", "csv-missing-file",
+         "image-folder-missing-dir", "unknown-option", "too-many-clients"],
+)  # fmt: skip
+def test_cli_run_with_bad_data_fails_in_one_line_and_leaves_no_run_dir(
+    toml: str, argv: list[str], expected: str, as_json: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from fedge.cli.app import main
+
+    # Prepare: the default run directory would be runs/fl-<timestamp> under the working directory.
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "fl.toml"
+    config.write_text(toml, encoding="utf-8")
+    given = ["--out", str(tmp_path / "run")] if as_json else []
+
+    # Execute
+    argv = ["fl", "run", str(config), "--rounds", "1", "--clients", "2", *argv, *given]
+    code = main(argv + (["--json"] if as_json else []))
+
+    # Assert
+    err = capsys.readouterr().err
+    assert code == 1
+    assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fl.toml"]
+
+
+def test_run_api_reads_the_data_before_it_creates_the_run_dir(tmp_path: Path) -> None:
+    from fedge.plugins.fl import run
+
+    from fedge.errors import DataError
+
+    with pytest.raises(DataError, match="not found"):
+        run(FlConfig(dataset="npz", dataset_options={"path": str(tmp_path / "none.npz")}), out=tmp_path / "run")
+    with pytest.raises(ConfigError, match="cannot resume"):
+        run(resume=tmp_path / "gone")
+
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_global_model_unchanged_when_every_update_is_rejected(tmp_path: Path) -> None:
