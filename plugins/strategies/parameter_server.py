@@ -9,6 +9,12 @@ point-to-point send/recv (never gloo's reduce_scatter, which on gloo is a full a
 - ``async``: a server applies each push on arrival (scaled by 1/W) and answers that worker alone, so fast
   workers do not wait for slow ones - up to ``staleness`` steps: a worker more than ``staleness`` pushes
   ahead of the slowest gets its reply only when the slowest catches up (stale synchronous parallel).
+
+The loss a worker's ``train_step`` returns (rank 0's is what ``metrics.jsonl`` logs) is the server's view:
+each push carries the worker's loss, and each reply carries back the mean of the losses of every push
+applied since that worker's previous reply. In ``sync`` mode those are the W pushes of this step, so it is
+the global-batch loss; in ``async`` mode it is the loss over all workers' recent updates, not one
+worker's own.
 """
 
 from __future__ import annotations
@@ -105,7 +111,8 @@ class ParameterServer(Strategy):
         if batch_size % workers:
             raise ConfigError(
                 f"batch size {batch_size} does not split evenly over {workers} workers "
-                f"({world_size} processes - {config.num_servers} servers); use a multiple of {workers}"
+                f"({world_size} processes - {config.num_servers} server{'s' if config.num_servers > 1 else ''}); "
+                f"use a multiple of {workers}"
             )
 
     def setup(self, model: nn.Module) -> None:
@@ -128,6 +135,9 @@ class ParameterServer(Strategy):
             self.inbox = [torch.empty_like(self.shard) for _ in range(self.num_workers)]
             self.received = [0] * self.num_workers
             self.deferred: list[int] = []
+            # Per worker: sum and count of the losses pushed since its previous reply (last server only).
+            self.loss_sum = [0.0] * self.num_workers
+            self.loss_count = [0] * self.num_workers
             return
         # Worker: parameters and gradients are views into two flat buffers, so messages need no copies.
         self.pflat = torch.zeros(n + 1, device=self.ctx.device)
@@ -158,24 +168,45 @@ class ParameterServer(Strategy):
             works += [self.pg.send([self.gflat[a:b]], server, _PUSH), self.pg.recv([self.pflat[a:b]], server, _PULL)]
         for work in works:
             work.wait()
-        return float(self.pflat[-1]) if self.config.mode == "sync" else float(loss)
+        return float(self.pflat[-1])  # the server's mean over the pushes since our previous pull
+
+    def _holds_loss(self) -> bool:
+        return self._last(self.ctx.rank - self.num_workers)
+
+    def _tally(self, push: Tensor) -> None:
+        """Count the loss a worker sent in the push's trailing slot towards every worker's next reply."""
+        if self._holds_loss():
+            loss = float(push[-1])
+            for k in range(self.num_workers):
+                self.loss_sum[k] += loss
+                self.loss_count[k] += 1
 
     def _apply(self, grad: Tensor) -> None:
-        j = self.ctx.rank - self.num_workers
+        if self._holds_loss():
+            grad[-1] = 0.0  # the trailing slot is not a parameter
         self.shard.grad = grad
-        loss = grad[-1].item() if self._last(j) else 0.0
         self.optimizer.step()
-        if self._last(j):
-            self.shard.data[-1] = loss  # the slot is not a parameter: it carries the loss back
+
+    def _report_loss(self, k: int) -> float:
+        """Put in the slot the mean loss of the pushes since worker k's previous reply; reset k's tally."""
+        if not self._holds_loss():
+            return float("nan")
+        mean = self.loss_sum[k] / max(1, self.loss_count[k])
+        self.loss_sum[k], self.loss_count[k] = 0.0, 0
+        self.shard.data[-1] = mean
+        return mean
 
     def _serve_sync(self) -> float:
         for work in [self.pg.recv([self.inbox[k]], k, _PUSH) for k in range(self.num_workers)]:
             work.wait()
-        grad = torch.stack(self.inbox).sum(0).div_(self.num_workers)
-        self._apply(grad)
+        for push in self.inbox:
+            self._tally(push)
+        self._apply(torch.stack(self.inbox).sum(0).div_(self.num_workers))
+        # Every worker's tally holds the same W pushes, so one slot value serves all replies.
+        means = [self._report_loss(k) for k in range(self.num_workers)]
         for work in [self.pg.send([self.shard.data], k, _PULL) for k in range(self.num_workers)]:
             work.wait()
-        return float(self.shard.data[-1])
+        return means[0]
 
     def _serve_async(self) -> float:
         """Apply pushes as they come until every worker has pushed for this step; reply within the staleness bound."""
@@ -185,11 +216,13 @@ class ParameterServer(Strategy):
             work.wait()
             k = work._source_rank()
             self.received[k] += 1
+            self._tally(buf)
             self._apply(buf / self.num_workers)
             self.deferred.append(k)
             slowest = min(self.received)
             for k in [k for k in self.deferred if self.received[k] - slowest <= self.config.staleness]:
                 self.deferred.remove(k)
+                self._report_loss(k)
                 self.pg.send([self.shard.data], k, _PULL).wait()
         return float("nan")
 
@@ -207,7 +240,13 @@ class ParameterServer(Strategy):
 
     def state_for_checkpoint(self) -> dict[str, Any]:
         if self.is_server:
-            return {"shard": self.shard.data, "optimizer": self.optimizer.state_dict(), "received": self.received}
+            return {
+                "shard": self.shard.data,
+                "optimizer": self.optimizer.state_dict(),
+                "received": self.received,
+                "loss_sum": self.loss_sum,
+                "loss_count": self.loss_count,
+            }
         return {"params": self.pflat}
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
@@ -215,5 +254,8 @@ class ParameterServer(Strategy):
             self.shard.data.copy_(state["shard"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.received = list(state["received"])
+            # Checkpoints from before the loss tally have none: the next replies then count from here.
+            self.loss_sum = list(state.get("loss_sum", self.loss_sum))
+            self.loss_count = list(state.get("loss_count", self.loss_count))
         else:
             self.pflat.copy_(state["params"])

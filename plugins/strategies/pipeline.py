@@ -57,6 +57,17 @@ def check_pipeline(*, dp: int, pp: int, microbatches: int, batch_size: int) -> N
         )
 
 
+def _chosen_stages(config: Pipeline.Config) -> str:
+    """How the user set the stage count, in their words: ``stages=3`` or ``split=1,2,1 (3 stages)``."""
+    if config.stages:
+        return f"stages={config.stages}"
+    return f"split={','.join(map(str, config.split))} ({len(config.split)} stages)"
+
+
+def _processes(world_size: int) -> str:
+    return f"{world_size} process{'es' if world_size != 1 else ''} (--nproc x nodes)"
+
+
 @plugin("strategy", "pipeline")
 class Pipeline(Strategy):
     """Pipeline parallelism: layers split into stages, micro-batches on a GPipe or 1F1B schedule."""
@@ -95,17 +106,40 @@ class Pipeline(Strategy):
 
     @classmethod
     def layout(cls, config: StrategyConfig, world_size: int) -> ParallelDims:
-        """The validated dp x pp layout for ``world_size`` processes."""
+        """The validated dp x pp layout for ``world_size`` processes.
+
+        Raises:
+            ConfigError: stages and dp do not fit the world size. The message speaks of what a pipeline
+                user sets (stages or split, dp, the processes) and never of tensor parallelism.
+        """
         assert isinstance(config, cls.Config)
         stages = config.stages or len(config.split)
-        if stages and not config.dp:
-            return ParallelDims.infer_dp(world_size=world_size, pp=stages)
-        dp = config.dp or 1
-        if not stages:
+        chosen = _chosen_stages(config)
+        procs = _processes(world_size)
+        if stages and config.dp:
+            if stages * config.dp != world_size:
+                raise ConfigError(
+                    f"{chosen} x dp={config.dp} = {stages * config.dp} does not equal the {procs}; choose stages "
+                    f"and dp whose product is {world_size}, or run {stages * config.dp} processes"
+                )
+            dp = config.dp
+        elif stages:
+            if stages > world_size:
+                raise ConfigError(
+                    f"{chosen} needs at least {stages} processes (one per stage), got {procs}; "
+                    f"raise --nproc to a multiple of {stages} or use fewer stages"
+                )
+            if world_size % stages:
+                raise ConfigError(
+                    f"{chosen} does not divide the {procs}; use a stage count dividing {world_size}, "
+                    f"or a multiple of {stages} processes"
+                )
+            dp = world_size // stages
+        else:
+            dp = config.dp or 1
             if world_size % dp:
                 raise ConfigError(
-                    f"dp={dp} does not divide the world size {world_size}; set stages and dp so that "
-                    f"stages x dp = {world_size}"
+                    f"dp={dp} does not divide the {procs}; set stages and dp so that stages x dp = {world_size}"
                 )
             stages = world_size // dp
         return ParallelDims(dp=dp, pp=stages, world_size=world_size)
@@ -141,7 +175,16 @@ class Pipeline(Strategy):
         self.optimizer = self.make_optimizer(self.model.parameters())
 
     def _split(self, layers: list[nn.Module], model: nn.Module) -> list[int]:
-        c = self.config
+        c, pp, n = self.config, self.dims.pp, len(layers)
+        if pp > n:  # said here in the pipeline's words; resolve_split would name a stages= the user may not have set
+            if c.stages or c.split:
+                raise ConfigError(
+                    f"{_chosen_stages(c)} is more than the model's {n} top-level layers; use at most {n} stages"
+                )
+            raise ConfigError(
+                f"{_processes(self.ctx.world_size)} / dp={self.dims.dp} make {pp} stages (one per process), more "
+                f"than the model's {n} top-level layers; lower --nproc, raise dp, or set stages (at most {n})"
+            )
         if c.balance == "time" and not c.split:
             # Timings differ between ranks; rank 0 decides so every rank builds the same split.
             box: list[object] = [None]

@@ -152,7 +152,9 @@ class Strategy(abc.ABC):
 
         The strategy takes the slice its rank needs (data parallel: rows ``[r*B/dp, (r+1)*B/dp)``; pipeline:
         micro-batches of the whole batch; megatron: its dp group's rows). Returns the global-batch mean loss,
-        the same number on every rank (an asynchronous strategy may return its own workers' loss instead).
+        the same number on every rank; rank 0's is the ``loss`` of ``metrics.jsonl``. An asynchronous strategy,
+        which has no global batch per step, returns the mean loss over all workers' updates applied since
+        this rank's previous step (never one worker's own loss), so the logged curve is the whole job's.
         """
 
     @abc.abstractmethod

@@ -9,6 +9,7 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -45,13 +46,17 @@ def parse_size(text: str) -> int:
     return size
 
 
+def _check_nproc(nproc: int) -> None:
+    if nproc < 2:
+        raise ConfigError(f"--nproc must be >= 2 (one process has nothing to exchange), got {nproc}")
+
+
 def run_bench(what: str, nproc: int, spec: dict[str, Any], out: Path | None = None) -> list[dict[str, Any]]:
     """Run the bench worker (``collectives`` or ``strategies``) on ``nproc`` processes; rank 0's result rows."""
     from fedge.plugins.train.config import TrainConfig
     from fedge.plugins.train.launcher import launch
 
-    if nproc < 2:
-        raise ConfigError(f"--nproc must be >= 2 (one process has nothing to exchange), got {nproc}")
+    _check_nproc(nproc)
     with tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp:
         run = RunDir(out) if out is not None else RunDir(tmp)
         run.write_json("bench.json", {"what": what, **spec})
@@ -111,6 +116,26 @@ def collectives(
     return 0
 
 
+def _parameter_server_row(nproc: int, batch_size: int) -> dict[str, dict[str, Any]]:
+    """``{"parameter-server": options}`` for sync mode with one server, or ``{}`` (and a note) when the batch
+    does not split over its ``nproc - 1`` workers: every row must time the same global batch."""
+    from fedge.plugins.train.worker import resolve_strategy, strategy_config
+
+    name, options = "parameter-server", {"mode": "sync", "num_servers": 1}
+    cls = resolve_strategy(name)
+    try:
+        cls.check_world_size(strategy_config(cls, options, name), nproc, batch_size)
+    except ConfigError:
+        typer.echo(
+            f"fedge bench: parameter-server left out: --batch-size {batch_size} does not split over its "
+            f"{nproc - 1} workers (--nproc {nproc} - 1 server); to time it too, use a --batch-size that is a "
+            f"multiple of {math.lcm(nproc, nproc - 1)}",
+            err=True,
+        )
+        return {}
+    return {name: options}
+
+
 @app.command()
 def strategies(
     nproc: Annotated[int, typer.Option("--nproc", help="Processes (gloo, this machine).")] = 2,
@@ -122,13 +147,34 @@ def strategies(
     out: Annotated[Path | None, typer.Option("--out", help="Keep bench.json and results.json in this directory.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of {impl, step_ms, samples_per_s, throughput_vs_ddp}.")] = False,
 ) -> int:
-    """Step time of each data-parallel strategy against DistributedDataParallel on one model and batch."""
+    """Step time of each data-parallel strategy and the sync parameter server against DDP.
+
+    Every row does the same work per step on the same --nproc processes: one
+    SGD step on the same global batch, the update of single-process training.
+    parameter-server runs mode=sync with one server, so --nproc - 1 workers
+    share the batch and its ratio includes the process given to serving (it is
+    left out, with a note, when the batch does not split over those workers).
+
+    Async mode is not timed: a step there is one worker's push, applied on
+    arrival to weights up to staleness steps old, not a global-batch SGD step,
+    so a ratio to DDP would compare different training. Judge it by time to
+    accuracy with fedge train --async instead.
+    """
     try:
         widths = [int(h) for h in hidden.split(",") if h.strip()]
     except ValueError:
         raise ConfigError(f"--hidden takes comma-separated integers, got {hidden!r}") from None
+    _check_nproc(nproc)
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if batch_size % nproc:
         raise ConfigError(f"--batch-size {batch_size} must be divisible by --nproc {nproc}")
+    timed: dict[str, dict[str, Any]] = {
+        "allreduce": {"bucket_mb": bucket_mb},
+        "ring-allreduce": {},
+        "tree-allreduce": {},
+        **_parameter_server_row(nproc, batch_size),
+    }
     spec = {
         "model": "mlp",
         "model_options": {"hidden": widths},
@@ -136,11 +182,7 @@ def strategies(
         "bucket_mb": bucket_mb,
         "reps": max(1, reps),
         "iters": max(1, iters),
-        "strategies": {
-            "allreduce": {"bucket_mb": bucket_mb},
-            "ring-allreduce": {},
-            "tree-allreduce": {},
-        },
+        "strategies": timed,
     }
     rows = run_bench("strategies", nproc, spec, out)
     if as_json:

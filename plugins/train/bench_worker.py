@@ -9,7 +9,8 @@ alike; the figure reported is the median over repetitions of the slowest rank's 
   ring and tree, and one parameter-server push/pull round (last rank serves). busbw = algbw x 2(W-1)/W,
   the all-reduce convention, for every implementation.
 - strategies: the time of one training step of each strategy on the same model and global batch,
-  against ``torch.nn.parallel.DistributedDataParallel`` (``ddp``).
+  against ``torch.nn.parallel.DistributedDataParallel`` (``ddp``). A parameter server (sync mode) counts
+  its server ranks among the processes, as ``fedge train`` does.
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from fedge.rundir import RunDir
+
+if TYPE_CHECKING:
+    from fedge.plugins.train.base import Strategy
 
 __all__ = ["main"]
 
@@ -102,6 +106,13 @@ def _collectives(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _step(strategy: Strategy, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One ``train_step``, then advance ``strategy.step`` as the worker loop does (lr schedules read it)."""
+    loss = strategy.train_step(x, y)
+    strategy.step += 1
+    return loss
+
+
 def _strategies(spec: dict[str, Any]) -> list[dict[str, Any]]:
     import torch.nn.functional as F
     from fedge.plugins.models import build_model
@@ -135,7 +146,7 @@ def _strategies(spec: dict[str, Any]) -> list[dict[str, Any]]:
         scfg = strategy_config(cls, {k: v for k, v in options.items() if k != "plugin"} | {"lr": 0.01}, name)
         strategy = cls(scfg, ctx)
         strategy.setup(model())
-        impls[name] = lambda s=strategy: s.train_step(x, y)
+        impls[name] = lambda s=strategy: _step(s, x, y)
     times = _interleaved(impls, reps=spec["reps"], iters=spec["iters"], warmup=2)
     params = sum(p.numel() for p in ddp.parameters())
     return [

@@ -140,6 +140,9 @@ def train(
         names = Registry(kind).names()
         if name not in names:
             raise PluginNotFoundError(f"unknown {kind} {name!r}; valid: {', '.join(names) or 'none installed'}")
+    from fedge.plugins.data import dataset_config
+
+    dataset_config(cfg.dataset, cfg.dataset_options, command="fedge train")
     cls = resolve_strategy(cfg.strategy)
     scfg = strategy_config(cls, cfg.strategy_options, cfg.strategy)
     lo, hi = parse_nnodes(cfg.nnodes)

@@ -76,12 +76,17 @@ def test_explicit_split_must_fit_the_model():
     ("config", "world_size", "batch", "message"),
     [
         ({"stages": 2, "microbatches": 3}, 2, 16, "microbatches=3 does not divide the 16 rows"),
-        ({"stages": 3, "dp": 1}, 4, 16, "dp=1 x tp=1 x pp=3 = 3 does not equal the world size 4"),
-        ({"dp": 3}, 4, 12, "dp=3 does not divide the world size 4"),
-        ({"stages": 3}, 4, 12, "tp=1 x pp=3 = 3 does not divide the world size 4"),
+        ({"stages": 3, "dp": 1}, 4, 16, "stages=3 x dp=1 = 3 does not equal the 4 processes (--nproc x nodes)"),
+        ({"dp": 3}, 4, 12, "dp=3 does not divide the 4 processes (--nproc x nodes)"),
+        ({"stages": 3}, 4, 12, "stages=3 does not divide the 4 processes (--nproc x nodes)"),
+        ({"split": (1, 1, 1)}, 4, 12, "split=1,1,1 (3 stages) does not divide the 4 processes"),
+        ({"stages": 4}, 2, 16, "stages=4 needs at least 4 processes (one per stage), got 2 processes"),
     ],
 )
 def test_bad_layouts_are_rejected_before_launch(config, world_size, batch, message):
     with pytest.raises(ConfigError) as err:
         Pipeline.check_world_size(Pipeline.Config(**config), world_size, batch)
     assert message in str(err.value)
+    # Only what a pipeline user sets: no tensor parallelism, no pp they never typed.
+    assert "tp=" not in str(err.value) and "pp=" not in str(err.value)
+    assert "\n" not in str(err.value)

@@ -98,16 +98,49 @@ def test_megatron_with_profile_matches_single_process(tmp_path, capsys):
     assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] >= 1
 
 
+@pytest.mark.parametrize(
+    ("args", "num_layers", "line"),
+    [
+        (["--strategy", "megatron", "--nproc", "4", "-o", "tp=2", "-o", "dp=3"], 2,
+         ("parallel layout dp=3 x tp=2 x pp=1 = 6 does not equal the world size 4; "
+          "choose dp, tp and pp whose product is 4")),
+        (["--strategy", "megatron", "--nproc", "4", "-o", "tp=3"], 2,
+         "tp=3 x pp=1 = 3 does not divide the world size 4; choose tp and pp whose product divides 4"),
+        (["--strategy", "pipeline", "--nproc", "4", "-o", "stages=3"], 2,
+         ("stages=3 does not divide the 4 processes (--nproc x nodes); "
+          "use a stage count dividing 4, or a multiple of 3 processes")),
+        (["--strategy", "pipeline", "--nproc", "2", "-o", "stages=4"], 2,
+         ("stages=4 needs at least 4 processes (one per stage), got 2 processes (--nproc x nodes); "
+          "raise --nproc to a multiple of 4 or use fewer stages")),
+        (["--strategy", "pipeline", "--nproc", "4", "-o", "stages=2", "-o", "dp=1"], 2,
+         ("stages=2 x dp=1 = 2 does not equal the 4 processes (--nproc x nodes); "
+          "choose stages and dp whose product is 4, or run 2 processes")),
+    ],
+    ids=["megatron-layout", "megatron-tp", "pipeline-stages", "pipeline-too-few-processes", "pipeline-stages-x-dp"],
+)  # fmt: skip
+def test_bad_layout_before_launch_is_exactly_one_line_and_exit_1(tmp_path, capsys, args, num_layers, line):
+    # Execute: refused by check_world_size before torchrun starts
+    code, err = _fedge(
+        capsys, "train", str(_config(tmp_path, num_layers)), *args, "--steps", "1", "--out", str(tmp_path / "run")
+    )
+    # Assert: the whole of stderr is the one error line
+    assert code == 1
+    assert err.splitlines() == [f"fedge: error: {line}"], err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.multiproc
 @pytest.mark.parametrize(
     ("args", "num_layers", "message"),
     [
-        (["--strategy", "megatron", "--nproc", "4", "-o", "tp=2", "-o", "dp=3"], 2,
-         "dp=3 x tp=2 x pp=1 = 6 does not equal the world size 4"),
         (["--strategy", "pipeline", "--nproc", "2", "-o", "microbatches=3"], 2, "microbatches=3 does not divide"),
-        (["--strategy", "pipeline", "--nproc", "4"], 1, "stages=4 is more than the model's 3 top-level layers"),
+        (["--strategy", "pipeline", "--nproc", "4"], 1,
+         ("4 processes (--nproc x nodes) / dp=1 make 4 stages (one per process), more than the model's 3 top-level "
+          "layers; lower --nproc, raise dp, or set stages (at most 3)")),
+        (["--strategy", "pipeline", "--nproc", "4", "-o", "stages=4"], 1,
+         "stages=4 is more than the model's 3 top-level layers; use at most 3 stages"),
     ],
-    ids=["layout", "microbatches", "stages-over-layers"],
+    ids=["microbatches", "derived-stages-over-layers", "stages-over-layers"],
 )  # fmt: skip
 def test_bad_layout_is_one_line_and_exit_1(tmp_path, capsys, args, num_layers, message):
     code, err = _fedge(
@@ -116,4 +149,4 @@ def test_bad_layout_is_one_line_and_exit_1(tmp_path, capsys, args, num_layers, m
     assert code == 1
     errors = [line for line in err.splitlines() if line.startswith("fedge: error")]
     assert len(errors) == 1 and message in errors[0], err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "tp=" not in err

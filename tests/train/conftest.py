@@ -122,3 +122,9 @@ def run_workers():
 def reference_state():
     """``reference_state(steps, ...)``: single-process SGD's final state_dict and per-step losses."""
     return _reference_state
+
+
+@pytest.fixture(scope="session")
+def tiny_settings() -> dict[str, Any]:
+    """The TINY job settings every ``write_run`` starts from (test modules cannot import conftest)."""
+    return dict(TINY)

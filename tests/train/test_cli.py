@@ -154,3 +154,61 @@ def test_bench_collectives_json_contract(tmp_path: Path, capsys: pytest.CaptureF
         assert r["algbw_gbps"] > 0 and r["busbw_gbps"] == pytest.approx(r["algbw_gbps"])  # 2(W-1)/W = 1 at W=2
         if r["impl"] == "native":
             assert r["ratio_to_native"] == 1.0
+
+
+@pytest.mark.multiproc
+def test_bench_strategies_times_the_sync_parameter_server_against_ddp(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["bench", "strategies", "--nproc", "2", "--hidden", "16", "--reps", "1", "--iters", "2", "--json"])
+
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    rows = {r["impl"]: r for r in json.loads(out.out)}
+    assert set(rows) == {"ddp", "allreduce", "ring-allreduce", "tree-allreduce", "parameter-server"}
+    assert rows["ddp"]["throughput_vs_ddp"] == 1.0
+    assert rows["parameter-server"]["throughput_vs_ddp"] > 0
+
+
+@pytest.mark.parametrize(
+    ("nproc", "batch", "timed", "note"),
+    [
+        (3, 48, {"mode": "sync", "num_servers": 1}, ""),
+        (4, 64, None, ("parameter-server left out: --batch-size 64 does not split over its 3 workers "
+                       "(--nproc 4 - 1 server); to time it too, use a --batch-size that is a multiple of 12")),
+    ],
+)  # fmt: skip
+def test_bench_strategies_leaves_out_a_parameter_server_the_batch_does_not_fit(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], nproc: int, batch: int, timed, note: str
+) -> None:
+    # Prepare: record the spec instead of launching
+    from fedge.plugins.train import bench
+
+    specs: list[dict] = []
+    monkeypatch.setattr(bench, "run_bench", lambda what, n, spec, out=None: specs.append(spec) or [])
+    # Execute
+    code = main(["bench", "strategies", "--nproc", str(nproc), "--batch-size", str(batch), "--json"])
+    # Assert: every other strategy is still timed on the same batch; a left-out server gets one note line
+    err = capsys.readouterr().err
+    assert code == 0
+    assert specs[0]["strategies"].get("parameter-server") == timed
+    assert {"allreduce", "ring-allreduce", "tree-allreduce"} <= set(specs[0]["strategies"])
+    if note:
+        assert err.splitlines() == [f"fedge bench: {note}"]
+    else:
+        assert err == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--nproc", "1"], "--nproc must be >= 2 (one process has nothing to exchange), got 1"),
+        (["--nproc", "0"], "--nproc must be >= 2 (one process has nothing to exchange), got 0"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--nproc", "3", "--batch-size", "64"], "--batch-size 64 must be divisible by --nproc 3"),
+        (["--hidden", "a,b"], "--hidden takes comma-separated integers, got 'a,b'"),
+    ],
+)
+def test_bench_strategies_bad_input_is_exactly_one_line(capsys: pytest.CaptureFixture[str], args, line: str) -> None:
+    code = main(["bench", "strategies", *args])
+
+    assert code == 1
+    assert capsys.readouterr().err.splitlines() == [f"fedge: error: {line}"]
