@@ -26,7 +26,10 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_TIMEOUT_HELP = "Seconds the server waits for a round's replies; late or dead clients are dropped from it."
+_TIMEOUT_HELP = (
+    "Seconds the server waits for a round's replies; late or dead clients are dropped from it and not waited for "
+    "again until they answer."
+)
 
 
 def _is_loopback(host: str) -> bool:
@@ -119,7 +122,7 @@ def run_command(
     model: Annotated[str | None, typer.Option("--model", help="Model plugin.")] = None,
     local_epochs: Annotated[int | None, typer.Option("--local-epochs", help="Client epochs per round.")] = None,
     fraction_train: Annotated[float | None, typer.Option("--fraction-train", help="Share of clients sampled per round.")] = None,
-    min_clients: Annotated[int | None, typer.Option("--min-clients", help="Clients a round waits for (0 = all).")] = None,
+    min_clients: Annotated[int | None, typer.Option("--min-clients", help="Clients the first round waits for (0 = all).")] = None,
     round_timeout: Annotated[float | None, typer.Option("--round-timeout", help=_TIMEOUT_HELP)] = None,
     tls: Annotated[bool | None, typer.Option("--tls/--no-tls", help="TLS with a development CA made for this run.")] = None,
     auth: Annotated[bool | None, typer.Option("--auth/--no-auth", help="SuperNode authentication (registered keys); implies --tls.")] = None,

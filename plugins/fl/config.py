@@ -50,10 +50,12 @@ class FlConfig:
     fraction_train: float = 1.0
     """Share of connected clients sampled per round (Flower's ``fraction_train``)."""
     min_clients: int = 0
-    """Clients that must be connected before a round starts; 0 means all ``clients``."""
+    """Clients that must be connected before the first round starts (up to ``startup_timeout_s``); 0 means all
+    ``clients``. Later rounds start with the clients Flower lists as online."""
     round_timeout_s: float = 120.0
-    """Seconds the server waits for replies in a round; late or dead clients are dropped from that round. The
-    first round a server runs waits at least ``startup_timeout_s`` (clients start cold)."""
+    """Seconds the server waits for replies in a round; late or dead clients are dropped from that round, and
+    later rounds do not wait for them until they answer again. The first round a server runs waits at least
+    ``startup_timeout_s`` (clients start cold)."""
     startup_timeout_s: float = 120.0
     """Seconds to wait for the SuperLink, the SuperNodes and the ServerApp to come up."""
     tls: bool = False
@@ -100,7 +102,7 @@ class FlConfig:
 
     @property
     def required_clients(self) -> int:
-        """Connected clients a round waits for."""
+        """Connected clients the first round waits for."""
         return self.min_clients or self.clients
 
     @property

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -33,6 +34,7 @@ __all__ = ["Daemon", "Federation", "TlsFiles", "free_port", "kill_recorded", "pr
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.1
+_NODE_ID = re.compile(rb"SuperNode ID: (\d+)")  # what flower-supernode logs once the SuperLink activated it
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -181,6 +183,15 @@ def _reap_orphans(exclude: Sequence[int]) -> None:
         if len(fields) > 1 and fields[0] == "Z" and int(fields[1]) == me and name.startswith(("flwr", "flower")):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(int(entry), os.WNOHANG)
+
+
+def _logged_node_id(log: Path) -> int | None:
+    # The node id flower-supernode logged on its last activation, or None (it never joined).
+    try:
+        found = _NODE_ID.findall(log.read_bytes())
+    except OSError:
+        return None
+    return int(found[-1]) if found else None
 
 
 def terminate_tree(roots: Sequence[int], *, grace_s: float = 5.0) -> list[int]:
@@ -459,6 +470,23 @@ class Federation:
         if auth_key is not None:
             argv += ["--auth-supernode-private-key", str(auth_key)]
         return self._start(f"supernode-{index}", argv, home=f"flwr-node-{index}")
+
+    def unregister_supernode(self, daemon: Daemon) -> int | None:
+        """Unregister a SuperNode we started whose process has exited (``flwr supernode unregister``).
+
+        The SuperLink then stops listing it and answers messages to it with ``NODE_UNAVAILABLE`` at once;
+        otherwise it keeps the node online until 2 missed 30 s heartbeats (36-60 s after a kill).
+
+        Returns:
+            The unregistered node id, or None when the node never logged one (it never joined).
+
+        Raises:
+            RuntimeFailure: the ``flwr`` CLI failed.
+        """
+        node_id = _logged_node_id(daemon.log)
+        if node_id is not None:
+            self.flwr_cli(["supernode", "unregister", str(node_id), "fedge"], timeout_s=30.0)
+        return node_id
 
     def start_worker(self, index: int) -> str:
         """Start SuperNode ``index``'s warm training worker (:mod:`fedge.plugins.fl.worker`); returns its socket."""

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedge.plugins.fl.config import FlConfig, load_config
-from fedge.plugins.fl.federation import Federation, TlsFiles, kill_recorded, sigterm_as_interrupt
+from fedge.plugins.fl.federation import Daemon, Federation, TlsFiles, kill_recorded, sigterm_as_interrupt
 
 from fedge.config import to_mapping
 from fedge.errors import ConfigError, RuntimeFailure
@@ -283,6 +283,19 @@ def _wait_for_workers(fed: Federation, timeout_s: float) -> None:
         time.sleep(_POLL_S)
 
 
+def _unregister(fed: Federation, daemon: Daemon) -> None:
+    # Flower would list a killed SuperNode for up to 60 s more (heartbeat expiry), and rounds would sample it
+    # and wait for it; unregistered, it is offline at once. If this fails the round loop's quarantine still
+    # stops waiting for it after one missed round (see liveness.py).
+    try:
+        node_id = fed.unregister_supernode(daemon)
+    except RuntimeFailure as err:
+        logger.warning("could not unregister %s from the SuperLink: %s", daemon.name, err)
+        return
+    if node_id is not None:
+        logger.warning("unregistered %s (node %d) from the SuperLink", daemon.name, node_id)
+
+
 def _follow(
     fed: Federation, run: RunDir, cfg: FlConfig, seen: int, on_round: Callable[[dict[str, Any]], None] | None
 ) -> dict[str, Any]:
@@ -313,6 +326,8 @@ def _follow(
             if daemon.name not in warned:
                 warned.add(daemon.name)
                 logger.warning("%s exited (code %s); the run goes on without it", daemon.name, daemon.proc.returncode)
+                if daemon.name.startswith("supernode-"):
+                    _unregister(fed, daemon)
         now = time.monotonic()
         if fed.find("flwr-serverapp"):
             server_seen_at, gone_since = now, None

@@ -1,8 +1,9 @@
 """fedge's Flower ServerApp: the round loop, around a Flower strategy chosen by the ``aggregator`` plugin.
 
 It reads everything from one run-config key, ``run-dir``: the run directory whose ``config.toml``
-``fedge fl run`` wrote. Per round it asks the strategy for train messages (``configure_train``), sends them
-and collects replies within ``round_timeout_s``, drops malformed or non-finite updates (:mod:`.guard`),
+``fedge fl run`` wrote. Per round it asks the strategy for train messages (``configure_train``) over the nodes
+Flower lists as online, sends them and collects replies within ``round_timeout_s`` (not waiting for nodes that
+missed an earlier reply, :mod:`.liveness`), drops malformed or non-finite updates (:mod:`.guard`),
 lets the strategy aggregate the rest (``aggregate_train``), evaluates the global model on the held-out set,
 then writes a checkpoint (atomically) and a ``metrics.jsonl`` line. A run directory with checkpoints resumes
 from the last one. At the end it writes ``model.pt`` + ``model.json`` and ``result.json``.
@@ -15,14 +16,14 @@ import logging
 import re
 import time
 import traceback
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fedge.plugins.fl.config import FlConfig, load_config
 from fedge.plugins.fl.guard import Rejection, screen_replies
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from fedge.plugins.fl.liveness import NodeQuarantine
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedge.errors import FedgeError, RuntimeFailure
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 app = ServerApp()
 
-_POLL_S = 0.1  # Flower's own send_and_receive sleeps 3 s between polls
+_POLL_S = 0.1
 _CKPT = re.compile(r"^round-(\d+)\.pt$")
 
 
@@ -89,6 +90,7 @@ class _NodeSnapshot:
 
 
 def _wait_for_nodes(grid: Grid, required: int, timeout_s: float) -> list[int]:
+    # Flower's get_node_ids() lists online nodes only: those whose heartbeats arrive and not unregistered.
     deadline = time.monotonic() + timeout_s
     while True:
         ids = list(grid.get_node_ids())
@@ -100,20 +102,6 @@ def _wait_for_nodes(grid: Grid, required: int, timeout_s: float) -> list[int]:
                 return ids
             raise RuntimeFailure(f"no client connected within {timeout_s:.0f} s")
         time.sleep(_POLL_S * 5)
-
-
-def _send_and_receive(grid: Grid, messages: Iterable[Message], timeout_s: float) -> tuple[list[Message], int]:
-    """Push ``messages``, pull replies until all arrived or ``timeout_s`` passed; returns (replies, missing)."""
-    pending = {m for m in grid.push_messages(list(messages)) if m}
-    deadline = time.monotonic() + timeout_s
-    replies: list[Message] = []
-    while pending and time.monotonic() < deadline:
-        got = list(grid.pull_messages(pending))
-        replies.extend(got)
-        pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        if pending:
-            time.sleep(_POLL_S)
-    return replies, len(pending)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -169,18 +157,21 @@ def run_rounds(grid: Grid, run: RunDir, cfg: FlConfig) -> dict[str, Any]:
         loss, acc = evaluate(model, x_test, y_test)
         run.append_metrics({"round": start_round - 1, "loss": loss, "accuracy": acc, "num_clients": None, "round_s": None})
 
+    quarantine = NodeQuarantine(poll_s=_POLL_S)
     for server_round in range(start_round, cfg.rounds + 1):
         t0 = time.perf_counter()
-        timeout = cfg.startup_timeout_s if server_round == start_round else cfg.round_timeout_s
-        node_ids = _wait_for_nodes(grid, cfg.required_clients, timeout)
+        if server_round == start_round:  # the clients start cold: wait for them to come up
+            node_ids = _wait_for_nodes(grid, cfg.required_clients, cfg.startup_timeout_s)
+        else:  # later rounds take the nodes Flower lists as online; one that went away is not waited for
+            node_ids = _wait_for_nodes(grid, 1, cfg.round_timeout_s)
         snapshot = _NodeSnapshot(node_ids)
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(train_config), snapshot))  # type: ignore[arg-type]
         t_sent = time.perf_counter()
         # The first round also waits for the clients' cold start (processes, imports, data loading).
         reply_timeout = max(cfg.round_timeout_s, cfg.startup_timeout_s) if server_round == start_round else cfg.round_timeout_s
-        replies, missing = _send_and_receive(grid, messages, reply_timeout)
+        got = quarantine.send_and_receive(grid, messages, timeout_s=reply_timeout)
         t_replies = time.perf_counter()
-        good, rejected = screen_replies(replies, reference)
+        good, rejected = screen_replies(got.replies, reference)
         for r in rejected:
             logger.warning("round %d: rejected update from node %d: %s", server_round, r.node_id, r.reason)
         new_arrays = None
@@ -208,7 +199,9 @@ def run_rounds(grid: Grid, run: RunDir, cfg: FlConfig) -> dict[str, Any]:
             "round_s": round(time.perf_counter() - t0, 3),
             "sampled": len(messages),
             "rejected": len(rejected),
-            "timed_out": missing,
+            "timed_out": len(got.timed_out),
+            "offline": len(got.offline),
+            "quarantined": len(got.quarantined),
             "train_loss": _mean([float(m.get("train-loss", np.nan)) for m in metric_values]),
             "client_compute_s": _mean([float(m.get("compute-s", np.nan)) for m in metric_values]),
             "client_process_s": _mean([float(m.get("process-s", np.nan)) for m in metric_values]),

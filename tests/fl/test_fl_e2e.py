@@ -123,9 +123,11 @@ def test_unregistered_supernode_is_refused(tmp_path: Path) -> None:
     assert not _our_processes(tmp_path)
 
 
-def test_client_killed_mid_run_does_not_stall_past_round_timeout(tmp_path: Path) -> None:
-    # Prepare: kill SuperNode 2 (and its worker) as soon as round 1 is recorded.
+def test_killed_supernode_does_not_hold_up_later_rounds(tmp_path: Path) -> None:
+    # Prepare: kill SuperNode 2 (and its worker) as soon as round 1 is recorded. Flower alone would keep
+    # listing it for up to 60 s (two missed 30 s heartbeats); each round would sample it and wait for it.
     out = tmp_path / "run"
+    timeout_s = 60.0
     killed: list[int] = []
 
     def on_round(m: dict) -> None:
@@ -136,17 +138,17 @@ def test_client_killed_mid_run_does_not_stall_past_round_timeout(tmp_path: Path)
                 killed.append(pid)
 
     # Execute
-    start = time.monotonic()
-    result = run(FlConfig(clients=3, rounds=2, round_timeout_s=20, **TINY), out=out, on_round=on_round)  # type: ignore[arg-type]
-    elapsed = time.monotonic() - start
+    result = run(FlConfig(clients=3, rounds=3, round_timeout_s=timeout_s, **TINY), out=out, on_round=on_round)  # type: ignore[arg-type]
 
-    # Assert: every round finished; later rounds went on with the two live clients.
+    # Assert: the run completed with the two live clients, and no later round waited out its timeout.
     assert killed and not any(_alive(p) for p in killed)
-    assert [m["round"] for m in result.metrics] == [1, 2]
-    assert result.metrics[0]["num_clients"] == 3
-    assert result.metrics[1]["num_clients"] == 2
-    assert result.metrics[1]["round_s"] < 20 + 30  # bounded by the round timeout (plus slack for a busy machine)
-    assert elapsed < 600
+    assert [m["round"] for m in result.metrics] == [1, 2, 3]
+    assert [m["num_clients"] for m in result.metrics] == [3, 2, 2]
+    for m in result.metrics[1:]:
+        assert m["round_s"] < timeout_s / 2, m
+        assert m["timed_out"] == 0
+    assert result.metrics[2]["sampled"] == 2  # Flower no longer lists the dead node
+    assert "ControlServicer.UnregisterNode" in (out / "flower" / "logs" / "superlink.log").read_text()
     assert not _our_processes(out)
 
 

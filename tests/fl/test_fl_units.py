@@ -340,6 +340,126 @@ def test_round_loop_resume_keeps_the_server_optimizer_state(aggregator: str, opt
         torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-6)
 
 
+# -- liveness: which sampled nodes a round waits for -----------------------------------------------------
+class _ScriptedGrid:
+    """A Grid stand-in whose nodes answer as scripted: ``ok`` at once, ``silent`` not (until ``answer_late``),
+    ``offline`` with the SuperLink's NODE_UNAVAILABLE error (a node that missed its heartbeats)."""
+
+    def __init__(self, behaviour: dict[int, str]) -> None:
+        self.behaviour, self.ready, self.held, self.pushed = behaviour, {}, {}, 0
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.behaviour)
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        from flwr.app import Error
+        from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+
+        ids = []
+        for msg in messages:
+            self.pushed += 1
+            mid, node = f"m{self.pushed}", msg.metadata.dst_node_id
+            kind = self.behaviour[node]
+            if kind == "ok":
+                self.ready[mid] = make_message(metadata=self._metadata(mid, node), content=RecordDict())
+            elif kind == "offline":
+                error = Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable")
+                self.ready[mid] = make_message(metadata=self._metadata(mid, SUPERLINK_NODE_ID), error=error)
+            else:
+                self.held[mid] = node
+            ids.append(mid)
+        return ids
+
+    def answer_late(self, node: int) -> None:
+        for mid in [m for m, n in self.held.items() if n == node]:
+            self.ready[mid] = make_message(metadata=self._metadata(mid, node), content=RecordDict())
+            del self.held[mid]
+
+    def pull_messages(self, ids: set[str]) -> list[Message]:
+        return [self.ready.pop(i) for i in list(ids) if i in self.ready]
+
+    @staticmethod
+    def _metadata(reply_to: str, src: int) -> Metadata:
+        return Metadata(run_id=1, message_id="", src_node_id=src, dst_node_id=0, reply_to_message_id=reply_to,
+                        group_id="1", created_at=time.time(), ttl=60.0, message_type="train")  # fmt: skip
+
+
+def _train_messages(node_ids: list[int]) -> list[Message]:
+    return [Message(RecordDict(), dst_node_id=n, message_type="train") for n in node_ids]
+
+
+def test_node_that_missed_a_round_is_not_waited_for_in_the_next() -> None:
+    from fedge.plugins.fl.liveness import NodeQuarantine
+
+    # Prepare: node 3 never answers; round 1 times out on it.
+    grid, quarantine = _ScriptedGrid({1: "ok", 2: "ok", 3: "silent"}), NodeQuarantine(poll_s=0.01)
+    first = quarantine.send_and_receive(grid, _train_messages([1, 2, 3]), timeout_s=0.2)
+
+    # Execute: the next round has a long timeout.
+    start = time.monotonic()
+    second = quarantine.send_and_receive(grid, _train_messages([1, 2, 3]), timeout_s=60)
+    second_s = time.monotonic() - start
+
+    # Assert: round 2 ended once nodes 1 and 2 answered, far from its 60 s timeout.
+    assert first.timed_out == [3] and len(first.replies) == 2
+    assert second.quarantined == [3] and second.timed_out == [] and len(second.replies) == 2
+    assert second_s < 60 / 2
+    assert quarantine.nodes == {3}
+
+
+def test_node_flower_reports_offline_is_dropped_not_rejected() -> None:
+    from fedge.plugins.fl.liveness import NodeQuarantine
+
+    grid, quarantine = _ScriptedGrid({1: "ok", 2: "offline"}), NodeQuarantine(poll_s=0.01)
+
+    got = quarantine.send_and_receive(grid, _train_messages([1, 2]), timeout_s=60)
+
+    assert got.offline == [2] and got.timed_out == []
+    assert [m.metadata.src_node_id for m in got.replies] == [1]  # the SuperLink's error is no client reply
+    assert quarantine.nodes == {2}
+
+
+def test_late_reply_releases_a_quarantined_node() -> None:
+    from fedge.plugins.fl.liveness import NodeQuarantine
+
+    # Prepare: node 2 misses round 1, so round 2 does not wait for it either.
+    grid, quarantine = _ScriptedGrid({1: "ok", 2: "silent"}), NodeQuarantine(poll_s=0.01)
+    quarantine.send_and_receive(grid, _train_messages([1, 2]), timeout_s=0.1)
+    quarantine.send_and_receive(grid, _train_messages([1, 2]), timeout_s=60)
+    assert quarantine.nodes == {2}
+
+    # Execute: node 2 answers its old messages, then answers in time again.
+    grid.answer_late(2)
+    grid.behaviour[2] = "ok"
+    got = quarantine.send_and_receive(grid, _train_messages([1, 2]), timeout_s=60)
+
+    # Assert: its stale replies were dropped; this round's reply counts.
+    assert quarantine.nodes == set()
+    assert sorted(m.metadata.src_node_id for m in got.replies) == [1, 2]
+
+
+def test_round_of_only_quarantined_nodes_waits_for_them() -> None:
+    from fedge.plugins.fl.liveness import NodeQuarantine
+
+    grid, quarantine = _ScriptedGrid({1: "silent"}), NodeQuarantine(poll_s=0.01)
+    quarantine.send_and_receive(grid, _train_messages([1]), timeout_s=0.1)
+
+    grid.behaviour[1] = "ok"
+    got = quarantine.send_and_receive(grid, _train_messages([1]), timeout_s=60)
+
+    assert len(got.replies) == 1 and got.quarantined == [] and quarantine.nodes == set()
+
+
+def test_supernode_id_is_read_from_its_log(tmp_path: Path) -> None:
+    from fedge.plugins.fl.federation import _logged_node_id
+
+    log = tmp_path / "supernode-0.log"
+    log.write_text("INFO :      Starting Flower SuperNode\nINFO :      SuperNode ID: 17779299247328387579\n")
+
+    assert _logged_node_id(log) == 17779299247328387579
+    assert _logged_node_id(tmp_path / "none.log") is None
+
+
 # -- certificates and teardown ----------------------------------------------------------------------------
 def test_certs_have_loopback_san_and_node_keys_load(tmp_path: Path) -> None:
     from cryptography import x509
