@@ -5,11 +5,13 @@ Example::
     fedge train --strategy ring-allreduce --nproc 2 --steps 200 --checkpoint-every 50
     fedge train --strategy parameter-server --nproc 3 --async -o staleness=4
     fedge train --resume runs/train-20260101-120000 --steps 400
+    fedge train --nproc 4 --nnodes 2 --rdzv-endpoint node0:29400    # the same command on each of 2 nodes
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +25,8 @@ from fedge.registry import Kind, Registry
 from fedge.rundir import RunDir
 
 __all__ = ["build_config", "parse_options", "train"]
+
+logger = logging.getLogger(__name__)
 
 _PANEL_JOB = "Job and launch"
 _PANEL_STRATEGY = "Strategy"
@@ -44,11 +48,36 @@ def build_config(base: dict[str, Any], flags: dict[str, Any]) -> TrainConfig:
     return from_mapping(TrainConfig, merge(base, flags))
 
 
-def _progress_printer(total_hint: int | None) -> Any:
-    """A callback that prints the newest metrics line at most once a second (reads only new bytes)."""
-    state: dict[str, Any] = {"offset": 0, "last": 0.0, "record": None}
+def _read_node(path: Path) -> dict[str, Any] | None:
+    try:
+        node: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return node
+
+
+def _node_line(node: dict[str, Any]) -> str:
+    """Which node of the job this is, and where rank 0's outputs are."""
+    lo, hi = node["ranks"]
+    ranks = f"rank {lo}" if lo == hi else f"ranks {lo}-{hi}"
+    where = (
+        "this node writes metrics.jsonl, model.pt and summary.json"
+        if node["node_rank"] == 0
+        else f"node 0 ({node['rank0_host']}) writes metrics.jsonl, model.pt and summary.json to its run directory"
+    )
+    return f"node {node['node_rank']} of {node['num_nodes']} ({ranks} of {node['world_size']}); {where}"
+
+
+def _progress_printer(total_hint: int | None, node_path: Path | None = None) -> Any:
+    """A callback that prints which node this is (multi-node jobs: when the rendezvous places it, again after
+    a re-rendezvous) and the newest metrics line at most once a second (reads only new bytes)."""
+    state: dict[str, Any] = {"offset": 0, "last": 0.0, "record": None, "node": None}
 
     def show(run: RunDir) -> None:
+        node = _read_node(node_path) if node_path is not None and node_path.is_file() else None
+        if node is not None and node != state["node"]:
+            state["node"] = node
+            typer.echo(f"fedge train: {_node_line(node)}", err=True)
         path = run.file("metrics.jsonl")
         if not path.is_file():
             return
@@ -82,6 +111,7 @@ def train(
     rdzv_endpoint: Annotated[str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT of the c10d rendezvous (multi-node).", rich_help_panel=_PANEL_JOB)] = None,
     rdzv_id: Annotated[str | None, typer.Option("--rdzv-id", help="Rendezvous id, the same on every node.", rich_help_panel=_PANEL_JOB)] = None,
     rdzv_timeout: Annotated[float | None, typer.Option("--rdzv-timeout", help="Seconds to wait for the endpoint and the other nodes.", rich_help_panel=_PANEL_JOB)] = None,
+    rdzv_last_call: Annotated[float | None, typer.Option("--rdzv-last-call", help="Elastic --nnodes MIN:MAX: seconds to wait for more nodes once MIN have joined (default 30).", rich_help_panel=_PANEL_JOB)] = None,
     max_restarts: Annotated[int | None, typer.Option("--max-restarts", help="Restarts after a worker failure; each resumes from the last checkpoint.", rich_help_panel=_PANEL_JOB)] = None,
     backend: Annotated[str | None, typer.Option("--backend", help="auto (NCCL if every rank has a GPU, else gloo), gloo or nccl.", rich_help_panel=_PANEL_JOB)] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds before process-group creation or a collective gives up.", rich_help_panel=_PANEL_JOB)] = None,
@@ -104,7 +134,7 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
 ) -> int:
     """Train one model across processes (and machines) with a strategy, launched by torchrun."""
-    from fedge.plugins.train.launcher import launch
+    from fedge.plugins.train.launcher import launch, node_file
     from fedge.plugins.train.worker import resolve_strategy, strategy_config
 
     base: dict[str, Any] = {}
@@ -124,7 +154,7 @@ def train(
         strategy_flags["mode"] = "sync" if sync else "async"
     flags = {
         "strategy": strategy, "nproc": nproc, "nnodes": nnodes, "rdzv_endpoint": rdzv_endpoint, "rdzv_id": rdzv_id,
-        "rdzv_timeout_s": rdzv_timeout, "max_restarts": max_restarts, "backend": backend, "timeout_s": timeout,
+        "rdzv_timeout_s": rdzv_timeout, "rdzv_last_call_s": rdzv_last_call, "max_restarts": max_restarts, "backend": backend, "timeout_s": timeout,
         "model": model, "dataset": dataset, "steps": steps, "epochs": epochs, "batch_size": batch_size, "seed": seed,
         "checkpoint_every": checkpoint_every, "profile": profile, "fault_at": fault_at,
         "strategy_options": {k: v for k, v in strategy_flags.items() if v is not None},
@@ -148,18 +178,43 @@ def train(
     lo, hi = parse_nnodes(cfg.nnodes)
     for nodes in range(lo, hi + 1):
         cls.check_world_size(scfg, nodes * cfg.nproc, cfg.batch_size)
+    if rdzv_last_call is not None and lo == hi:
+        logger.warning("--rdzv-last-call has no effect: only an elastic --nnodes MIN:MAX waits for more nodes")
 
     run = RunDir.create("train", out)
     run.write_config(to_mapping(cfg))
     typer.echo(f"fedge train: {cfg.strategy} on {cfg.nnodes} x {cfg.nproc} processes -> {run.path}", err=True)
-    launch(cfg, run, on_progress=_progress_printer(None if cfg.epochs else cfg.steps))
+    node_path = None
+    if cfg.rdzv_endpoint:
+        node_path = node_file(run)
+        node_path.unlink(missing_ok=True)  # from an earlier launch in this directory
+        typer.echo(f"fedge train: {_waiting_line(cfg, lo, hi)}", err=True)
+    launch(cfg, run, on_progress=_progress_printer(None if cfg.epochs else cfg.steps, node_path))
     summary_file = run.file("summary.json")
     summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
+    node = _read_node(node_path) if node_path is not None and node_path.is_file() else None
+    where = {k: node[k] for k in ("node_rank", "num_nodes", "rank0_host")} if node else {}
     if as_json:
-        typer.echo(json.dumps({"run_dir": str(run.path), **summary}, indent=2))
+        typer.echo(json.dumps({"run_dir": str(run.path), **where, **summary}, indent=2))
     elif summary:
         typer.echo(
             f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
             f"test accuracy {summary['test_accuracy']:.4f}; model in {run.path / 'model.pt'}"
         )
+    elif node:
+        typer.echo(
+            f"done: node {node['node_rank']} of {node['num_nodes']} finished; metrics.jsonl, model.pt and "
+            f"summary.json are in the run directory of node 0 ({node['rank0_host']})"
+        )
     return 0
+
+
+def _waiting_line(cfg: TrainConfig, lo: int, hi: int) -> str:
+    """What this node waits for before training starts (the first node otherwise looks stuck)."""
+    at = f"at {cfg.rdzv_endpoint} (rendezvous id {cfg.rdzv_id}, up to {cfg.rdzv_timeout_s:g}s)"
+    if lo == hi:
+        return f"waiting for {hi} node{'s' if hi > 1 else ''} {at}"
+    return (
+        f"waiting for {lo} to {hi} nodes {at}; training starts when {hi} have joined, or "
+        f"{cfg.rdzv_last_call_s:g}s (--rdzv-last-call) after {lo} have"
+    )

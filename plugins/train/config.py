@@ -59,6 +59,9 @@ class TrainConfig:
     """Rendezvous id; the same on every node of one job."""
     rdzv_timeout_s: float = 60.0
     """How long to wait for the rendezvous endpoint and the other nodes."""
+    rdzv_last_call_s: float = 30.0
+    """Elastic jobs (``nnodes`` MIN:MAX): once MIN nodes have joined, wait this long for more before training
+    starts (torchrun's ``last_call_timeout``, whole seconds; added to ``rdzv_timeout_s`` for the join)."""
     max_restarts: int = 0
     """torchrun restarts of the worker group after a failure; each restart resumes from the last checkpoint."""
     fault_at: str = ""
@@ -78,10 +81,14 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.checkpoint_every < 0 or self.max_restarts < 0:
             raise ValueError("checkpoint_every and max_restarts must be >= 0")
-        if self.timeout_s <= 0 or self.rdzv_timeout_s <= 0:
+        if self.timeout_s <= 0 or self.rdzv_timeout_s <= 0 or self.rdzv_last_call_s <= 0:
             raise ValueError("timeouts must be > 0 seconds")
         parse_nnodes(self.nnodes)
         if self.rdzv_endpoint and not re.fullmatch(r"[^\s:]+:\d+|\[[0-9a-fA-F:]+\]:\d+", self.rdzv_endpoint):
             raise ValueError(f"rdzv_endpoint must be HOST:PORT, got {self.rdzv_endpoint!r}")
+        if self.rdzv_endpoint and not 1 <= int(self.rdzv_endpoint.rpartition(":")[2]) <= 65535:
+            raise ValueError(f"rdzv_endpoint's port must be 1-65535, got {self.rdzv_endpoint!r}")
+        if not re.fullmatch(r"[\w.-]+", self.rdzv_id):
+            raise ValueError(f"rdzv_id takes letters, digits, '.', '_' and '-', got {self.rdzv_id!r}")
         if self.fault_at and not re.fullmatch(r"\d+:\d+", self.fault_at):
             raise ValueError(f"fault_at must be RANK:STEP, got {self.fault_at!r}")

@@ -4,11 +4,17 @@ fedge does not launch ranks itself: rendezvous, multi-node, ``--nnodes MIN:MAX``
 are torchrun's. This module builds the torchrun command line, checks what can be checked before any
 process starts (strategy name, world size, a reachable rendezvous endpoint), streams progress from the
 run directory, and turns a failed job into one line. torchrun's own output goes to ``RUN_DIR/train.log``.
+
+Multi-node: every node runs ``fedge train`` with the same settings and ``--rdzv-endpoint``; each is one
+torchrun agent in a c10d rendezvous, which numbers the nodes. The workers of each node report that number
+in :func:`node_file`, so every node's ``fedge train`` can say which node it is and where rank 0 writes.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,7 +30,7 @@ from fedge.plugins.train.config import TrainConfig, parse_nnodes
 from fedge.errors import ConfigError, FedgeError, RuntimeFailure
 from fedge.rundir import RunDir
 
-__all__ = ["check_rendezvous", "launch", "torchrun_command"]
+__all__ = ["check_rendezvous", "launch", "node_file", "torchrun_command"]
 
 _STOP_GRACE_S = 15.0
 
@@ -34,9 +40,13 @@ def torchrun_command(cfg: TrainConfig, module: str, args: Sequence[str]) -> list
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cfg.nproc)]
     cmd += ["--max-restarts", str(cfg.max_restarts), "--monitor-interval", "0.2"]
     if cfg.rdzv_endpoint:
-        t = max(1, int(cfg.rdzv_timeout_s))
+        t, last_call = max(1, int(cfg.rdzv_timeout_s)), max(1, math.ceil(cfg.rdzv_last_call_s))
+        lo, hi = parse_nnodes(cfg.nnodes)
+        # The join deadline covers the last call too: --rdzv-timeout is the wait for MIN nodes to show up.
+        join = t + last_call if lo < hi else t
         cmd += ["--nnodes", cfg.nnodes, "--rdzv-backend", "c10d", "--rdzv-endpoint", cfg.rdzv_endpoint]
-        cmd += ["--rdzv-id", cfg.rdzv_id, "--rdzv-conf", f"join_timeout={t},read_timeout={t}"]
+        conf = f"join_timeout={join},read_timeout={t},last_call_timeout={last_call}"
+        cmd += ["--rdzv-id", cfg.rdzv_id, "--rdzv-conf", conf]
     else:
         cmd += ["--standalone", "--nnodes", "1"]
     return [*cmd, "--module", module, *args]
@@ -72,17 +82,18 @@ def check_rendezvous(endpoint: str, timeout_s: float) -> None:
         if time.monotonic() >= deadline:
             raise RuntimeFailure(
                 f"cannot reach the rendezvous endpoint {endpoint} within {timeout_s:g}s ({last}); check HOST:PORT, "
-                "that node 0 runs fedge train with the same endpoint, and firewalls (or raise --rdzv-timeout)"
+                "that fedge train runs on that host with the same endpoint, and firewalls (or raise --rdzv-timeout)"
             )
         time.sleep(0.5)
 
 
 def _first_error(run: RunDir) -> FedgeError | None:
     files = sorted(run.file("errors").glob("rank-*.txt"), key=lambda p: int(p.stem.split("-")[1]))
-    found = []
+    found: list[tuple[int, str]] = []
     for path in files:
-        code, _, message = path.read_text(encoding="utf-8").strip().partition(" ")
-        found.append((int(code) if code.isdigit() else 70, message))
+        first_line = (path.read_text(encoding="utf-8").strip().splitlines() or [""])[0]
+        word, _, text = first_line.partition(" ")
+        found.append((int(word) if word.isdigit() else 70, text))
     if not found:
         return None
     code, message = min(found, key=lambda f: (f[0] != 1, 0))  # a user error explains more than its fallout
@@ -91,13 +102,37 @@ def _first_error(run: RunDir) -> FedgeError | None:
     return err
 
 
-def _log_reason(log: Path) -> str:
-    text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
-    if "RendezvousTimeoutError" in text or "RendezvousClosedError" in text:
-        return "the rendezvous timed out before enough nodes joined"
+def _log_reason(text: str, cfg: TrainConfig) -> str:
+    """Why torchrun failed, from its output in ``train.log`` (this launch's part)."""
+    if "RendezvousTimeoutError" in text:
+        return (
+            f"the rendezvous timed out before enough nodes joined (--nnodes {cfg.nnodes}, --rdzv-timeout "
+            f"{cfg.rdzv_timeout_s:g}s); start every node with the same --rdzv-endpoint and --rdzv-id"
+        )
+    if "RendezvousClosedError" in text:
+        return f"another node closed the rendezvous {cfg.rdzv_id!r} (it failed or finished); start every node again"
     if "RendezvousConnectionError" in text:
-        return "cannot connect to the rendezvous store"
-    return "a worker failed"
+        return f"cannot reach the rendezvous store at {cfg.rdzv_endpoint}: the node at that address stopped or is unreachable"
+    # torchrun's "Root Cause (first observed failure)" block names the rank and its exit code or signal.
+    m = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", text, re.DOTALL)
+    if m is None:
+        return "a worker failed"
+    rank, code = int(m.group(1)), int(m.group(2))
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"rank {rank} was killed by {name}"
+    return f"rank {rank} exited with code {code}"
+
+
+def node_file(run: RunDir) -> Path:
+    """Where this node's workers describe the node (``nodes/<host>-<pid>.json``; multi-node jobs only).
+
+    Each node has its own file, so nodes that share one run directory do not overwrite each other's.
+    """
+    return run.file("nodes") / f"{socket.gethostname()}-{os.getpid()}.json"
 
 
 def launch(
@@ -121,11 +156,14 @@ def launch(
     for path in run.file("errors").glob("rank-*.txt"):
         path.unlink()
     log = run.file("train.log")
+    log_start = log.stat().st_size if log.is_file() else 0
     # PYTHONSAFEPATH keeps the current directory off the workers' sys.path. Sharing torchrun's rendezvous
     # store with the process group hands restarted workers the dead group's addresses (pytorch#135712).
     env = dict(os.environ, PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = torchrun_command(cfg, module, [str(run.path)])
+    # A multi-node job's workers learn their node rank from the rendezvous; they tell this process in node_file.
+    args = [str(run.path), node_file(run).stem] if cfg.rdzv_endpoint else [str(run.path)]
+    cmd = torchrun_command(cfg, module, args)
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         previous = _terminate_as_interrupt()
@@ -146,9 +184,10 @@ def launch(
         err = _first_error(run)
         if err is not None:
             raise err
-        raise RuntimeFailure(
-            f"training failed (torchrun exit code {proc.returncode}): {_log_reason(log)}; see {log}"
-        )
+        with open(log, "rb") as f:
+            f.seek(log_start)
+            text = f.read().decode("utf-8", errors="replace")
+        raise RuntimeFailure(f"training failed (torchrun exit code {proc.returncode}): {_log_reason(text, cfg)}; see {log}")
 
 
 def _terminate_as_interrupt() -> Any:

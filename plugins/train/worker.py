@@ -9,20 +9,28 @@ Batches: every rank draws the same global batch from (seed, step) - a fresh perm
 set each epoch, cut into consecutive batches - and the strategy takes its rows, so each epoch is split
 into disjoint per-rank shards as with ``DistributedSampler``, and a resumed run sees the same batches.
 
+Several nodes (``python -m fedge.plugins.train.worker RUN_DIR NODE_TAG``, each node with its own run
+directory or one they share): the ranks first check that every node runs the same job (settings and
+training set) and, when checkpointing, that every node sees rank 0's run directory; each node's local rank
+0 writes ``nodes/NODE_TAG.json`` (its node rank and ranks) for that node's ``fedge train`` to report.
+
 A user error (a :class:`~fedge.errors.FedgeError`) is written as one line to ``errors/rank-R.txt`` for the
-launcher to report, and the process exits with the error's code.
+launcher to report, and the process exits with the error's code. A lost peer (a connection reset or a
+collective timing out) is one line with exit code 3; anything else, one line with code 70.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -30,10 +38,13 @@ from fedge.plugins.train import checkpoint
 from fedge.plugins.train.base import DistContext, Strategy
 from fedge.plugins.train.config import TrainConfig
 
-from fedge.config import from_mapping, load_toml
+from fedge.config import from_mapping, load_toml, to_mapping
 from fedge.errors import ConfigError, FedgeError
 from fedge.registry import Kind, Registry
 from fedge.rundir import RunDir, atomic_write_text
+
+if TYPE_CHECKING:
+    from fedge.plugins.data.base import ArrayDataset
 
 __all__ = ["BatchOrder", "main", "resolve_strategy", "run", "strategy_config"]
 
@@ -107,8 +118,13 @@ def _profiler(run_dir: Path, rank: int, num_steps: int) -> torch.profiler.profil
     )
 
 
-def run(run_dir: Path) -> None:
-    """Train as one rank of the torchrun job described by ``run_dir/config.toml``."""
+def run(run_dir: Path, node_tag: str = "") -> None:
+    """Train as one rank of the torchrun job described by ``run_dir/config.toml``.
+
+    Args:
+        run_dir: the run directory ``fedge train`` wrote on this node.
+        node_tag: multi-node jobs: this node's local rank 0 writes ``nodes/<node_tag>.json``.
+    """
     from fedge.plugins.data import load_dataset
     from fedge.plugins.models import build_model, save_model
     from fedge.plugins.training import evaluate
@@ -130,6 +146,13 @@ def run(run_dir: Path) -> None:
     try:
         ctx = DistContext(rank=rank, world_size=world, local_rank=local_rank, backend=backend, device=device)
         data = load_dataset(cfg.dataset, cfg.dataset_options)
+        num_nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+        if node_tag and local_rank == 0:
+            _write_node_file(run, node_tag, num_nodes=num_nodes, first_rank=rank, local_world=local_world, world=world)
+        if num_nodes > 1:
+            _check_same_job(cfg, data)
+            if cfg.checkpoint_every:
+                _check_shared_run_dir(run, rank)
         x_all, y_all = torch.as_tensor(data.x_train), torch.as_tensor(data.y_train)
         order = BatchOrder(len(x_all), cfg.batch_size, cfg.seed)
         num_steps = cfg.epochs * order.per_epoch if cfg.epochs else cfg.steps
@@ -200,6 +223,71 @@ def run(run_dir: Path) -> None:
         dist.destroy_process_group()
 
 
+def _write_node_file(run: RunDir, tag: str, *, num_nodes: int, first_rank: int, local_world: int, world: int) -> None:
+    """Tell this node's ``fedge train`` which node of the job it is (rewritten after every re-rendezvous).
+
+    torchrun puts node 0 (the node of rank 0) wherever its rendezvous sorts first, not necessarily on the
+    host of ``--rdzv-endpoint``.
+    """
+    record = {
+        "node_rank": int(os.environ.get("GROUP_RANK", "0")),
+        "num_nodes": num_nodes,
+        "ranks": [first_rank, first_rank + local_world - 1],
+        "world_size": world,
+        "rank0_host": os.environ.get("MASTER_ADDR", ""),
+        "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+    }
+    run.write_json(f"nodes/{tag}.json", record)
+
+
+# Settings a node may set for itself: how it joins (and restarts), and where its data lies (the data
+# itself is compared instead).
+_NODE_SETTINGS = frozenset(
+    {"nproc", "nnodes", "rdzv_endpoint", "rdzv_id", "rdzv_timeout_s", "rdzv_last_call_s", "max_restarts", "dataset_options"}
+)
+
+
+def _check_same_job(cfg: TrainConfig, data: ArrayDataset) -> None:
+    """Every rank must run the job rank 0 runs: nodes started with other flags would train something else
+    (or hang in mismatched collectives), so all ranks compare and all fail with the same line."""
+    mine = {k: v for k, v in to_mapping(cfg).items() if k not in _NODE_SETTINGS}
+    mine["training set (samples, input shape, classes)"] = (len(data.x_train), tuple(data.input_shape), data.num_classes)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    ref = everyone[0]
+    for r, other in enumerate(everyone):
+        diff = sorted(k for k in ref.keys() | other.keys() if ref.get(k) != other.get(k))
+        if diff:
+            shown = "; ".join(f"{k} is {other.get(k)!r} on rank {r} but {ref.get(k)!r} on rank 0" for k in diff[:3])
+            raise ConfigError(
+                f"the nodes of this job were started with different settings: {shown}; "
+                "start every node with the same flags, config file and training data"
+            )
+
+
+def _check_shared_run_dir(run: RunDir, rank: int) -> None:
+    """Checkpoints of a multi-node job must be one directory every node sees: rank 0 names a checkpoint in
+    its run directory and, on a restart, every rank resumes from what its own run directory names."""
+    marker = run.file("checkpoints") / ".rank0-marker"
+    box: list[Any] = [f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}" if rank == 0 else None]
+    if rank == 0:
+        atomic_write_text(marker, box[0])  # before the broadcast, so every rank can read it after
+    dist.broadcast_object_list(box, src=0)
+    sees = marker.is_file() and marker.read_text(encoding="utf-8") == box[0]
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (sees, socket.gethostname()))
+    if rank == 0:
+        marker.unlink(missing_ok=True)  # every rank has looked (all_gather_object returned)
+    blind = [(r, host) for r, (ok, host) in enumerate(everyone) if not ok]
+    if blind:
+        r, host = blind[0]
+        raise ConfigError(
+            f"--checkpoint-every on several nodes needs one run directory that every node shares, but rank {r} "
+            f"(on {host}) does not see rank 0's; give every node the same --out on a shared filesystem, "
+            "or leave --checkpoint-every out"
+        )
+
+
 def _resume(run_dir: Path, strategy: Strategy, cls: type[Strategy], cfg: TrainConfig, world: int, rank: int) -> int:
     meta = checkpoint.latest(run_dir)
     if meta is None:
@@ -243,22 +331,44 @@ def _trim_metrics(run: RunDir, start: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point under torchrun; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m fedge.plugins.train.worker RUN_DIR (started by fedge train)", file=sys.stderr)
+    if len(argv) not in (1, 2):
+        print("usage: python -m fedge.plugins.train.worker RUN_DIR [NODE_TAG] (started by fedge train)", file=sys.stderr)
         return 2
     run_dir = Path(argv[0])
     rank = os.environ.get("RANK", "0")
     (run_dir / "errors" / f"rank-{rank}.txt").unlink(missing_ok=True)  # from an earlier attempt
     try:
-        run(run_dir)
+        run(run_dir, argv[1] if len(argv) == 2 else "")
     except FedgeError as err:
         atomic_write_text(run_dir / "errors" / f"rank-{rank}.txt", f"{err.exit_code} {err}\n")
         print(f"fedge train rank {rank}: error: {err}", file=sys.stderr)
         return err.exit_code
     except Exception as err:
-        atomic_write_text(run_dir / "errors" / f"rank-{rank}.txt", f"70 rank {rank} failed: {type(err).__name__}: {err}\n")
+        code, message = _describe_failure(rank, err)
+        atomic_write_text(run_dir / "errors" / f"rank-{rank}.txt", f"{code} {message}\n")
         raise
     return 0
+
+
+# How gloo and NCCL say that another rank went away; their messages run over several lines.
+_PEER_LOST = re.compile(
+    r"Connection (?:closed|reset) by peer|Broken pipe|Connection refused|Timed out waiting \d+ms for \w+ operation"
+    r"|NCCL communicator was aborted|Socket Timeout"
+)
+
+
+def _describe_failure(rank: str, err: Exception) -> tuple[int, str]:
+    """(exit code, one line) for an unexpected error: 3 when another rank went away, else 70."""
+    text = str(err)
+    lost = _PEER_LOST.search(text)
+    if lost or isinstance(err, dist.DistError):
+        what = lost.group(0) if lost else (text.strip().splitlines() or [type(err).__name__])[0][:200]
+        return 3, (
+            f"rank {rank} lost contact with another rank ({what}): a process or node of this job stopped, "
+            "crashed or hung; see train.log on every node"
+        )
+    first = (text.strip().splitlines() or [""])[0][:300]
+    return 70, f"rank {rank} failed: {type(err).__name__}: {first}"
 
 
 if __name__ == "__main__":

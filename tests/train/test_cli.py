@@ -105,6 +105,9 @@ def test_resume_continues_a_finished_run(fault_run, reference_state) -> None:
         (["--strategy", "allreduce", "-o", "bucket-mb"], "--option takes KEY=VALUE"),
         (["--nnodes", "2"], "needs --rdzv-endpoint"),
         (["--nnodes", "3:1", "--rdzv-endpoint", "h:1"], "MIN <= MAX"),
+        (["--nnodes", "2", "--rdzv-endpoint", "h:70000"], "port must be 1-65535, got 'h:70000'"),
+        (["--nnodes", "2", "--rdzv-endpoint", "h:1", "--rdzv-id", "my job"], "rdzv_id takes letters"),
+        (["--nnodes", "1:2", "--rdzv-endpoint", "h:1", "--rdzv-last-call", "0"], "timeouts must be > 0 seconds"),
     ],
 )
 def test_user_mistakes_are_one_line_before_any_process_starts(

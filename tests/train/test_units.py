@@ -14,8 +14,8 @@ from fedge.plugins.train import checkpoint
 from fedge.plugins.train.base import DistContext, StrategyConfig
 from fedge.plugins.train.bench import parse_size
 from fedge.plugins.train.config import TrainConfig, parse_nnodes
-from fedge.plugins.train.launcher import torchrun_command
-from fedge.plugins.train.worker import BatchOrder, resolve_strategy
+from fedge.plugins.train.launcher import _log_reason, torchrun_command
+from fedge.plugins.train.worker import BatchOrder, _describe_failure, resolve_strategy
 
 from fedge.errors import ConfigError, DataError
 
@@ -110,7 +110,58 @@ def test_torchrun_command_standalone_and_multinode() -> None:
     assert local[local.index("--max-restarts") + 1] == "1"
     assert multi[multi.index("--nnodes") + 1] == "1:3"
     assert multi[multi.index("--rdzv-endpoint") + 1] == "node0:29400"
-    assert "join_timeout=30,read_timeout=30" in multi
+    assert multi[multi.index("--rdzv-conf") + 1] == "join_timeout=60,read_timeout=30,last_call_timeout=30"
+
+
+def test_torchrun_command_passes_the_last_call_of_an_elastic_job() -> None:
+    fixed = torchrun_command(TrainConfig(nnodes="2", rdzv_endpoint="h:1", rdzv_timeout_s=60, rdzv_last_call_s=5), "m", ["R"])
+    elastic = torchrun_command(TrainConfig(nnodes="1:2", rdzv_endpoint="h:1", rdzv_last_call_s=0.5), "m", ["R", "TAG"])
+
+    assert fixed[fixed.index("--rdzv-conf") + 1] == "join_timeout=60,read_timeout=60,last_call_timeout=5"
+    assert elastic[elastic.index("--rdzv-conf") + 1] == "join_timeout=61,read_timeout=60,last_call_timeout=1"
+    assert elastic[-4:] == ["--module", "m", "R", "TAG"]
+
+
+_TORCHRUN_ROOT_CAUSE = """torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+======================================================
+fedge.plugins.train.worker FAILED
+------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-23_14:23:18
+  host      : localhost
+  rank      : 1 (local_rank: 0)
+  exitcode  : -9 (pid: 17736)  (SIGKILL)
+  error_file: <N/A>
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (_TORCHRUN_ROOT_CAUSE, "rank 1 was killed by SIGKILL"),
+        (_TORCHRUN_ROOT_CAUSE.replace("-9 (pid", "2 (pid"), "rank 1 exited with code 2"),
+        ("raise RendezvousTimeoutError", "the rendezvous timed out before enough nodes joined (--nnodes 2, --rdzv-timeout 60s)"),
+        ("RendezvousConnectionError: ...", "cannot reach the rendezvous store at h:1: the node at that address stopped"),
+        ("", "a worker failed"),
+    ],
+)
+def test_log_reason_names_the_cause(text: str, reason: str) -> None:
+    assert reason in _log_reason(text, TrainConfig(nnodes="2", rdzv_endpoint="h:1"))
+
+
+def test_a_lost_peer_is_one_line_with_exit_code_3() -> None:
+    gloo = RuntimeError(
+        "Got the following error when running the callback: RuntimeError: [gloo/transport/tcp/pair.cc:553] "
+        "Connection closed by peer [127.0.0.1]:21920. This is typically caused by a remote worker crashing.\n\nAt:\n  x.py(39)"
+    )
+
+    code, line = _describe_failure("0", gloo)
+    other_code, other_line = _describe_failure("2", ValueError("bad\nvalue"))
+
+    assert code == 3 and "\n" not in line
+    assert line.startswith("rank 0 lost contact with another rank (Connection closed by peer): ")
+    assert (other_code, other_line) == (70, "rank 2 failed: ValueError: bad")
 
 
 @pytest.mark.parametrize(("text", "size"), [("4KB", 4096), ("64MB", 64 << 20), ("1.5KB", 1536), ("8", 8)])
