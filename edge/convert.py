@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedge.edge.csource import c_source
-
 from fedge.errors import ConfigError, DataError, RuntimeFailure
 from fedge.rundir import atomic_write_bytes
 
 if TYPE_CHECKING:
     import numpy as np
+
     from fedge.edge.tflite_info import ModelInfo
 
 __all__ = ["EdgeModel", "Quantization", "export_tflite", "load_edge_model"]
@@ -84,6 +84,7 @@ class EdgeModel:
     def quantize_inputs(self, x: np.ndarray) -> np.ndarray:
         """Float samples as the model's input tensor takes them (int8 for a full-integer model)."""
         import numpy as np
+
         from fedge.edge.runtimes import quantize_input
 
         inp = self.info().inputs[0]

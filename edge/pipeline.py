@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedge.config import from_mapping
 from fedge.edge.boards import Board, check_fit, load_boards
 from fedge.edge.convert import EdgeModel, Quantization
-
-from fedge.config import from_mapping
 from fedge.errors import ConfigError, DataError, FedgeError, RuntimeFailure
 from fedge.registry import Kind, Registry
 from fedge.rundir import RunDir
@@ -109,6 +108,7 @@ def load_source(path: str | Path) -> SourceModel:
 def _keras_predict(path: str, x: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
     """Outputs of a Keras model (or SavedModel) on ``x``, and the sample shape it takes."""
     import numpy as np
+
     from fedge.edge.runtimes import captured_stderr
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

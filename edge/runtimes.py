@@ -136,7 +136,7 @@ def _probe(data: bytes, arena_bytes: int, sample: np.ndarray) -> tuple[bool, str
                 interp.invoke()
                 code = 0
             except BaseException:  # noqa: BLE001 - any failure means "does not run at this size"
-                pass
+                code = 1
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)

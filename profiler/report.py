@@ -17,7 +17,6 @@ from fedge.profiler.analyses.stragglers import stragglers
 from fedge.profiler.analyses.temporal import temporal_breakdown
 from fedge.profiler.kinds import Mode
 from fedge.profiler.trace import Job
-
 from fedge.registry import Kind, Registry
 
 __all__ = ["BUILTIN_ANALYSES", "build_report", "render_html", "render_terminal"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from fedge.profiler.kinds import KernelKind, Mode, classify_kernel, is_collective_op
 from fedge.profiler.trace import ANNOTATION, CPU_OP, MEMCPY, MEMSET, RUNTIME, Trace
 

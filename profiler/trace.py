@@ -29,9 +29,9 @@ from typing import IO, Any, Self
 
 import numpy as np
 import orjson
-from fedge.profiler.kinds import is_collective_op
 
 from fedge.errors import DataError
+from fedge.profiler.kinds import is_collective_op
 
 __all__ = [
     "CHUNK_BYTES",

@@ -40,7 +40,7 @@ _SESSION_MARK = "FEDGE_TEST_SESSION"
 def _leftover_processes(mark: str) -> list[str]:
     """Flower/torchrun processes started by this test session (they inherit its mark in their environment);
     other sessions running on the same machine are not ours to judge."""
-    out = subprocess.run(["pgrep", "-af", _LEFTOVER_PATTERN], capture_output=True, text=True).stdout
+    out = subprocess.run(["pgrep", "-af", _LEFTOVER_PATTERN], capture_output=True, text=True, check=False).stdout
     needle = f"{_SESSION_MARK}={mark}".encode()
     found = []
     for line in out.splitlines():

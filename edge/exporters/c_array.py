@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from fedge.edge.convert import EdgeModel
 from fedge.edge.csource import c_source, check_symbol
-
 from fedge.registry import plugin
 
 

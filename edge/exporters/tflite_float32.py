@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fedge.edge.convert import Quantization
 from fedge.edge.exporters.base import TfliteExporter
-
 from fedge.registry import plugin
 
 

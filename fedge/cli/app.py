@@ -55,7 +55,7 @@ def build_app() -> typer.Typer:
         seen.add(ep.name)
         try:
             obj = ep.load()
-        except Exception as err:  # a broken third-party command must not take the CLI down
+        except Exception as err:  # noqa: BLE001 - a broken third-party command must not take the CLI down
             print(f"fedge: warning: command {ep.name!r} ({ep.value}) failed to load: {err}", file=sys.stderr)
             continue
         if isinstance(obj, typer.Typer):
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if verbose:
             traceback.print_exc()
         return _fail(str(err), err.exit_code)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - the one error boundary: a bug is one line too
         if verbose:
             traceback.print_exc()
         return _fail(f"internal error: {type(err).__name__}: {err} (re-run with --verbose for the traceback)", 70)

@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from fedge.plugins.aggregators.base import Sampling
-
 from fedge.registry import plugin
 
 if TYPE_CHECKING:

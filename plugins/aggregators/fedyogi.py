@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 
 from fedge.plugins.aggregators.base import Sampling
 from fedge.plugins.aggregators.fedadam import FedAdam
-
 from fedge.registry import plugin
 
 if TYPE_CHECKING:

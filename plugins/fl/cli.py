@@ -159,9 +159,8 @@ def run_command(
 def _check_plugins(cfg: Any, command: str) -> None:
     # Fail on a misspelt name or a bad option here, in one line, before any process starts or any run directory
     # is made. (The run itself then reads the data before it creates the run directory.)
-    from fedge.plugins.data import dataset_config
-
     from fedge.config import from_mapping
+    from fedge.plugins.data import dataset_config
     from fedge.registry import Kind, Registry
 
     for kind, name, options in (
@@ -267,10 +266,10 @@ def supernode_command(
 
 def _materialize_partition(workdir: Path, spec: str, dataset: str, split: str, seed: int) -> Path:
     import numpy as np
-    from fedge.plugins.data import load_dataset
-    from fedge.plugins.data import partition as split_indices
 
     from fedge.config import parse_partition
+    from fedge.plugins.data import load_dataset
+    from fedge.plugins.data import partition as split_indices
 
     try:
         index, total = (int(v) for v in spec.split("/"))

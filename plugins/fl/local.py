@@ -31,9 +31,8 @@ def load_local_data(config: Mapping[str, Any], node: Mapping[str, Any]) -> tuple
         raise ValueError(
             "this SuperNode has no data: give it --node-config 'data-path=...' or 'partition-id=I num-partitions=N'"
         )
-    from fedge.plugins.data import load_dataset, partition
-
     from fedge.config import parse_partition
+    from fedge.plugins.data import load_dataset, partition
 
     dataset = load_dataset(str(config["dataset"]), json.loads(str(config["dataset-options"])))
     split = parse_partition(str(config["partition"]), seed=int(config["seed"]))
@@ -56,6 +55,7 @@ def train_round(
         The new state and metrics ``num-examples``, ``train-loss``, ``compute-s``.
     """
     import torch
+
     from fedge.plugins.models import build_model
     from fedge.plugins.training import train_epochs
 

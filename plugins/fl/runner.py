@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedge.plugins.fl.config import FlConfig, load_config
-from fedge.plugins.fl.federation import Daemon, Federation, TlsFiles, kill_recorded, sigterm_as_interrupt
-
 from fedge.config import to_mapping
 from fedge.errors import ConfigError, RuntimeFailure
+from fedge.plugins.fl.config import FlConfig, load_config
+from fedge.plugins.fl.federation import Daemon, Federation, TlsFiles, kill_recorded, sigterm_as_interrupt
 from fedge.rundir import RunDir
 
 if TYPE_CHECKING:
     import numpy as np
+
     from fedge.plugins.data import ArrayDataset
 
 __all__ = ["RemoteNodes", "RunResult", "prepare_data", "run", "write_app"]
@@ -131,6 +131,7 @@ def _load_and_split(cfg: FlConfig, *, num_clients: int) -> tuple[ArrayDataset, l
 def _write_data(run: RunDir, cfg: FlConfig, dataset: ArrayDataset, parts: list[np.ndarray]) -> list[Path]:
     """Write each client's share and the held-out set (the ServerApp evaluates on ``data/test.npz``)."""
     import numpy as np
+
     from fedge.plugins.data import partition_stats
 
     data_dir = run.file("data")

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fedge.plugins.fl.config import FlConfig, load_config
-from fedge.plugins.fl.guard import Rejection, screen_replies
-from fedge.plugins.fl.liveness import NodeQuarantine
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedge.errors import FedgeError, RuntimeFailure
+from fedge.plugins.fl.config import FlConfig, load_config
+from fedge.plugins.fl.guard import Rejection, screen_replies
+from fedge.plugins.fl.liveness import NodeQuarantine
 from fedge.rundir import RunDir, atomic_path
 
 __all__ = ["app", "latest_checkpoint", "run_rounds", "strategy_state_file"]
@@ -112,6 +112,7 @@ def _mean(values: list[float]) -> float | None:
 def run_rounds(grid: Grid, run: RunDir, cfg: FlConfig) -> dict[str, Any]:
     """The federated round loop; returns the final record written to ``result.json``."""
     import torch
+
     from fedge.plugins.aggregators import Sampling, build_strategy
     from fedge.plugins.models import build_model, save_model
     from fedge.plugins.training import evaluate

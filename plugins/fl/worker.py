@@ -51,9 +51,10 @@ def call_worker(socket_path: str, request: dict[str, Any], *, timeout_s: float =
 def serve(socket_path: str) -> None:
     """Answer training requests one at a time until killed."""
     # Imported once here, so that no request pays for them.
+    import torch  # noqa: F401
+
     import fedge.plugins.models
     import fedge.plugins.training  # noqa: F401
-    import torch  # noqa: F401
     from fedge.plugins.fl.local import train_round
 
     path = Path(socket_path)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
+
 from fedge.plugins.train.base import Strategy, batch_rows, set_lr
 
 if TYPE_CHECKING:

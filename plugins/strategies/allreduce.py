@@ -21,10 +21,10 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from fedge.plugins.strategies._data_parallel import DataParallel
-from fedge.plugins.train.base import StrategyConfig, batch_rows, set_lr
 from torch import Tensor, nn
 
+from fedge.plugins.strategies._data_parallel import DataParallel
+from fedge.plugins.train.base import StrategyConfig, batch_rows, set_lr
 from fedge.registry import plugin
 
 __all__ = ["AllReduce", "CommHook", "allreduce_hook", "fp16_compress_hook"]

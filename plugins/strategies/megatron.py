@@ -17,15 +17,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedge.errors import ConfigError
+from fedge.parallel import MeshAxis, ParallelDims
 from fedge.plugins.strategies._megatron_layers import allreduce_grads, gather_tp_state, parallelize_tp
 from fedge.plugins.strategies._pipeline_groups import gather_to_rank0, make_groups, sum_across_world
 from fedge.plugins.strategies._pipeline_stage import StageModule, StageRunner, resolve_split
 from fedge.plugins.strategies.pipeline import check_pipeline
 from fedge.plugins.train.base import DistContext, Strategy, StrategyConfig, batch_rows, set_lr
-from torch import Tensor, nn
-
-from fedge.errors import ConfigError
-from fedge.parallel import MeshAxis, ParallelDims
 from fedge.registry import plugin
 
 __all__ = ["Megatron"]

@@ -25,11 +25,11 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from fedge.plugins.strategies._data_parallel import flat_grad_buffer
-from fedge.plugins.train.base import Strategy, StrategyConfig, batch_rows, set_lr
 from torch import Tensor, nn
 
 from fedge.errors import ConfigError
+from fedge.plugins.strategies._data_parallel import flat_grad_buffer
+from fedge.plugins.train.base import Strategy, StrategyConfig, batch_rows, set_lr
 from fedge.registry import plugin
 
 __all__ = ["ParameterServer", "ps_exchange"]

@@ -18,14 +18,14 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-from fedge.plugins.strategies._megatron_layers import allreduce_grads
-from fedge.plugins.strategies._pipeline_groups import gather_to_rank0, make_groups, sum_across_world
-from fedge.plugins.strategies._pipeline_stage import StageModule, StageRunner, resolve_split
-from fedge.plugins.train.base import DistContext, Strategy, StrategyConfig, batch_rows, set_lr
 from torch import Tensor, nn
 
 from fedge.errors import ConfigError
 from fedge.parallel import MeshAxis, ParallelDims
+from fedge.plugins.strategies._megatron_layers import allreduce_grads
+from fedge.plugins.strategies._pipeline_groups import gather_to_rank0, make_groups, sum_across_world
+from fedge.plugins.strategies._pipeline_stage import StageModule, StageRunner, resolve_split
+from fedge.plugins.train.base import DistContext, Strategy, StrategyConfig, batch_rows, set_lr
 from fedge.registry import plugin
 
 __all__ = ["Pipeline", "check_pipeline", "sample_input"]

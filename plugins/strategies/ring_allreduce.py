@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from fedge.plugins.strategies._data_parallel import DataParallel
-from fedge.plugins.train.base import StrategyConfig
 from torch import Tensor
 
+from fedge.plugins.strategies._data_parallel import DataParallel
+from fedge.plugins.train.base import StrategyConfig
 from fedge.registry import plugin
 
 __all__ = ["RingAllReduce", "ring_all_reduce"]

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from fedge.plugins.strategies._data_parallel import DataParallel
-from fedge.plugins.train.base import StrategyConfig
 from torch import Tensor
 
+from fedge.plugins.strategies._data_parallel import DataParallel
+from fedge.plugins.train.base import StrategyConfig
 from fedge.registry import plugin
 
 __all__ = ["TreeAllReduce", "tree_all_reduce"]

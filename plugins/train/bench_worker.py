@@ -115,11 +115,12 @@ def _step(strategy: Strategy, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def _strategies(spec: dict[str, Any]) -> list[dict[str, Any]]:
     import torch.nn.functional as F
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
     from fedge.plugins.models import build_model
     from fedge.plugins.train.base import DistContext
     from fedge.plugins.train.worker import resolve_strategy, strategy_config
-    from torch import nn
-    from torch.nn.parallel import DistributedDataParallel
 
     w, r = dist.get_world_size(), dist.get_rank()
     ctx = DistContext(rank=r, world_size=w, local_rank=r, backend="gloo", device=torch.device("cpu"))

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from fedge.plugins.train.config import TrainConfig
 
 from fedge.config import from_mapping, load_toml, merge, to_mapping
 from fedge.errors import ConfigError, PluginNotFoundError
+from fedge.plugins.train.config import TrainConfig
 from fedge.registry import Kind, Registry
 from fedge.rundir import RunDir
 

@@ -25,9 +25,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedge.plugins.train.config import TrainConfig, parse_nnodes
-
 from fedge.errors import ConfigError, FedgeError, RuntimeFailure
+from fedge.plugins.train.config import TrainConfig, parse_nnodes
 from fedge.rundir import RunDir
 
 __all__ = ["check_rendezvous", "launch", "node_file", "torchrun_command"]

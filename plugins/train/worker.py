@@ -34,12 +34,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-from fedge.plugins.train import checkpoint
-from fedge.plugins.train.base import DistContext, Strategy
-from fedge.plugins.train.config import TrainConfig
 
 from fedge.config import from_mapping, load_toml, to_mapping
 from fedge.errors import ConfigError, FedgeError
+from fedge.plugins.train import checkpoint
+from fedge.plugins.train.base import DistContext, Strategy
+from fedge.plugins.train.config import TrainConfig
 from fedge.registry import Kind, Registry
 from fedge.rundir import RunDir, atomic_write_text
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from fedge.profiler.kinds import Mode
 from fedge.profiler.trace import Job, Trace
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from fedge.profiler.analyses.base import AnalysisConfig, Result, as_job
 from fedge.profiler.kinds import (
     KernelKind,
@@ -30,7 +31,6 @@ from fedge.profiler.kinds import (
 )
 from fedge.profiler.timeline import kernels, launch_rows
 from fedge.profiler.trace import ANNOTATION, CPU_OP, Job, Trace
-
 from fedge.registry import plugin
 
 __all__ = ["CollectiveOp", "CollectiveStat", "CollectiveStats", "Collectives", "RankWait", "collective_ops", "collectives", "match_collectives"]

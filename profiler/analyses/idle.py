@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from fedge.profiler.analyses.base import AnalysisConfig, Result, as_job
 from fedge.profiler.kinds import Mode
 from fedge.profiler.timeline import kernels, launch_rows, merge
 from fedge.profiler.trace import Job, Trace
-
 from fedge.registry import plugin
 
 __all__ = ["IdleBreakdown", "IdleTime", "RankIdle", "idle_time"]

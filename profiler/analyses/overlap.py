@@ -9,7 +9,6 @@ from fedge.profiler.analyses.base import AnalysisConfig, Result, as_job
 from fedge.profiler.kinds import KernelKind, Mode
 from fedge.profiler.timeline import cpu_intervals, intersection_us, kernels, union_us
 from fedge.profiler.trace import Job, Trace
-
 from fedge.registry import plugin
 
 __all__ = ["CommCompOverlap", "Overlap", "RankOverlap", "comm_comp_overlap"]

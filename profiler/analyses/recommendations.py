@@ -12,7 +12,6 @@ from fedge.profiler.analyses.overlap import CommCompOverlap, comm_comp_overlap
 from fedge.profiler.analyses.stragglers import StragglerReport, stragglers
 from fedge.profiler.analyses.temporal import TemporalBreakdown, temporal_breakdown
 from fedge.profiler.trace import Job
-
 from fedge.registry import plugin
 
 __all__ = ["Recommend", "Recommendation", "Recommendations", "recommend"]

@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from fedge.profiler.analyses.base import AnalysisConfig, Result, as_job
 from fedge.profiler.analyses.collectives import collective_ops, match_collectives
 from fedge.profiler.kinds import Mode
 from fedge.profiler.trace import Job, Trace
-
 from fedge.registry import plugin
 
 __all__ = ["RankDelay", "StragglerReport", "Stragglers", "stragglers"]

@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from fedge.profiler.analyses.base import AnalysisConfig, Result, as_job, jsonable
 from fedge.profiler.kinds import KernelKind, Mode
 from fedge.profiler.timeline import cpu_intervals, kernels, union_us
 from fedge.profiler.trace import Job, Trace
-
 from fedge.registry import plugin
 
 __all__ = ["RankTime", "Temporal", "TemporalBreakdown", "temporal_breakdown"]

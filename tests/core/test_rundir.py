@@ -19,10 +19,9 @@ def test_create_makes_unique_timestamped_dirs(tmp_path: Path) -> None:
 def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path) -> None:
     target = tmp_path / "model.pt"
     atomic_write_text(target, "old")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 

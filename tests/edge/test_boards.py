@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fedge.edge.boards import check_fit, load_boards
 
+from fedge.edge.boards import check_fit, load_boards
 from fedge.errors import ConfigError
 
 

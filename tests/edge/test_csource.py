@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from fedge.edge.csource import c_source
 
 _MAIN_C = r"""

@@ -121,6 +121,7 @@ def test_c_array_equals_the_tflite_file_and_compiles_with_gcc(export_run, tmp_pa
 
 def test_exported_float_model_is_callable_and_matches_torch(export_run, trained_run: Path, digits) -> None:
     import torch
+
     from fedge.edge import Quantization, load_edge_model
     from fedge.plugins.models import load_model
 
@@ -186,10 +187,10 @@ def test_a_model_too_big_for_the_board_is_one_line_with_the_sizes(
 
 
 def test_an_op_tflm_lacks_is_named(digits) -> None:
-    from fedge.edge import export_tflite
-    from fedge.edge.pipeline import verify
     from torch import nn
 
+    from fedge.edge import export_tflite
+    from fedge.edge.pipeline import verify
     from fedge.errors import DataError
 
     # Prepare: GELU converts for LiteRT, but TFLM has no GELU kernel
@@ -207,9 +208,9 @@ def test_an_op_tflm_lacks_is_named(digits) -> None:
 
 def test_a_layer_litert_torch_cannot_convert_is_named(digits) -> None:
     import torch
-    from fedge.edge import export_tflite
     from torch import nn
 
+    from fedge.edge import export_tflite
     from fedge.errors import DataError
 
     class Erfinv(nn.Module):
@@ -251,9 +252,9 @@ def test_bad_input_is_one_clear_line(
 
 
 def test_a_converter_crash_becomes_one_clear_error(monkeypatch: pytest.MonkeyPatch, digits) -> None:
-    from fedge.edge import convert
     from torch import nn
 
+    from fedge.edge import convert
     from fedge.errors import RuntimeFailure
 
     # Prepare: a child that dies of SIGSEGV, as the TFLite converter did on a Keras LSTM

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedge.plugins.fl import FlConfig, run
-from fedge.plugins.fl.federation import _alive, _cmdline
 
 from fedge.cli.app import main
 from fedge.errors import RuntimeFailure
+from fedge.plugins.fl import FlConfig, run
+from fedge.plugins.fl.federation import _alive, _cmdline
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 

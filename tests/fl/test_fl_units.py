@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedge.plugins.fl.config import FlConfig, load_config
 
 from fedge.errors import ConfigError
+from fedge.plugins.fl.config import FlConfig, load_config
 from fedge.registry import Kind, Registry
 
 flwr_app = pytest.importorskip("flwr.app")
@@ -111,8 +111,9 @@ def test_screen_replies_rejects_nan_inf_shape_and_keeps_good() -> None:
 
 # -- aggregators -----------------------------------------------------------------------------------------
 def test_every_flower_strategy_is_registered_and_builds() -> None:
-    from fedge.plugins.aggregators import build_strategy
     from flwr.serverapp.strategy import Strategy
+
+    from fedge.plugins.aggregators import build_strategy
 
     registry = Registry(Kind.AGGREGATOR)
 
@@ -141,6 +142,7 @@ def _trained_mlp() -> tuple[object, np.ndarray, np.ndarray]:
 
 def _accuracy_after(name: str, replies: list[Message], model: object, x: np.ndarray, y: np.ndarray) -> float:
     import torch
+
     from fedge.plugins.aggregators import build_strategy
     from fedge.plugins.fl.server_app import _NodeSnapshot
     from fedge.plugins.training import evaluate
@@ -234,9 +236,8 @@ def test_strategy_state_round_trips_and_the_next_round_matches(
 
 
 def test_strategy_state_that_does_not_fit_is_refused() -> None:
-    from fedge.plugins.aggregators import build_strategy, load_strategy_state, strategy_state
-
     from fedge.errors import DataError
+    from fedge.plugins.aggregators import build_strategy, load_strategy_state, strategy_state
 
     adam = build_strategy("fedadam")
     _aggregate_once(adam, 1, {"w": np.ones((3, 2), np.float32)}, seed=0)
@@ -281,7 +282,6 @@ class _LoopbackGrid:
 def test_round_loop_rejects_nan_client_checkpoints_and_resumes(tmp_path: Path) -> None:
     from fedge.plugins.fl.runner import prepare_data
     from fedge.plugins.fl.server_app import latest_checkpoint, run_rounds
-
     from fedge.rundir import RunDir
 
     cfg = FlConfig(clients=3, rounds=2, local_epochs=1, model="mlp", model_options={"hidden": [16]},
@@ -310,7 +310,6 @@ def test_round_loop_rejects_nan_client_checkpoints_and_resumes(tmp_path: Path) -
 def test_round_loop_resume_keeps_the_server_optimizer_state(aggregator: str, options: dict, tmp_path: Path) -> None:
     from fedge.plugins.fl.runner import prepare_data
     from fedge.plugins.fl.server_app import run_rounds, strategy_state_file
-
     from fedge.rundir import RunDir
 
     # Prepare: the same 2-round run, uninterrupted in one directory, stopped after round 1 in another.
@@ -464,6 +463,7 @@ def test_supernode_id_is_read_from_its_log(tmp_path: Path) -> None:
 def test_certs_have_loopback_san_and_node_keys_load(tmp_path: Path) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
     from fedge.plugins.fl.certs import make_certs, make_node_keys
 
     paths = make_certs(tmp_path, hosts=["superlink.lan"])
@@ -497,7 +497,6 @@ def test_terminate_tree_kills_detached_grandchildren() -> None:
 def test_round_loop_with_central_differential_privacy(tmp_path: Path) -> None:
     from fedge.plugins.fl.runner import prepare_data
     from fedge.plugins.fl.server_app import run_rounds
-
     from fedge.rundir import RunDir
 
     cfg = FlConfig(clients=2, rounds=1, local_epochs=1, model="mlp", model_options={"hidden": [16]},
@@ -577,9 +576,8 @@ def test_cli_run_with_bad_data_fails_in_one_line_and_leaves_no_run_dir(
 
 
 def test_run_api_reads_the_data_before_it_creates_the_run_dir(tmp_path: Path) -> None:
-    from fedge.plugins.fl import run
-
     from fedge.errors import DataError
+    from fedge.plugins.fl import run
 
     with pytest.raises(DataError, match="not found"):
         run(FlConfig(dataset="npz", dataset_options={"path": str(tmp_path / "none.npz")}), out=tmp_path / "run")
@@ -591,10 +589,10 @@ def test_run_api_reads_the_data_before_it_creates_the_run_dir(tmp_path: Path) ->
 
 def test_global_model_unchanged_when_every_update_is_rejected(tmp_path: Path) -> None:
     import torch
+
     from fedge.plugins.fl.runner import prepare_data
     from fedge.plugins.fl.server_app import run_rounds
     from fedge.plugins.models import build_model
-
     from fedge.rundir import RunDir
 
     cfg = FlConfig(clients=2, rounds=1, local_epochs=1, model="mlp", model_options={"hidden": [16]}, partition="iid")

@@ -113,9 +113,9 @@ def train_strategy(
     With ``resume_at``, the strategy is rebuilt before that step from its ``state_for_checkpoint``.
     """
     import torch
-    from fedge.plugins.train.base import DistContext
 
     from fedge.config import from_mapping
+    from fedge.plugins.train.base import DistContext
 
     ctx = DistContext(rank=rank, world_size=world_size, local_rank=rank, backend="gloo", device=torch.device("cpu"))
     strategy = cls(from_mapping(cls.Config, config), ctx)
@@ -155,6 +155,7 @@ def _free_port() -> int:
 
 def _worker_rank(rank: int, world_size: int, run_dir: str, port: int) -> None:
     import torch
+
     from fedge.plugins.train.worker import run
 
     torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool
@@ -173,9 +174,9 @@ def run_workers():
 
     def run(world_size: int, run_dir: Path, **settings: Any) -> None:
         import torch.multiprocessing as mp
-        from fedge.plugins.train.config import TrainConfig
 
         from fedge.config import from_mapping, to_mapping
+        from fedge.plugins.train.config import TrainConfig
         from fedge.rundir import RunDir
 
         RunDir(run_dir).write_config(to_mapping(from_mapping(TrainConfig, settings)))

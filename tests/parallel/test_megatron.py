@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fedge.plugins.strategies.megatron import Megatron
 
 from fedge.errors import ConfigError
+from fedge.plugins.strategies.megatron import Megatron
 
 STEPS = 3
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fedge.plugins.strategies._pipeline_stage import balanced_split, resolve_split
-from fedge.plugins.strategies.pipeline import Pipeline
 from torch import nn
 
 from fedge.errors import ConfigError
+from fedge.plugins.strategies._pipeline_stage import balanced_split, resolve_split
+from fedge.plugins.strategies.pipeline import Pipeline
 
 STEPS = 3
 

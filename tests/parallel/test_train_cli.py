@@ -32,6 +32,7 @@ def _fedge(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
 def _reference(steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Single-process training on the worker's global batches (same data, order, seed and optimizer)."""
     import torch.nn.functional as F
+
     from fedge.plugins.data import load_dataset
     from fedge.plugins.models import build_model
     from fedge.plugins.train.worker import BatchOrder

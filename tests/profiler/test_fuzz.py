@@ -7,10 +7,10 @@ import gzip
 import random
 
 import pytest
-from fedge.profiler import load_trace
 
 from fedge.cli.app import main
 from fedge.errors import DataError
+from fedge.profiler import load_trace
 
 
 def _good_text(builder) -> str:

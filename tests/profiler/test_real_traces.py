@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from fedge.profiler import build_report, comm_comp_overlap, kernel_breakdown, load_job, temporal_breakdown
 from fedge.profiler.trace import Job
 

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from fedge.profiler import build_report, load_job
 from fedge.profiler.report import render_html
-
 from fedge.registry import Registry
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "custom_plugin" / "src" / "fedge_example_plugin" / "launch_delay.py"

@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from fedge.profiler import load_job, load_trace
-from fedge.profiler.trace import KERNEL, MEMCPY, RUNTIME
 
 from fedge.errors import DataError
+from fedge.profiler import load_job, load_trace
+from fedge.profiler.trace import KERNEL, MEMCPY, RUNTIME
 
 
 def test_columns_hold_kept_events_and_skip_noise(tmp_path, builder):

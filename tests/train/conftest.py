@@ -23,9 +23,8 @@ def free_port() -> int:
 
 def _write_run(path: Path, **settings: Any) -> Path:
     """A run directory holding config.toml for the worker, as ``fedge train`` writes it."""
-    from fedge.plugins.train.config import TrainConfig
-
     from fedge.config import from_mapping, to_mapping
+    from fedge.plugins.train.config import TrainConfig
     from fedge.rundir import RunDir
 
     cfg = from_mapping(TrainConfig, {**TINY, **settings})
@@ -74,6 +73,7 @@ def _reference_state(num_steps: int, *, lr: float = 0.05, momentum: float = 0.9,
     """Single-process SGD on the same global batches: final state_dict and per-step losses."""
     import torch
     import torch.nn.functional as F
+
     from fedge.plugins.data import load_dataset
     from fedge.plugins.models import build_model
     from fedge.plugins.train.worker import BatchOrder

@@ -18,6 +18,7 @@ def _rank0_own_first_loss(tiny: dict, num_workers: int) -> float:
     """Rank 0's loss on its rows of the first global batch, at the initial weights (the old logged value)."""
     import torch
     import torch.nn.functional as F
+
     from fedge.plugins.data import load_dataset
     from fedge.plugins.models import build_model
     from fedge.plugins.train.worker import BatchOrder

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from fedge.errors import ConfigError, DataError
 from fedge.plugins.strategies.allreduce import AllReduce
 from fedge.plugins.strategies.parameter_server import ParameterServer
 from fedge.plugins.strategies.ring_allreduce import RingAllReduce
@@ -16,8 +18,6 @@ from fedge.plugins.train.bench import parse_size
 from fedge.plugins.train.config import TrainConfig, parse_nnodes
 from fedge.plugins.train.launcher import _log_reason, torchrun_command
 from fedge.plugins.train.worker import BatchOrder, _describe_failure, resolve_strategy
-
-from fedge.errors import ConfigError, DataError
 
 CTX = DistContext(rank=0, world_size=1, local_rank=0, backend="gloo", device=torch.device("cpu"))
 
