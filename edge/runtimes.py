@@ -106,6 +106,12 @@ def _tflm_error(log: str) -> str:
     return lines[-1] if lines else "no log"
 
 
+def _run_once(data: bytes, arena_bytes: int, sample: np.ndarray) -> None:
+    interp = _tflm(data, arena_bytes)
+    interp.set_input(sample, 0)
+    interp.invoke()
+
+
 def _probe(data: bytes, arena_bytes: int, sample: np.ndarray) -> tuple[bool, str]:
     """Whether TFLM allocates and runs the model in ``arena_bytes``, and its log; in a forked child.
 
@@ -115,9 +121,7 @@ def _probe(data: bytes, arena_bytes: int, sample: np.ndarray) -> tuple[bool, str
     if not hasattr(os, "fork"):  # no fork (Windows): probe in this process
         with captured_stderr() as log:
             try:
-                interp = _tflm(data, arena_bytes)
-                interp.set_input(sample, 0)
-                interp.invoke()
+                _run_once(data, arena_bytes, sample)
                 ok = True
             except RuntimeError:
                 ok = False
@@ -127,16 +131,12 @@ def _probe(data: bytes, arena_bytes: int, sample: np.ndarray) -> tuple[bool, str
     with tempfile.TemporaryFile(mode="w+b") as log_file:
         pid = os.fork()
         if pid == 0:  # child: run once, report by exit code, never return into the caller's stack
-            code = 1
+            code = 1  # any failure means "does not run at this size"
             try:
                 faulthandler.disable()  # a crash here is an answer, not news for the caller's stderr
                 os.dup2(log_file.fileno(), 2)
-                interp = _tflm(data, arena_bytes)
-                interp.set_input(sample, 0)
-                interp.invoke()
+                _run_once(data, arena_bytes, sample)
                 code = 0
-            except BaseException:  # noqa: BLE001 - any failure means "does not run at this size"
-                code = 1
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
@@ -210,14 +210,14 @@ def with_every_op_output(data: bytes) -> tuple[bytes, list[tuple[int, str, str]]
     import numpy as np
     from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as fb
 
-    model = fb.ModelT.InitFromObj(fb.Model.GetRootAsModel(data, 0))
+    from fedge.edge.tflite_info import operator_names
+
+    parsed = fb.Model.GetRootAsModel(data, 0)
+    model = fb.ModelT.InitFromObj(parsed)
     graph = model.subgraphs[0]
-    op_names = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
     produced: list[tuple[int, str, str]] = []
     tensors: list[int] = []
-    for i, op in enumerate(graph.operators):
-        code = model.operatorCodes[op.opcodeIndex]
-        name = op_names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
+    for i, (op, name) in enumerate(zip(graph.operators, operator_names(parsed), strict=True)):
         for t in op.outputs:
             if t >= 0:
                 tensors.append(int(t))

@@ -152,6 +152,28 @@ def _enum_names(enum_cls: type) -> dict[int, str]:
     return {v: k for k, v in vars(enum_cls).items() if not k.startswith("_") and isinstance(v, int)}
 
 
+def operator_names(model: Any) -> list[str]:
+    """The op of each operator of the first subgraph, in execution order (``CONV_2D``, ``CUSTOM:name``).
+
+    Args:
+        model: a parsed flatbuffer (``schema_py_generated.Model``).
+    """
+    from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as fb
+
+    op_table = _enum_names(fb.BuiltinOperator)
+    graph = model.Subgraphs(0)
+    names = []
+    for i in range(graph.OperatorsLength()):
+        code = model.OperatorCodes(graph.Operators(i).OpcodeIndex())
+        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+        name = op_table.get(builtin, f"BUILTIN_{builtin}")
+        if name == "CUSTOM":
+            custom = code.CustomCode()
+            name = f"CUSTOM:{custom.decode() if custom else '?'}"
+        names.append(name)
+    return names
+
+
 def inspect_tflite(data: bytes) -> ModelInfo:
     """Parse a ``.tflite`` flatbuffer.
 
@@ -171,16 +193,7 @@ def inspect_tflite(data: bytes) -> ModelInfo:
         model = fb.Model.GetRootAsModel(data, 0)
         graph = model.Subgraphs(0)
         type_names = {k: v.lower() for k, v in _enum_names(fb.TensorType).items()}
-        op_table = _enum_names(fb.BuiltinOperator)
-        op_names: list[str] = []
-        for i in range(graph.OperatorsLength()):
-            code = model.OperatorCodes(graph.Operators(i).OpcodeIndex())
-            builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
-            name = op_table.get(builtin, f"BUILTIN_{builtin}")
-            if name == "CUSTOM":
-                custom = code.CustomCode()
-                name = f"CUSTOM:{custom.decode() if custom else '?'}"
-            op_names.append(name)
+        op_names = operator_names(model)
         tensors = []
         for i in range(graph.TensorsLength()):
             t = graph.Tensors(i)

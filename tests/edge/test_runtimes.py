@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from fedge.edge.runtimes import (
+    _litert_outputs,
     _probe,
+    _tflm_outputs,
     find_arena_bytes,
     first_difference,
     run_litert,
@@ -51,8 +53,6 @@ def test_every_op_output_copy_ends_with_the_models_own_output(mlp_int8) -> None:
     edge, x = mlp_int8
 
     probe, produced = with_every_op_output(edge.data)
-    from fedge.edge.runtimes import _litert_outputs, _tflm_outputs
-
     litert, tflm = _litert_outputs(probe, x), _tflm_outputs(probe, x, arena_bytes=256 * 1024)
 
     assert [op for _, op, _ in produced].count("FULLY_CONNECTED") == 3
