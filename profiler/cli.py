@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
 
 from fedge.errors import ConfigError, DataError
+from fedge.profiler.kinds import Mode
 
 __all__ = ["app"]
 
@@ -23,7 +26,16 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_MODES = ("fedge", "hta")
+_MODES = tuple(m.value for m in Mode)
+
+
+@contextmanager
+def _writing(option: str, target: str) -> Iterator[None]:
+    """Turn a failed write of an output the user named into one line naming the option to change."""
+    try:
+        yield
+    except OSError as err:
+        raise ConfigError(f"{option} {target}: cannot write ({err.strerror or err}); give a writable path") from err
 
 
 @app.callback()
@@ -64,14 +76,16 @@ def report(
     if html_file:
         from fedge.rundir import atomic_write_text
 
-        atomic_write_text(html_file, page or "")
+        with _writing("--html", html_file):
+            atomic_write_text(html_file, page or "")
     if out:
         from fedge.rundir import RunDir
 
-        run = RunDir.create("profile", out)
-        run.write_config({"path": str(path), "mode": mode, "include_last_step": include_last_step, "top": top})
-        run.write_json("report.json", result)
-        run.write_text("report.html", page or "")
+        with _writing("--out", out):
+            run = RunDir.create("profile", out)
+            run.write_config({"path": str(path), "mode": mode, "include_last_step": include_last_step, "top": top})
+            run.write_json("report.json", result)
+            run.write_text("report.html", page or "")
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:

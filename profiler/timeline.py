@@ -15,7 +15,19 @@ import numpy as np
 from fedge.profiler.kinds import KernelKind, Mode, classify_kernel, is_collective_op
 from fedge.profiler.trace import ANNOTATION, CPU_OP, MEMCPY, MEMSET, RUNTIME, Trace
 
-__all__ = ["Kernels", "cpu_intervals", "exclusive_kinds", "intersection_us", "kernels", "launch_index", "merge", "union_us"]
+__all__ = [
+    "Kernels",
+    "collective_op_mask",
+    "cpu_intervals",
+    "exclusive_kinds",
+    "has_last_step",
+    "intersection_us",
+    "kernels",
+    "launch_index",
+    "launch_rows",
+    "merge",
+    "union_us",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +87,6 @@ def exclusive_kinds(k: Kernels) -> dict[str, float]:
         bit = 1 << int(kind)
         times += [s, e]
         deltas += [np.full(len(s), bit, dtype=np.int8), np.full(len(e), -bit, dtype=np.int8)]
-    if not times:
-        return {}
     t = np.concatenate(times)
     d = np.concatenate(deltas)
     order = np.argsort(t, kind="stable")
@@ -88,8 +98,7 @@ def exclusive_kinds(k: Kernels) -> dict[str, float]:
         if mask <= 0:
             continue
         label = " overlapping ".join(kind.name for kind in KernelKind if int(mask) & (1 << int(kind)))
-        if label:
-            out[label] = out.get(label, 0.0) + float(seg[running == mask].sum())
+        out[label] = float(seg[running == mask].sum())
     return out
 
 
@@ -111,6 +120,12 @@ def launch_rows(trace: Trace, corr: np.ndarray) -> np.ndarray:
         return np.full(len(corr), -1, dtype=np.int64)
     pos = np.clip(np.searchsorted(keys, corr), 0, len(keys) - 1)
     return np.where((keys[pos] == corr) & (corr >= 0), rows[pos], -1)
+
+
+def has_last_step(steps: np.ndarray) -> bool:
+    """Whether a step table (``Trace.steps`` rows ``(ts, dur, number)``) has a last step to drop: HTA's rule,
+    two or more distinct ``ProfilerStep#N``."""
+    return len(np.unique(steps[:, 2])) >= 2
 
 
 def _kinds_of_names(trace: Trace, mode: Mode) -> np.ndarray:
@@ -145,7 +160,7 @@ def kernels(trace: Trace, mode: Mode | str = Mode.FEDGE, *, include_last_step: b
         ts, end = gpu.ts, gpu.ts + gpu.dur
     keep = np.ones(len(gpu), dtype=bool)
     steps = trace.steps if mode is Mode.FEDGE else np.concatenate([trace.steps, trace.gpu_steps])
-    if len(np.unique(steps[:, 2])) >= 2:
+    if has_last_step(steps):
         if mode is Mode.HTA:
             step_start, step_end = np.ceil(steps[:, 0]), np.floor(steps[:, 0] + steps[:, 1])
         else:
@@ -176,11 +191,11 @@ def cpu_intervals(trace: Trace, *, include_last_step: bool = False) -> dict[str,
         return trace._cache[key]  # type: ignore[no-any-return]
     cpu = trace.cpu
     is_op = (cpu.cat == CPU_OP) | (cpu.cat == ANNOTATION)
-    coll = _collective_name_mask(trace)[cpu.name] & is_op
+    coll = collective_op_mask(trace)[cpu.name] & is_op
     step_name = np.array([n.startswith("ProfilerStep") for n in trace.names], dtype=bool)[cpu.name]
     keep = is_op & ~step_name
     steps = trace.steps
-    if len(np.unique(steps[:, 2])) >= 2:
+    if has_last_step(steps):
         limit = (steps[:, 0] + steps[:, 1]).max() if include_last_step else steps[:, 0].max()
         keep &= (cpu.ts <= limit) if include_last_step else (cpu.ts < limit)
     end = cpu.ts + cpu.dur
@@ -191,7 +206,9 @@ def cpu_intervals(trace: Trace, *, include_last_step: bool = False) -> dict[str,
     return result
 
 
-def _collective_name_mask(trace: Trace) -> np.ndarray:
+def collective_op_mask(trace: Trace) -> np.ndarray:
+    """Per entry of ``trace.names``: whether it names a collective CPU op (see ``is_collective_op``); index it
+    with ``trace.cpu.name``."""
     cached: np.ndarray | None = trace._cache.get("collective_names")
     if cached is None:
         cached = trace._cache["collective_names"] = np.array(

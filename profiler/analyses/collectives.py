@@ -27,9 +27,8 @@ from fedge.profiler.kinds import (
     collective_of_op,
     dtype_bytes,
     dtype_of_kernel,
-    is_collective_op,
 )
-from fedge.profiler.timeline import kernels, launch_rows
+from fedge.profiler.timeline import collective_op_mask, has_last_step, kernels, launch_rows
 from fedge.profiler.trace import ANNOTATION, CPU_OP, Job, Trace
 from fedge.registry import plugin
 
@@ -129,7 +128,7 @@ class _Context:
 
     def __init__(self, trace: Trace) -> None:
         cpu = trace.cpu
-        coll = np.array([is_collective_op(n) for n in trace.names] or [False], dtype=bool)[cpu.name]
+        coll = collective_op_mask(trace)[cpu.name]
         rows = np.flatnonzero(coll & ((cpu.cat == CPU_OP) | (cpu.cat == ANNOTATION)))
         self.by_tid: dict[int, tuple[list[float], list[float], list[int]]] = {}
         for tid in np.unique(cpu.tid[rows]):
@@ -222,7 +221,7 @@ def _collective_ops(trace: Trace, mode: Mode, include_last_step: bool) -> list[C
     executing = [r for r in rows if not trace.names[cpu.name[r]].startswith(("c10d::", "record_param_comms"))]
     rows = executing or [r for r in rows if trace.names[cpu.name[r]].startswith("c10d::")]
     steps = trace.steps
-    limit = steps[:, 0].max() if len(np.unique(steps[:, 2])) >= 2 and not include_last_step else math.inf
+    limit = steps[:, 0].max() if has_last_step(steps) and not include_last_step else math.inf
     for r in sorted(rows, key=lambda r: cpu.ts[r]):
         if cpu.ts[r] >= limit:
             continue

@@ -57,3 +57,18 @@ def test_run_directory_of_fedge_train_is_accepted(tmp_path, builder, capsys):
     (tmp_path / "model.json").write_text('{"model": "mlp"}')
     assert main(["profile", "report", str(tmp_path), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["ranks"]) == 2
+
+
+def test_unwritable_html_or_out_is_a_one_line_error(tmp_path, builder, capsys):
+    # Prepare: a directory where --html wants a file, and a regular file where --out wants a directory
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    _job(traces, builder)
+    (tmp_path / "taken").write_text("x")
+    for option, target in (("--html", tmp_path), ("--out", tmp_path / "taken" / "run")):
+        # Execute
+        code = main(["profile", "report", str(traces), option, str(target)])
+        # Assert
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if "warning: command" not in line]
+        assert code == 1
+        assert len(err) == 1 and f"{option} {target}: cannot write" in err[0] and "writable path" in err[0]

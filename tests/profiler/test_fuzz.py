@@ -51,12 +51,17 @@ def test_broken_files_raise_one_line_data_error_or_load(tmp_path, builder):
     for name, data in _variants(text).items():
         path = tmp_path / f"{name}.json"
         path.write_bytes(data)
-        try:
+        if name.startswith("mangled_"):  # a mangled byte inside a string value may still be valid JSON
+            try:
+                load_trace(path, chunk_bytes=256)
+            except DataError as err:
+                message = str(err)
+                assert str(path) in message and "\n" not in message, (name, message)
+            continue
+        with pytest.raises(DataError) as info:
             load_trace(path, chunk_bytes=256)
-        except DataError as err:
-            message = str(err)
-            assert str(path) in message and "\n" not in message, (name, message)
-        # A mangled byte inside a string value may still be valid JSON: loading is then fine.
+        message = str(info.value)
+        assert str(path) in message and "\n" not in message, (name, message)
 
 
 @pytest.mark.parametrize("name", ["empty", "truncated_half", "gzip_truncated", "not_json", "binary"])

@@ -7,15 +7,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from fedge.profiler.analyses.base import AnalysisConfig, Result
 from fedge.profiler.timeline import kernels, launch_rows
 from fedge.profiler.trace import Job
-
 from fedge.registry import plugin
 
 
 @dataclass(frozen=True, slots=True)
 class RankDelay:
+    """One rank's launch delays (µs) over the ``kernels`` whose launch was recorded; None when there were none."""
+
     rank: int
     kernels: int
     mean_us: float | None
@@ -26,6 +28,8 @@ class RankDelay:
 
 @dataclass(frozen=True, slots=True)
 class LaunchDelays(Result):
+    """Launch delay per rank; ``over_threshold`` counts delays above ``threshold_us``."""
+
     threshold_us: float
     rows: tuple[RankDelay, ...]
 
