@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -52,6 +52,23 @@ class AggregatorPlugin(Protocol):
     def build(config: Any, sampling: Sampling) -> Strategy: ...
 
 
+class _FlowerStrategy:
+    """Base of the built-in aggregators: ``build`` makes Flower's strategy ``flower_class`` from the Config fields.
+
+    A subclass sets ``flower_class`` and a ``Config`` whose fields are that strategy's keyword arguments.
+    """
+
+    flower_class: ClassVar[str]
+    """Name of the class in ``flwr.serverapp.strategy``, e.g. ``"FedAvg"``."""
+    Config: ClassVar[type]
+
+    @classmethod
+    def build(cls, config: Any, sampling: Sampling) -> Strategy:
+        from flwr.serverapp import strategy  # flwr loads only when a run builds its strategy
+
+        return getattr(strategy, cls.flower_class)(**sampling.kwargs(), **asdict(config))  # type: ignore[no-any-return]
+
+
 def build_strategy(
     name: str,
     options: Mapping[str, Any] | None = None,
@@ -67,7 +84,7 @@ def build_strategy(
     """
     registry = registry or Registry(Kind.AGGREGATOR)
     plugin = registry.get(name)
-    config = from_mapping(plugin.Config, options or {}, where=f"aggregator.{name}")
+    config: Any = from_mapping(plugin.Config, options or {}, where=f"aggregator.{name}")
     return plugin.build(config, sampling or Sampling())
 
 

@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from fedge.plugins.aggregators.base import Sampling
+from fedge.plugins.aggregators.base import _FlowerStrategy
 from fedge.registry import plugin
-
-if TYPE_CHECKING:
-    from flwr.serverapp.strategy import Strategy
 
 
 @plugin("aggregator", "bulyan")
-class Bulyan:
+class Bulyan(_FlowerStrategy):
     """Bulyan: Multi-Krum selection then trimmed median; needs n >= 4f + 3 clients (Flower's Bulyan)."""
+
+    flower_class = "Bulyan"
 
     @dataclass(frozen=True, kw_only=True, slots=True)
     class Config:
         num_malicious_nodes: int = 0
         """Number of Byzantine clients to tolerate (n >= 4f + 3)."""
 
-    @staticmethod
-    def build(config: Config, sampling: Sampling) -> Strategy:
-        from flwr.serverapp import strategy
-
-        return strategy.Bulyan(**sampling.kwargs(), **asdict(config))
+        def __post_init__(self) -> None:
+            if self.num_malicious_nodes < 0:
+                raise ValueError(f"num_malicious_nodes must be >= 0, got {self.num_malicious_nodes}")

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from fedge.plugins.aggregators.base import Sampling
+from fedge.plugins.aggregators.base import _FlowerStrategy
 from fedge.registry import plugin
-
-if TYPE_CHECKING:
-    from flwr.serverapp.strategy import Strategy
 
 
 @plugin("aggregator", "fedadagrad")
-class FedAdagrad:
+class FedAdagrad(_FlowerStrategy):
     """Adaptive server optimisation with Adagrad on the averaged update (Flower's FedAdagrad)."""
+
+    flower_class = "FedAdagrad"
 
     @dataclass(frozen=True, kw_only=True, slots=True)
     class Config:
@@ -24,9 +22,3 @@ class FedAdagrad:
         """Client learning rate (informational in Flower)."""
         tau: float = 1e-3
         """Adaptivity (numerical stability) term."""
-
-    @staticmethod
-    def build(config: Config, sampling: Sampling) -> Strategy:
-        from flwr.serverapp import strategy
-
-        return strategy.FedAdagrad(**sampling.kwargs(), **asdict(config))

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from fedge.plugins.aggregators.base import Sampling
+from fedge.plugins.aggregators.base import _FlowerStrategy
 from fedge.registry import plugin
-
-if TYPE_CHECKING:
-    from flwr.serverapp.strategy import Strategy
 
 
 @plugin("aggregator", "fedadam")
-class FedAdam:
+class FedAdam(_FlowerStrategy):
     """Adaptive server optimisation with Adam on the averaged update (Flower's FedAdam)."""
+
+    flower_class = "FedAdam"
 
     @dataclass(frozen=True, kw_only=True, slots=True)
     class Config:
@@ -28,9 +26,3 @@ class FedAdam:
         """Second-moment decay."""
         tau: float = 1e-3
         """Adaptivity (numerical stability) term."""
-
-    @staticmethod
-    def build(config: Config, sampling: Sampling) -> Strategy:
-        from flwr.serverapp import strategy
-
-        return strategy.FedAdam(**sampling.kwargs(), **asdict(config))

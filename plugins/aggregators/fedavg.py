@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from fedge.plugins.aggregators.base import Sampling
+from fedge.plugins.aggregators.base import _FlowerStrategy
 from fedge.registry import plugin
-
-if TYPE_CHECKING:
-    from flwr.serverapp.strategy import Strategy
 
 
 @plugin("aggregator", "fedavg")
-class FedAvg:
+class FedAvg(_FlowerStrategy):
     """Federated averaging of client models, weighted by sample count (Flower's FedAvg)."""
+
+    flower_class = "FedAvg"
 
     @dataclass(frozen=True, kw_only=True, slots=True)
     class Config:
         """No options."""
-
-    @staticmethod
-    def build(config: Config, sampling: Sampling) -> Strategy:
-        from flwr.serverapp import strategy
-
-        return strategy.FedAvg(**sampling.kwargs(), **asdict(config))

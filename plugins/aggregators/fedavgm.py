@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from fedge.plugins.aggregators.base import Sampling
+from fedge.plugins.aggregators.base import _FlowerStrategy
 from fedge.registry import plugin
-
-if TYPE_CHECKING:
-    from flwr.serverapp.strategy import Strategy
 
 
 @plugin("aggregator", "fedavgm")
-class FedAvgM:
+class FedAvgM(_FlowerStrategy):
     """FedAvg with server-side momentum (Flower's FedAvgM)."""
+
+    flower_class = "FedAvgM"
 
     @dataclass(frozen=True, kw_only=True, slots=True)
     class Config:
@@ -22,9 +20,3 @@ class FedAvgM:
         """Server learning rate applied to the averaged update."""
         server_momentum: float = 0.0
         """Server momentum (0 is plain FedAvg)."""
-
-    @staticmethod
-    def build(config: Config, sampling: Sampling) -> Strategy:
-        from flwr.serverapp import strategy
-
-        return strategy.FedAvgM(**sampling.kwargs(), **asdict(config))

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from fedge.plugins.aggregators.base import Sampling
+from fedge.plugins.aggregators.base import _FlowerStrategy
 from fedge.registry import plugin
-
-if TYPE_CHECKING:
-    from flwr.serverapp.strategy import Strategy
 
 
 @plugin("aggregator", "fedtrimmedavg")
-class FedTrimmedAvg:
+class FedTrimmedAvg(_FlowerStrategy):
     """Coordinate-wise trimmed mean of client models (Flower's FedTrimmedAvg)."""
+
+    flower_class = "FedTrimmedAvg"
 
     @dataclass(frozen=True, kw_only=True, slots=True)
     class Config:
@@ -24,9 +22,3 @@ class FedTrimmedAvg:
         def __post_init__(self) -> None:
             if not 0.0 <= self.beta < 0.5:
                 raise ValueError(f"beta must be in [0, 0.5), got {self.beta}")
-
-    @staticmethod
-    def build(config: Config, sampling: Sampling) -> Strategy:
-        from flwr.serverapp import strategy
-
-        return strategy.FedTrimmedAvg(**sampling.kwargs(), **asdict(config))

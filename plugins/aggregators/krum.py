@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from fedge.plugins.aggregators.base import Sampling
+from fedge.plugins.aggregators.base import _FlowerStrategy
 from fedge.registry import plugin
-
-if TYPE_CHECKING:
-    from flwr.serverapp.strategy import Strategy
 
 
 @plugin("aggregator", "krum")
-class Krum:
+class Krum(_FlowerStrategy):
     """Krum: keeps the client model closest to its neighbours; Byzantine-robust (Flower's Krum)."""
+
+    flower_class = "Krum"
 
     @dataclass(frozen=True, kw_only=True, slots=True)
     class Config:
         num_malicious_nodes: int = 1
         """Number of Byzantine clients to tolerate."""
 
-    @staticmethod
-    def build(config: Config, sampling: Sampling) -> Strategy:
-        from flwr.serverapp import strategy
-
-        return strategy.Krum(**sampling.kwargs(), **asdict(config))
+        def __post_init__(self) -> None:
+            if self.num_malicious_nodes < 0:
+                raise ValueError(f"num_malicious_nodes must be >= 0, got {self.num_malicious_nodes}")

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-from fedge.plugins.aggregators.base import Sampling
+from fedge.plugins.aggregators.base import _FlowerStrategy
 from fedge.registry import plugin
-
-if TYPE_CHECKING:
-    from flwr.serverapp.strategy import Strategy
 
 
 @plugin("aggregator", "multikrum")
-class MultiKrum:
+class MultiKrum(_FlowerStrategy):
     """Multi-Krum: averages the models Krum scores best; Byzantine-robust (Flower's MultiKrum)."""
+
+    flower_class = "MultiKrum"
 
     @dataclass(frozen=True, kw_only=True, slots=True)
     class Config:
@@ -23,8 +21,9 @@ class MultiKrum:
         num_nodes_to_select: int = 2
         """How many best-scored models are averaged."""
 
-    @staticmethod
-    def build(config: Config, sampling: Sampling) -> Strategy:
-        from flwr.serverapp import strategy
-
-        return strategy.MultiKrum(**sampling.kwargs(), **asdict(config))
+        def __post_init__(self) -> None:
+            if self.num_malicious_nodes < 0 or self.num_nodes_to_select < 1:
+                raise ValueError(
+                    "num_malicious_nodes must be >= 0 and num_nodes_to_select >= 1, "
+                    f"got {self.num_malicious_nodes} and {self.num_nodes_to_select}"
+                )

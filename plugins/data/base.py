@@ -13,7 +13,7 @@ from fedge.config import from_mapping
 from fedge.errors import ConfigError, DataError
 from fedge.registry import Kind, Registry
 
-__all__ = ["ArrayDataset", "DatasetPlugin", "dataset_config", "load_dataset", "split_train_test"]
+__all__ = ["ArrayDataset", "DatasetPlugin", "SplitConfig", "dataset_config", "load_dataset", "split_train_test"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,13 +49,33 @@ class DatasetPlugin(Protocol):
     def load(config: Any) -> ArrayDataset: ...
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SplitConfig:
+    """The train/test split settings a dataset plugin's ``Config`` inherits when it holds out part of its samples."""
+
+    test_fraction: float = 0.2
+    """Share of samples held out for evaluation (stratified when every class can be)."""
+    seed: int = 0
+    """Seed of the train/test split."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be between 0 and 1, got {self.test_fraction}")
+
+
 def split_train_test(
     name: str, x: np.ndarray, y: np.ndarray, *, test_fraction: float, seed: int
 ) -> ArrayDataset:
-    """Deterministic stratified split (plain shuffled split when a class is too small to stratify)."""
+    """Deterministic stratified split (plain shuffled split when a class is too small to stratify).
+
+    Raises:
+        DataError: ``x`` and ``y`` differ in length.
+    """
     from sklearn.model_selection import train_test_split
 
     y = np.asarray(y)
+    if len(x) != len(y):
+        raise DataError(f"dataset {name!r} has {len(x)} inputs but {len(y)} labels; they must match one to one")
     classes, y_ids = np.unique(y, return_inverse=True)
     counts = np.bincount(y_ids)
     stratify = y_ids if counts.min() >= 2 and len(y) * test_fraction >= len(classes) else None

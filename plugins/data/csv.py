@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from fedge.errors import DataError
-from fedge.plugins.data.base import ArrayDataset, split_train_test
+from fedge.plugins.data.base import ArrayDataset, SplitConfig, split_train_test
 from fedge.registry import plugin
 
 
@@ -18,15 +18,11 @@ class Csv:
     """Rows of a CSV file with a header: numeric features and a label column (name or last column)."""
 
     @dataclass(frozen=True, kw_only=True, slots=True)
-    class Config:
+    class Config(SplitConfig):
         path: Path
         """The CSV file (first row is the header)."""
         label: str = ""
         """Name of the label column; the last column when empty."""
-        test_fraction: float = 0.2
-        """Share of rows held out (stratified)."""
-        seed: int = 0
-        """Seed of the train/test split."""
 
     @staticmethod
     def load(config: Config) -> ArrayDataset:
@@ -34,8 +30,11 @@ class Csv:
             raise DataError(
                 f"CSV file {str(config.path)!r} not found; set [dataset_options] path to an existing CSV file"
             )
-        with open(config.path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
+        try:
+            with open(config.path, newline="", encoding="utf-8") as f:
+                rows = list(csv.reader(f))
+        except (UnicodeDecodeError, csv.Error) as err:
+            raise DataError(f"cannot read {str(config.path)!r} as UTF-8 CSV: {err}; save it as UTF-8 text") from err
         if len(rows) < 2:
             raise DataError(f"{str(config.path)!r} needs a header row and at least one data row")
         header, body = rows[0], rows[1:]

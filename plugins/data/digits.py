@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedge.plugins.data.base import ArrayDataset, split_train_test
+from fedge.plugins.data.base import ArrayDataset, SplitConfig, split_train_test
 from fedge.registry import plugin
 
 
@@ -13,15 +13,8 @@ class Digits:
     """Handwritten digits 0-9 as 1x8x8 images in [0, 1], bundled with scikit-learn (1,797 samples)."""
 
     @dataclass(frozen=True, kw_only=True, slots=True)
-    class Config:
-        test_fraction: float = 0.2
-        """Share of samples held out for evaluation (stratified)."""
-        seed: int = 0
-        """Seed of the train/test split."""
-
-        def __post_init__(self) -> None:
-            if not 0.0 < self.test_fraction < 1.0:
-                raise ValueError(f"test_fraction must be between 0 and 1, got {self.test_fraction}")
+    class Config(SplitConfig):
+        """Only the train/test split."""
 
     @staticmethod
     def load(config: Config) -> ArrayDataset:

@@ -9,7 +9,7 @@ from typing import Literal
 import numpy as np
 
 from fedge.errors import DataError
-from fedge.plugins.data.base import ArrayDataset, split_train_test
+from fedge.plugins.data.base import ArrayDataset, SplitConfig, split_train_test
 from fedge.registry import plugin
 
 _SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -20,17 +20,18 @@ class ImageFolder:
     """Images under ROOT/<class>/*.png|jpg, resized to a fixed size; class ids in sorted folder order."""
 
     @dataclass(frozen=True, kw_only=True, slots=True)
-    class Config:
+    class Config(SplitConfig):
         path: Path
         """Root folder with one sub-folder per class."""
         size: int = 32
         """Images are resized to size x size."""
         mode: Literal["L", "RGB"] = "L"
         """L: one grey channel; RGB: three channels."""
-        test_fraction: float = 0.2
-        """Share held out (stratified)."""
-        seed: int = 0
-        """Seed of the train/test split."""
+
+        def __post_init__(self) -> None:
+            SplitConfig.__post_init__(self)  # zero-argument super() fails in a slots dataclass
+            if self.size < 1:
+                raise ValueError(f"size must be >= 1, got {self.size}")
 
     @staticmethod
     def load(config: Config) -> ArrayDataset:

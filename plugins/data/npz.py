@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from fedge.errors import DataError
-from fedge.plugins.data.base import ArrayDataset, split_train_test
+from fedge.plugins.data.base import ArrayDataset, SplitConfig, split_train_test
 from fedge.registry import plugin
 
 
@@ -18,13 +18,9 @@ class Npz:
     """Arrays from a .npz file: x (n, ...) and integer labels y; x_test/y_test if present, else a split."""
 
     @dataclass(frozen=True, kw_only=True, slots=True)
-    class Config:
+    class Config(SplitConfig):  # the split applies only when the file has no x_test/y_test
         path: Path
         """The .npz file."""
-        test_fraction: float = 0.2
-        """Share held out when the file has no x_test/y_test."""
-        seed: int = 0
-        """Seed of the train/test split."""
 
     @staticmethod
     def load(config: Config) -> ArrayDataset:

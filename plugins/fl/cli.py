@@ -53,10 +53,6 @@ def _parse_faults(faults: list[str] | None) -> dict[str, str] | None:
     return out
 
 
-def _overrides(**flags: Any) -> dict[str, Any]:
-    return {k: v for k, v in flags.items() if v is not None}
-
-
 def _print_result(result: Any, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))
@@ -144,11 +140,12 @@ def run_command(
         cfg = load_config(resume / "config.toml")
         result = _run_with_progress(as_json, cfg.rounds, resume=resume)
     else:
-        flags = _overrides(
-            clients=clients, rounds=rounds, aggregator=aggregator, partition=partition, dataset=dataset, model=model,
-            local_epochs=local_epochs, fraction_train=fraction_train, min_clients=min_clients,
-            round_timeout_s=round_timeout, tls=tls, auth=auth, faults=_parse_faults(fault), seed=seed,
-        )  # fmt: skip
+        flags = {  # a flag left out is None, which load_config skips
+            "clients": clients, "rounds": rounds, "aggregator": aggregator, "partition": partition,
+            "dataset": dataset, "model": model, "local_epochs": local_epochs, "fraction_train": fraction_train,
+            "min_clients": min_clients, "round_timeout_s": round_timeout, "tls": tls, "auth": auth,
+            "faults": _parse_faults(fault), "seed": seed,
+        }  # fmt: skip
         cfg = load_config(config, flags)
         _check_plugins(cfg, "fedge fl run")
         result = _run_with_progress(as_json, cfg.rounds, config=cfg, out=out)
@@ -193,10 +190,11 @@ def superlink_command(
 
     tls = None
     if certs is not None:
-        tls = TlsFiles(ca_cert=certs / "ca.crt", server_cert=certs / "server.pem", server_key=certs / "server.key")
-        missing = [str(p) for p in (tls.ca_cert, tls.server_cert, tls.server_key) if not p.is_file()]
+        ca_cert, server_cert, server_key = certs / "ca.crt", certs / "server.pem", certs / "server.key"
+        missing = [str(p) for p in (ca_cert, server_cert, server_key) if not p.is_file()]
         if missing:
             raise ConfigError(f"missing TLS files {', '.join(missing)}; create them with: fedge fl certs --out {certs}")
+        tls = TlsFiles(ca_cert=ca_cert, server_cert=server_cert, server_key=server_key)
     elif not _is_loopback(host) and not insecure:
         raise ConfigError(
             f"refusing to serve plaintext on {host}; pass --certs DIR (from `fedge fl certs`) or --insecure explicitly"
@@ -206,7 +204,8 @@ def superlink_command(
     for key in auth_keys or []:
         if not key.is_file():
             raise ConfigError(f"public key {str(key)!r} not found; `fedge fl certs --nodes N` writes node-<i>.pub")
-    cfg = load_config(config, _overrides(clients=clients, rounds=rounds, aggregator=aggregator, round_timeout_s=round_timeout))
+    flags = {"clients": clients, "rounds": rounds, "aggregator": aggregator, "round_timeout_s": round_timeout}
+    cfg = load_config(config, flags)  # a flag left out is None, which load_config skips
     _check_plugins(cfg, "fedge fl superlink")
     remote = RemoteNodes(host=host, fleet_port=fleet_port, control_port=control_port, tls=tls,
                          auth_keys=tuple(k.resolve() for k in auth_keys or []))  # fmt: skip

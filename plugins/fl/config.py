@@ -116,6 +116,8 @@ class FlConfig:
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> FlConfig:
     """The run config: the TOML file (top level or its ``[fl]`` table), with ``overrides`` (flags) laid over it.
 
+    An override that is None counts as not given (a flag the user left out), so callers pass every flag.
+
     Raises:
         ConfigError: unknown key, wrong type or invalid value (one line, naming the key).
     """

@@ -122,11 +122,52 @@ def test_every_flower_strategy_is_registered_and_builds() -> None:
         assert isinstance(build_strategy(name, registry=registry), Strategy)
 
 
+@pytest.mark.parametrize(
+    ("name", "flower_class", "options"),
+    [
+        ("fedavg", "FedAvg", {}), ("fedavgm", "FedAvgM", {"server_momentum": 0.5}),
+        ("fedprox", "FedProx", {"proximal_mu": 0.3}), ("fedadam", "FedAdam", {"beta_2": 0.5}),
+        ("fedyogi", "FedYogi", {"eta": 0.5}), ("fedadagrad", "FedAdagrad", {"tau": 0.5}),
+        ("fedmedian", "FedMedian", {}), ("fedtrimmedavg", "FedTrimmedAvg", {"beta": 0.3}),
+        ("krum", "Krum", {"num_malicious_nodes": 2}), ("multikrum", "MultiKrum", {"num_nodes_to_select": 3}),
+        ("bulyan", "Bulyan", {"num_malicious_nodes": 1}),
+    ],
+)  # fmt: skip
+def test_aggregator_builds_flowers_strategy_with_its_options_and_sampling(
+    name: str, flower_class: str, options: dict
+) -> None:
+    from flwr.serverapp import strategy as flower_strategies
+
+    from fedge.plugins.aggregators import Sampling, build_strategy
+
+    strategy = build_strategy(name, options, Sampling(fraction_train=0.5, min_train_nodes=3))
+
+    assert type(strategy) is getattr(flower_strategies, flower_class)
+    assert (strategy.fraction_train, strategy.min_train_nodes, strategy.min_available_nodes) == (0.5, 3, 3)
+    for key, value in options.items():
+        assert getattr(strategy, key) == value
+
+
 def test_aggregator_option_error_names_the_setting() -> None:
     from fedge.plugins.aggregators import build_strategy
 
     with pytest.raises(ConfigError, match="aggregator.fedtrimmedavg.*beta"):
         build_strategy("fedtrimmedavg", {"beta": 0.7})
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "expected"),
+    [
+        ("krum", {"num_malicious_nodes": -1}, "num_malicious_nodes must be >= 0"),
+        ("bulyan", {"num_malicious_nodes": -1}, "num_malicious_nodes must be >= 0"),
+        ("multikrum", {"num_nodes_to_select": 0}, "num_nodes_to_select >= 1"),
+    ],
+)
+def test_byzantine_aggregators_refuse_meaningless_counts(name: str, options: dict, expected: str) -> None:
+    from fedge.plugins.aggregators import build_strategy
+
+    with pytest.raises(ConfigError, match=f"aggregator.{name}.*{expected}"):
+        build_strategy(name, options)
 
 
 def _trained_mlp() -> tuple[object, np.ndarray, np.ndarray]:

@@ -52,11 +52,33 @@ def test_image_folder(tmp_path: Path) -> None:
         ("npz", {}, "dataset 'npz' needs dataset_options.path; set  [dataset_options] path = \"...\"  in the run"),
         ("csv", {"path": "x.csv", "colour": "red"}, "unknown setting dataset_options.colour"),
         ("digits", {"test_fraction": 2}, "test_fraction must be between 0 and 1"),
+        ("npz", {"path": "x.npz", "test_fraction": 0}, "test_fraction must be between 0 and 1"),
+        ("csv", {"path": "x.csv", "test_fraction": 1.5}, "test_fraction must be between 0 and 1"),
+        ("image-folder", {"path": ".", "size": 0}, "size must be >= 1"),
     ],
 )
 def test_dataset_errors(name: str, options: dict, message: str) -> None:
     with pytest.raises((DataError, ConfigError), match=re.escape(message)):
         load_dataset(name, options)
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "message"),
+    [
+        ("bad.npz", None, "dataset 'npz' has 10 inputs but 8 labels"),
+        ("bad.csv", b"a,b\n1,\xe9\n", "cannot read"),
+    ],
+    ids=["npz-length-mismatch", "csv-not-utf8"],
+)
+def test_malformed_files_fail_with_a_data_error(file: str, content: bytes | None, message: str, tmp_path: Path) -> None:
+    path = tmp_path / file
+    if content is None:
+        np.savez(path, x=np.zeros((10, 3)), y=np.zeros(8))
+    else:
+        path.write_bytes(content)
+
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_dataset(path.suffix[1:], {"path": str(path)})
 
 
 def test_npz_without_x_and_y(tmp_path: Path) -> None:
