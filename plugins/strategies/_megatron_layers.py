@@ -23,7 +23,6 @@ from fedge.errors import ConfigError
 __all__ = [
     "RowParallelLinear",
     "VocabParallelEmbedding",
-    "allreduce_grads",
     "copy_to_tp",
     "gather_tp_state",
     "parallelize_tp",
@@ -218,18 +217,3 @@ def gather_tp_state(
             t = torch.cat(parts, dim=dims[key])
         state[key] = t.cpu().clone()
     return state
-
-
-def allreduce_grads(params: list[nn.Parameter], *, group: dist.ProcessGroup | None, size: int) -> None:
-    """Average the gradients of ``params`` across ``group`` in one flat all-reduce."""
-    if size <= 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat /= size
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n

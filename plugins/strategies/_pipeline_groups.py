@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from fedge.parallel import MeshAxis, ParallelDims
 
-__all__ = ["gather_to_rank0", "make_groups", "sum_across_world"]
+__all__ = ["allreduce_grads", "gather_to_rank0", "make_groups", "sum_across_world"]
 
 
 def make_groups(dims: ParallelDims, rank: int) -> dict[MeshAxis, dist.ProcessGroup | None]:
@@ -46,3 +47,18 @@ def gather_to_rank0(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] |
     for part in parts:
         merged.update(part)
     return merged
+
+
+def allreduce_grads(params: list[nn.Parameter], *, group: dist.ProcessGroup | None, size: int) -> None:
+    """Average the gradients of ``params`` across ``group`` in one flat all-reduce."""
+    if size <= 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= size
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedge.plugins.strategies._data_parallel import DataParallel
+from fedge.plugins.strategies._data_parallel import DataParallel, flat_grad_buffer
 from fedge.plugins.train.base import StrategyConfig, batch_rows, set_lr
 from fedge.registry import plugin
 
@@ -53,11 +53,7 @@ _HOOKS: dict[str, CommHook] = {"allreduce": allreduce_hook, "fp16": fp16_compres
 class _Bucket:
     def __init__(self, params: list[nn.Parameter], *, extra: int) -> None:
         self.params = params
-        self.flat = torch.zeros(sum(p.numel() for p in params) + extra, dtype=params[0].dtype, device=params[0].device)
-        offset = 0
-        for p in params:
-            p.grad = self.flat[offset : offset + p.numel()].view_as(p)
-            offset += p.numel()
+        self.flat = flat_grad_buffer(params, extra=extra)
         self.ready = 0
         self.future: torch.futures.Future[Tensor] | None = None
 

@@ -21,18 +21,18 @@ from torch import Tensor, nn
 
 from fedge.errors import ConfigError
 from fedge.parallel import MeshAxis, ParallelDims
-from fedge.plugins.strategies._megatron_layers import allreduce_grads, gather_tp_state, parallelize_tp
-from fedge.plugins.strategies._pipeline_groups import gather_to_rank0, make_groups, sum_across_world
+from fedge.plugins.strategies._megatron_layers import gather_tp_state, parallelize_tp
+from fedge.plugins.strategies._model_parallel import ModelParallel
+from fedge.plugins.strategies._pipeline_groups import allreduce_grads, gather_to_rank0, make_groups
 from fedge.plugins.strategies._pipeline_stage import StageModule, StageRunner, resolve_split
-from fedge.plugins.strategies.pipeline import check_pipeline
-from fedge.plugins.train.base import DistContext, Strategy, StrategyConfig, batch_rows, set_lr
+from fedge.plugins.train.base import StrategyConfig, batch_rows, set_lr
 from fedge.registry import plugin
 
 __all__ = ["Megatron"]
 
 
 @plugin("strategy", "megatron")
-class Megatron(Strategy):
+class Megatron(ModelParallel):
     """Megatron-style tensor parallelism (column/row-parallel layers, heads split) x data parallelism."""
 
     @dataclass(frozen=True, kw_only=True, slots=True)
@@ -57,11 +57,6 @@ class Megatron(Strategy):
 
     config: Config
 
-    def __init__(self, config: StrategyConfig, ctx: DistContext) -> None:
-        super().__init__(config, ctx)
-        self.dims = self.layout(config, ctx.world_size)
-        self.last_metrics: dict[str, float] = {}
-
     @classmethod
     def layout(cls, config: StrategyConfig, world_size: int) -> ParallelDims:
         """The validated dp x tp x pp layout for ``world_size`` processes."""
@@ -69,12 +64,6 @@ class Megatron(Strategy):
         if config.dp:
             return ParallelDims(dp=config.dp, tp=config.tp, pp=config.pp, world_size=world_size)
         return ParallelDims.infer_dp(world_size=world_size, tp=config.tp, pp=config.pp)
-
-    @classmethod
-    def check_world_size(cls, config: StrategyConfig, world_size: int, batch_size: int) -> None:
-        assert isinstance(config, cls.Config)
-        dims = cls.layout(config, world_size)
-        check_pipeline(dp=dims.dp, pp=dims.pp, microbatches=config.microbatches, batch_size=batch_size)
 
     def setup(self, model: nn.Module) -> None:
         dims, rank, c = self.dims, self.ctx.rank, self.config
@@ -97,20 +86,12 @@ class Megatron(Strategy):
             model = StageModule.of(model, sizes, self.stage_index)
         self.model = model.to(self.ctx.device)
         if dims.pp > 1:
-            self.runner = StageRunner(
-                self.model,
-                stage_index=self.stage_index,
-                num_stages=dims.pp,
-                group=groups[MeshAxis.PP],
-                microbatches=c.microbatches,
-                schedule=c.schedule,
-                device=self.ctx.device,
-            )
+            self.runner = self.make_runner(self.model, stage_index=self.stage_index, group=groups[MeshAxis.PP])
         self.optimizer = self.make_optimizer(self.model.parameters())
 
     def train_step(self, x: Tensor, y: Tensor) -> float:
         dims = self.dims
-        check_pipeline(dp=dims.dp, pp=dims.pp, microbatches=self.config.microbatches, batch_size=len(x))
+        self.check_batch(len(x))
         x, y = batch_rows(x, y, self.dp_index, dims.dp)
         x, y = x.to(self.ctx.device), y.to(self.ctx.device)
         set_lr(self.optimizer, self.lr_at(self.step, len(x) * dims.dp))
@@ -125,15 +106,7 @@ class Megatron(Strategy):
         self.optimizer.step()
         # Every tp rank of a last stage holds the same loss; average over dp groups in one all-reduce.
         is_last = self.stage_index == dims.pp - 1
-        share = loss / (dims.dp * dims.tp) if is_last else 0.0
-        loss_sum, idle_sum = sum_across_world([share, idle / self.ctx.world_size], self.ctx.device)
-        if self.runner is not None:
-            self.last_metrics = {"bubble": idle_sum, "bubble_formula": self.runner.bubble_formula()}
-        return float(loss_sum)
-
-    def step_metrics(self) -> dict[str, float]:
-        """The last step's measured bubble (mean over ranks of idle / step time) and (p - 1) / (m + p - 1)."""
-        return dict(self.last_metrics)
+        return self.reduce_loss(loss / (dims.dp * dims.tp) if is_last else 0.0, idle, self.runner)
 
     def full_state_dict(self) -> dict[str, Tensor] | None:
         full = gather_tp_state(self.model, self.shard_dims, group=self.tp_group, size=self.dims.tp)

@@ -22,10 +22,10 @@ from torch import Tensor, nn
 
 from fedge.errors import ConfigError
 from fedge.parallel import MeshAxis, ParallelDims
-from fedge.plugins.strategies._megatron_layers import allreduce_grads
-from fedge.plugins.strategies._pipeline_groups import gather_to_rank0, make_groups, sum_across_world
-from fedge.plugins.strategies._pipeline_stage import StageModule, StageRunner, resolve_split
-from fedge.plugins.train.base import DistContext, Strategy, StrategyConfig, batch_rows, set_lr
+from fedge.plugins.strategies._model_parallel import ModelParallel, check_pipeline
+from fedge.plugins.strategies._pipeline_groups import allreduce_grads, gather_to_rank0, make_groups
+from fedge.plugins.strategies._pipeline_stage import StageModule, resolve_split
+from fedge.plugins.train.base import StrategyConfig, batch_rows, set_lr
 from fedge.registry import plugin
 
 __all__ = ["Pipeline", "check_pipeline", "sample_input"]
@@ -44,19 +44,6 @@ def sample_input(model: nn.Module, rows: int = 8) -> Tensor | None:
     return torch.randint(0, vocab, shape, generator=gen) if vocab else torch.randn(shape, generator=gen)
 
 
-def check_pipeline(*, dp: int, pp: int, microbatches: int, batch_size: int) -> None:
-    """Raise ConfigError unless each of the dp replicas' rows split into ``microbatches`` equal micro-batches."""
-    if batch_size % dp:
-        raise ConfigError(f"batch size {batch_size} does not split over dp={dp} replicas; use a multiple of {dp}")
-    rows = batch_size // dp
-    if pp > 1 and rows % microbatches:
-        raise ConfigError(
-            f"microbatches={microbatches} does not divide the {rows} rows each pipeline gets "
-            f"(batch {batch_size} / dp {dp}); choose microbatches dividing {rows} or a batch size that is a multiple of "
-            f"{dp * microbatches}"
-        )
-
-
 def _chosen_stages(config: Pipeline.Config) -> str:
     """How the user set the stage count, in their words: ``stages=3`` or ``split=1,2,1 (3 stages)``."""
     if config.stages:
@@ -69,7 +56,7 @@ def _processes(world_size: int) -> str:
 
 
 @plugin("strategy", "pipeline")
-class Pipeline(Strategy):
+class Pipeline(ModelParallel):
     """Pipeline parallelism: layers split into stages, micro-batches on a GPipe or 1F1B schedule."""
 
     @dataclass(frozen=True, kw_only=True, slots=True)
@@ -98,11 +85,6 @@ class Pipeline(Strategy):
                 raise ValueError(f"split gives {len(self.split)} stages but stages = {self.stages}")
 
     config: Config
-
-    def __init__(self, config: StrategyConfig, ctx: DistContext) -> None:
-        super().__init__(config, ctx)
-        self.dims = self.layout(config, ctx.world_size)
-        self.last_metrics: dict[str, float] = {}
 
     @classmethod
     def layout(cls, config: StrategyConfig, world_size: int) -> ParallelDims:
@@ -144,12 +126,6 @@ class Pipeline(Strategy):
             stages = world_size // dp
         return ParallelDims(dp=dp, pp=stages, world_size=world_size)
 
-    @classmethod
-    def check_world_size(cls, config: StrategyConfig, world_size: int, batch_size: int) -> None:
-        assert isinstance(config, cls.Config)
-        dims = cls.layout(config, world_size)
-        check_pipeline(dp=dims.dp, pp=dims.pp, microbatches=config.microbatches, batch_size=batch_size)
-
     def setup(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Sequential):
             raise ConfigError(f"pipeline splits an nn.Sequential by position; got {type(model).__name__}")
@@ -163,15 +139,7 @@ class Pipeline(Strategy):
         if rank == 0:
             logger.info("pipeline: layers per stage %s (%s)", sizes, "split" if c.split else f"balance={c.balance}")
         self.model = StageModule.of(model, sizes, self.stage_index, recompute=c.recompute).to(self.ctx.device)
-        self.runner = StageRunner(
-            self.model,
-            stage_index=self.stage_index,
-            num_stages=dims.pp,
-            group=groups[MeshAxis.PP],
-            microbatches=c.microbatches,
-            schedule=c.schedule,
-            device=self.ctx.device,
-        )
+        self.runner = self.make_runner(self.model, stage_index=self.stage_index, group=groups[MeshAxis.PP])
         self.optimizer = self.make_optimizer(self.model.parameters())
 
     def _split(self, layers: list[nn.Module], model: nn.Module) -> list[int]:
@@ -203,23 +171,15 @@ class Pipeline(Strategy):
         return resolve_split(layers, num_stages=self.dims.pp, split=c.split, balance=c.balance, sample=None)
 
     def train_step(self, x: Tensor, y: Tensor) -> float:
-        check_pipeline(dp=self.dims.dp, pp=self.dims.pp, microbatches=self.config.microbatches, batch_size=len(x))
+        self.check_batch(len(x))
         x, y = batch_rows(x, y, self.dp_index, self.dims.dp)
         set_lr(self.optimizer, self.lr_at(self.step, len(x) * self.dims.dp))
         self.optimizer.zero_grad(set_to_none=True)
         loss, idle = self.runner.step(x.to(self.ctx.device), y.to(self.ctx.device))
         allreduce_grads(list(self.model.parameters()), group=self.dp_group, size=self.dims.dp)
         self.optimizer.step()
-        # One all-reduce brings the last stages' losses and every stage's idle fraction to all ranks.
         is_last = self.stage_index == self.dims.pp - 1
-        world = self.ctx.world_size
-        loss_sum, idle_sum = sum_across_world([loss / self.dims.dp if is_last else 0.0, idle / world], self.ctx.device)
-        self.last_metrics = {"bubble": idle_sum, "bubble_formula": self.runner.bubble_formula()}
-        return float(loss_sum)
-
-    def step_metrics(self) -> dict[str, float]:
-        """The last step's measured bubble (mean over ranks of idle / step time) and (p - 1) / (m + p - 1)."""
-        return dict(self.last_metrics)
+        return self.reduce_loss(loss / self.dims.dp if is_last else 0.0, idle, self.runner)
 
     def full_state_dict(self) -> dict[str, Tensor] | None:
         # Replicas hold the same weights; only dp index 0 sends its stage.

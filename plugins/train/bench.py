@@ -169,6 +169,8 @@ def strategies(
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if batch_size % nproc:
         raise ConfigError(f"--batch-size {batch_size} must be divisible by --nproc {nproc}")
+    if not bucket_mb > 0:  # else every worker fails, and their train.log goes with the temporary directory
+        raise ConfigError(f"--bucket-mb must be > 0 MiB, got {bucket_mb:g}")
     timed: dict[str, dict[str, Any]] = {
         "allreduce": {"bucket_mb": bucket_mb},
         "ring-allreduce": {},

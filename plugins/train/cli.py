@@ -20,7 +20,7 @@ import typer
 
 from fedge.config import from_mapping, load_toml, merge, to_mapping
 from fedge.errors import ConfigError, PluginNotFoundError
-from fedge.plugins.train.config import TrainConfig
+from fedge.plugins.train.config import TrainConfig, parse_nnodes
 from fedge.registry import Kind, Registry
 from fedge.rundir import RunDir
 
@@ -164,8 +164,6 @@ def train(
     cfg = build_config(base, flags)
 
     # Fail before any process starts: unknown strategy, bad options, a world size it cannot use.
-    from fedge.plugins.train.config import parse_nnodes
-
     for kind, name in ((Kind.DATASET, cfg.dataset), (Kind.MODEL, cfg.model)):
         names = Registry(kind).names()
         if name not in names:

@@ -83,7 +83,10 @@ class TrainConfig:
             raise ValueError("checkpoint_every and max_restarts must be >= 0")
         if self.timeout_s <= 0 or self.rdzv_timeout_s <= 0 or self.rdzv_last_call_s <= 0:
             raise ValueError("timeouts must be > 0 seconds")
-        parse_nnodes(self.nnodes)
+        if parse_nnodes(self.nnodes)[1] > 1 and not self.rdzv_endpoint:
+            raise ValueError(
+                f"nnodes {self.nnodes} spans several machines and needs --rdzv-endpoint HOST:PORT (rdzv_endpoint)"
+            )
         if self.rdzv_endpoint and not re.fullmatch(r"[^\s:]+:\d+|\[[0-9a-fA-F:]+\]:\d+", self.rdzv_endpoint):
             raise ValueError(f"rdzv_endpoint must be HOST:PORT, got {self.rdzv_endpoint!r}")
         if self.rdzv_endpoint and not 1 <= int(self.rdzv_endpoint.rpartition(":")[2]) <= 65535:

@@ -147,9 +147,6 @@ def launch(
         ConfigError: a worker reported a user error.
         RuntimeFailure: torchrun or a worker failed (the message points at ``train.log``).
     """
-    _, hi = parse_nnodes(cfg.nnodes)
-    if hi > 1 and not cfg.rdzv_endpoint:
-        raise ConfigError(f"--nnodes {cfg.nnodes} spans several machines and needs --rdzv-endpoint HOST:PORT")
     if cfg.rdzv_endpoint:
         check_rendezvous(cfg.rdzv_endpoint, cfg.rdzv_timeout_s)
     for path in run.file("errors").glob("rank-*.txt"):

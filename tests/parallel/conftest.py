@@ -135,13 +135,32 @@ def train_strategy(
     return losses, strategy.full_state_dict(), strategy.step_metrics()
 
 
+def assert_same_training(results, reference):
+    """Every rank's losses match the single-process ``reference``; rank 0 alone returns the full state, equal to it."""
+    import torch
+
+    ref_losses, ref_state = reference
+    for losses, _, _ in results:
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+    state = results[0][1]
+    assert state is not None and all(r[1] is None for r in results[1:])
+    assert set(state) == set(ref_state)
+    for key, value in ref_state.items():
+        assert state[key].shape == value.shape, key
+        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+
+
 @pytest.fixture
 def parity():
     """The helpers above, for test modules (which cannot import conftest)."""
     import types
 
     return types.SimpleNamespace(
-        make_model=make_model, global_batch=global_batch, train_single=train_single, train_strategy=train_strategy
+        make_model=make_model,
+        global_batch=global_batch,
+        train_single=train_single,
+        train_strategy=train_strategy,
+        assert_same_training=assert_same_training,
     )
 
 

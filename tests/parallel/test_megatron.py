@@ -11,24 +11,12 @@ from fedge.plugins.strategies.megatron import Megatron
 STEPS = 3
 
 
-def _assert_same_training(results, reference):
-    ref_losses, ref_state = reference
-    for losses, _, _ in results:
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
-    state = results[0][1]
-    assert state is not None and all(r[1] is None for r in results[1:])
-    assert set(state) == set(ref_state)
-    for key, value in ref_state.items():
-        assert state[key].shape == value.shape, key
-        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
-
-
 @pytest.mark.multiproc
 def test_vocab_parallel_embedding_matches_single_process(run_dist, parity):
     options = {"vocab_size": 16}
     reference = parity.train_single(STEPS, options=options)
     results = run_dist(parity.train_strategy, 2, Megatron, {"tp": 2, "vocab_parallel": True}, STEPS, None, options)
-    _assert_same_training(results, reference)
+    parity.assert_same_training(results, reference)
 
 
 @pytest.mark.multiproc
@@ -47,7 +35,7 @@ def test_matches_single_process(run_dist, parity, world_size, config, resume_at)
     # Execute
     results = run_dist(parity.train_strategy, world_size, Megatron, config, STEPS, resume_at)
     # Assert
-    _assert_same_training(results, reference)
+    parity.assert_same_training(results, reference)
 
 
 def _count_allreduces(rank, world_size, parity):

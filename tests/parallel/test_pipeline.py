@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from torch import nn
 
 from fedge.errors import ConfigError
@@ -11,17 +10,6 @@ from fedge.plugins.strategies._pipeline_stage import balanced_split, resolve_spl
 from fedge.plugins.strategies.pipeline import Pipeline
 
 STEPS = 3
-
-
-def _assert_same_training(results, reference):
-    ref_losses, ref_state = reference
-    for losses, _, _ in results:
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
-    state = results[0][1]
-    assert state is not None and all(r[1] is None for r in results[1:])
-    assert set(state) == set(ref_state)
-    for key, value in ref_state.items():
-        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
 
 
 @pytest.mark.multiproc
@@ -39,7 +27,7 @@ def test_two_stages_match_single_process(run_dist, parity, config, resume_at):
     # Execute
     results = run_dist(parity.train_strategy, 2, Pipeline, config, STEPS, resume_at)
     # Assert
-    _assert_same_training(results, reference)
+    parity.assert_same_training(results, reference)
     metrics = results[0][2]
     assert metrics["bubble_formula"] == pytest.approx(1 / 5)
     assert 0.0 <= metrics["bubble"] <= 1.0
@@ -49,7 +37,7 @@ def test_two_stages_match_single_process(run_dist, parity, config, resume_at):
 def test_two_stages_times_two_replicas_match_single_process(run_dist, parity):
     reference = parity.train_single(STEPS)
     results = run_dist(parity.train_strategy, 4, Pipeline, {"stages": 2, "microbatches": 2}, STEPS)  # dp=2 inferred
-    _assert_same_training(results, reference)
+    parity.assert_same_training(results, reference)
 
 
 def test_balanced_split_minimises_the_costliest_stage():

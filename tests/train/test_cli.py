@@ -120,6 +120,7 @@ def test_user_mistakes_are_one_line_before_any_process_starts(
     assert message in err
     assert "Traceback" not in err
     assert not (tmp_path / "run" / "train.log").exists()
+    assert not (tmp_path / "run").exists()  # no run directory either: nothing to clean up after a typo
 
 
 def test_unreachable_rendezvous_endpoint_fails_in_time(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -208,6 +209,7 @@ def test_bench_strategies_leaves_out_a_parameter_server_the_batch_does_not_fit(
         (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         (["--nproc", "3", "--batch-size", "64"], "--batch-size 64 must be divisible by --nproc 3"),
         (["--hidden", "a,b"], "--hidden takes comma-separated integers, got 'a,b'"),
+        (["--bucket-mb", "0"], "--bucket-mb must be > 0 MiB, got 0"),
     ],
 )
 def test_bench_strategies_bad_input_is_exactly_one_line(capsys: pytest.CaptureFixture[str], args, line: str) -> None:

@@ -181,6 +181,8 @@ def test_train_config_validation() -> None:
         TrainConfig(rdzv_endpoint="nohost")
     with pytest.raises(ValueError, match="RANK:STEP"):
         TrainConfig(fault_at="1")
+    with pytest.raises(ValueError, match="nnodes 1:2 spans several machines and needs --rdzv-endpoint"):
+        TrainConfig(nnodes="1:2")
 
 
 def test_resolve_strategy_lists_valid_names() -> None:

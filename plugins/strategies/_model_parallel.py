@@ -1,0 +1,90 @@
+"""What ``pipeline`` and ``megatron`` share: a ``ParallelDims`` layout, the batch checks, the pipeline stage
+runner and the measured bubble."""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Protocol, cast
+
+from fedge.errors import ConfigError
+from fedge.plugins.strategies._pipeline_groups import sum_across_world
+from fedge.plugins.strategies._pipeline_stage import StageRunner
+from fedge.plugins.train.base import DistContext, Strategy, StrategyConfig
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
+    from torch import nn
+
+    from fedge.parallel import ParallelDims
+
+__all__ = ["ModelParallel", "check_pipeline"]
+
+
+class _Pipelined(Protocol):
+    microbatches: int
+    schedule: str
+
+
+def check_pipeline(*, dp: int, pp: int, microbatches: int, batch_size: int) -> None:
+    """Raise ConfigError unless each of the dp replicas' rows split into ``microbatches`` equal micro-batches."""
+    if batch_size % dp:
+        raise ConfigError(f"batch size {batch_size} does not split over dp={dp} replicas; use a multiple of {dp}")
+    rows = batch_size // dp
+    if pp > 1 and rows % microbatches:
+        raise ConfigError(
+            f"microbatches={microbatches} does not divide the {rows} rows each pipeline gets "
+            f"(batch {batch_size} / dp {dp}); choose microbatches dividing {rows} or a batch size that is a multiple of "
+            f"{dp * microbatches}"
+        )
+
+
+class ModelParallel(Strategy):
+    """A strategy laid out by :meth:`layout` (its Config has ``microbatches`` and ``schedule``)."""
+
+    def __init__(self, config: StrategyConfig, ctx: DistContext) -> None:
+        super().__init__(config, ctx)
+        self.dims = self.layout(config, ctx.world_size)
+        self.last_metrics: dict[str, float] = {}
+
+    @classmethod
+    @abc.abstractmethod
+    def layout(cls, config: StrategyConfig, world_size: int) -> ParallelDims:
+        """The validated layout for ``world_size`` processes."""
+
+    @classmethod
+    def check_world_size(cls, config: StrategyConfig, world_size: int, batch_size: int) -> None:
+        dims = cls.layout(config, world_size)
+        microbatches = cast(_Pipelined, config).microbatches
+        check_pipeline(dp=dims.dp, pp=dims.pp, microbatches=microbatches, batch_size=batch_size)
+
+    def check_batch(self, batch_size: int) -> None:
+        """:func:`check_pipeline` for this strategy's layout."""
+        microbatches = cast(_Pipelined, self.config).microbatches
+        check_pipeline(dp=self.dims.dp, pp=self.dims.pp, microbatches=microbatches, batch_size=batch_size)
+
+    def make_runner(self, module: nn.Module, *, stage_index: int, group: dist.ProcessGroup | None) -> StageRunner:
+        """This rank's pipeline stage of ``module`` on the configured schedule."""
+        c = cast(_Pipelined, self.config)
+        return StageRunner(
+            module,
+            stage_index=stage_index,
+            num_stages=self.dims.pp,
+            group=group,
+            microbatches=c.microbatches,
+            schedule=c.schedule,
+            device=self.ctx.device,
+        )
+
+    def reduce_loss(self, share: float, idle: float, runner: StageRunner | None) -> float:
+        """Sum this rank's ``share`` of the loss over the world and, with a ``runner``, record the bubble.
+
+        One all-reduce brings the last stages' losses and every rank's idle fraction to all ranks.
+        """
+        loss_sum, idle_sum = sum_across_world([share, idle / self.ctx.world_size], self.ctx.device)
+        if runner is not None:
+            self.last_metrics = {"bubble": idle_sum, "bubble_formula": runner.bubble_formula()}
+        return float(loss_sum)
+
+    def step_metrics(self) -> dict[str, float]:
+        """The last step's measured bubble (mean over ranks of idle / step time) and (p - 1) / (m + p - 1)."""
+        return dict(self.last_metrics)
