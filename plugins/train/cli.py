@@ -179,7 +179,7 @@ def train(
     if rdzv_last_call is not None and lo == hi:
         logger.warning("--rdzv-last-call has no effect: only an elastic --nnodes MIN:MAX waits for more nodes")
 
-    run = RunDir.create("train", out)
+    run = RunDir.create("train", out, resume=resume is not None, resumable=True)
     run.write_config(to_mapping(cfg))
     typer.echo(f"fedge train: {cfg.strategy} on {cfg.nnodes} x {cfg.nproc} processes -> {run.path}", err=True)
     node_path = None

@@ -70,10 +70,12 @@ def test_third_party_analysis_runs_in_the_report(tmp_path, builder, monkeypatch)
 
 
 def test_a_failing_third_party_analysis_becomes_a_note(tmp_path, builder):
+    import dataclasses
+
     class Broken:
+        @dataclasses.dataclass(frozen=True)
         class Config:
-            def __init__(self, **kw):
-                pass
+            pass
 
         @staticmethod
         def run(job, config):
