@@ -199,6 +199,10 @@ def superlink_command(
     _check_port("--control-port", control_port)
     if fleet_port == control_port:
         raise ConfigError(f"--fleet-port and --control-port must differ; both are {fleet_port}")
+    from fedge.plugins.fl.federation import check_port_free
+
+    for flag, port in (("--fleet-port", fleet_port), ("--control-port", control_port)):
+        check_port_free(host, port, flag)  # before any run directory exists
     tls = None
     if certs is not None:
         ca_cert, server_cert, server_key = certs / "ca.crt", certs / "server.pem", certs / "server.key"
