@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fedge.errors import ConfigError, DataError, Interrupted
+from fedge.errors import ConfigError, DataError, Interrupted, StorageError
 from fedge.profiler.kinds import Mode
 
 __all__ = ["app"]
@@ -37,8 +37,10 @@ def _writing(option: str, target: str) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        cause = err.strerror or getattr(err.__cause__, "strerror", None) or type(err).__name__
-        raise ConfigError(f"{option} {target}: cannot write ({cause}); give a writable path") from err
+        cause = err.strerror or getattr(err.__cause__, "strerror", None)
+        if cause is None and isinstance(err, StorageError):  # already one line naming the path and what to do
+            raise
+        raise ConfigError(f"{option} {target}: cannot write ({cause or err}); give a writable path") from err
 
 
 def _options(pairs: list[str]) -> dict[str, dict[str, str]]:
