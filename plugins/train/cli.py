@@ -171,7 +171,7 @@ def _check_before_start(cfg: TrainConfig, *, last_call_given: bool) -> None:
         names = Registry(kind).names()
         if name not in names:
             raise PluginNotFoundError(f"unknown {kind} {name!r}; valid: {', '.join(names) or 'none installed'}")
-    _check_paths(dataset_config(cfg.dataset, cfg.dataset_options, command="fedge train"), cfg.dataset)
+    _check_data(cfg, dataset_config(cfg.dataset, cfg.dataset_options, command="fedge train"))
     cls = resolve_strategy(cfg.strategy)
     scfg = strategy_config(cls, cfg.strategy_options, cfg.strategy)
     lo, hi = parse_nnodes(cfg.nnodes)
@@ -183,15 +183,24 @@ def _check_before_start(cfg: TrainConfig, *, last_call_given: bool) -> None:
         _check_gpus(cfg.nproc)
 
 
-def _check_paths(dataset_cfg: Any, name: str) -> None:
-    """A dataset file or folder that does not exist is a typo: say so before the run directory is made."""
+def _check_data(cfg: TrainConfig, dataset_cfg: Any) -> None:
+    """Read the training set once here, so a missing or malformed file, or a batch larger than the set, is one
+    line before the run directory is made (every rank reads it again)."""
+    from fedge.plugins.data import load_dataset
+
     for f in dataclasses.fields(dataset_cfg):
         value = getattr(dataset_cfg, f.name)
         if isinstance(value, Path) and not value.exists():
             raise ConfigError(
-                f"dataset {name}: {f.name} {str(value)!r} does not exist; set [dataset_options] {f.name} to an "
+                f"dataset {cfg.dataset}: {f.name} {str(value)!r} does not exist; set [dataset_options] {f.name} to an "
                 "existing file or folder"
             )
+    n = len(load_dataset(cfg.dataset, cfg.dataset_options).x_train)
+    if cfg.batch_size > n:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} is larger than the training set of {cfg.dataset} ({n} samples); "
+            f"use at most {n}"
+        )
 
 
 def _check_gpus(nproc: int) -> None:
