@@ -21,6 +21,7 @@ import click
 import typer
 from rich.markup import escape
 
+from fedge.cli.options import config_options
 from fedge.config import describe, from_mapping, load_toml, merge, to_mapping
 from fedge.errors import ConfigError, FedgeError, Interrupted, PluginNotFoundError
 from fedge.plugins.train.config import TrainConfig, parse_nnodes
@@ -31,7 +32,6 @@ __all__ = ["build_config", "parse_options", "strategy_help", "train"]
 
 logger = logging.getLogger(__name__)
 
-_PANEL_JOB = "Job and launch"
 _PANEL_STRATEGY = "Strategy"
 _HELP = {d.name: d.doc for d in describe(TrainConfig)}
 # Flags that once existed; each names what replaced it.
@@ -80,28 +80,16 @@ def _show_strategy_options(ctx: click.Context, _param: click.Parameter, value: s
     return value
 
 
+@config_options(
+    TrainConfig,
+    exclude=("strategy", "strategy_options", "model_options", "dataset_options", "fault_at"),
+    short={"timeout_s": "--timeout", "rdzv_timeout_s": "--rdzv-timeout", "rdzv_last_call_s": "--rdzv-last-call"},
+)
 def train(
     config_file: Annotated[Path | None, typer.Argument(help="TOML file of settings; flags override it.")] = None,
     strategy: Annotated[str | None, typer.Option("--strategy", "-s", help=f"{_HELP['strategy']} With --help: its options.", is_eager=True, callback=_show_strategy_options, rich_help_panel=_PANEL_STRATEGY)] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="A strategy Config field, KEY=VALUE (repeatable; see --strategy NAME --help).", rich_help_panel=_PANEL_STRATEGY)] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Shortcut for -o lr=LR (every strategy has it).", rich_help_panel=_PANEL_STRATEGY)] = None,
-    nproc: Annotated[int | None, typer.Option("--nproc", help=_HELP["nproc"], rich_help_panel=_PANEL_JOB)] = None,
-    nnodes: Annotated[str | None, typer.Option("--nnodes", help=_HELP["nnodes"], rich_help_panel=_PANEL_JOB)] = None,
-    rdzv_endpoint: Annotated[str | None, typer.Option("--rdzv-endpoint", help=_HELP["rdzv_endpoint"], rich_help_panel=_PANEL_JOB)] = None,
-    rdzv_id: Annotated[str | None, typer.Option("--rdzv-id", help=_HELP["rdzv_id"], rich_help_panel=_PANEL_JOB)] = None,
-    rdzv_timeout_s: Annotated[float | None, typer.Option("--rdzv-timeout", help=_HELP["rdzv_timeout_s"], rich_help_panel=_PANEL_JOB)] = None,
-    rdzv_last_call_s: Annotated[float | None, typer.Option("--rdzv-last-call", help=_HELP["rdzv_last_call_s"], rich_help_panel=_PANEL_JOB)] = None,
-    max_restarts: Annotated[int | None, typer.Option("--max-restarts", help=_HELP["max_restarts"], rich_help_panel=_PANEL_JOB)] = None,
-    backend: Annotated[str | None, typer.Option("--backend", help=_HELP["backend"], rich_help_panel=_PANEL_JOB)] = None,
-    timeout_s: Annotated[float | None, typer.Option("--timeout", help=_HELP["timeout_s"], rich_help_panel=_PANEL_JOB)] = None,
-    model: Annotated[str | None, typer.Option("--model", help=_HELP["model"])] = None,
-    dataset: Annotated[str | None, typer.Option("--dataset", help=_HELP["dataset"])] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help=_HELP["steps"])] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help=_HELP["epochs"])] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help=_HELP["batch_size"])] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help=_HELP["seed"])] = None,
-    checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every", help=_HELP["checkpoint_every"])] = None,
-    profile: Annotated[bool | None, typer.Option("--profile", help=_HELP["profile"])] = None,
     fault_at: Annotated[str | None, typer.Option("--fault-at", help=_HELP["fault_at"], hidden=True)] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this directory from its last checkpoint.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/train-<timestamp>/).")] = None,
@@ -110,18 +98,19 @@ def train(
     sync: Annotated[bool | None, typer.Option("--sync/--async", hidden=True)] = None,
     lr_scaling: Annotated[str | None, typer.Option("--lr-scaling", hidden=True)] = None,
     warmup_steps: Annotated[str | None, typer.Option("--warmup-steps", hidden=True)] = None,
+    *,
+    settings: dict[str, Any],
 ) -> int:
     """Train one model across processes (and machines) with a strategy, launched by torchrun."""
-    params = click.get_current_context().params
-    for name, why in _GONE.items():
-        if params.get(name) is not None:
-            raise ConfigError(why)
+    for name, value in (("sync", sync), ("lr_scaling", lr_scaling), ("warmup_steps", warmup_steps)):
+        if value is not None:
+            raise ConfigError(_GONE[name])
     strategy_flags = {"lr": lr, **parse_options(option or [])}
-    flags = {f.name: params[f.name] for f in dataclasses.fields(TrainConfig) if f.name in params}
+    flags = {**settings, "strategy": strategy, "fault_at": fault_at}
     flags["strategy_options"] = {k: v for k, v in strategy_flags.items() if v is not None}
     base = _base_settings(config_file, resume, out, strategy)
-    cfg = build_config(base, flags)
-    _check_before_start(cfg, last_call_given=rdzv_last_call_s is not None)
+    cfg = build_config(base, {k: v for k, v in flags.items() if v is not None})
+    _check_before_start(cfg, last_call_given="rdzv_last_call_s" in settings)
     with RunDir.create("train", resume or out, resume=resume is not None, overwrite=overwrite, resumable=True) as run:
         run.write_config(to_mapping(cfg))
         typer.echo(f"fedge train: {cfg.strategy} on {cfg.nnodes} x {cfg.nproc} processes -> {run.path}", err=True)
