@@ -190,7 +190,7 @@ def test_an_op_tflm_lacks_is_named(digits) -> None:
     from torch import nn
 
     from fedge.edge import export_tflite
-    from fedge.edge.pipeline import verify
+    from fedge.edge.verify import verify
     from fedge.errors import DataError
 
     # Prepare: GELU converts for LiteRT, but TFLM has no GELU kernel
