@@ -222,6 +222,7 @@ class ConversionWorker:
         self._proc: subprocess.Popen[str] | None = None
         self._log: Any = None
         self._ready = False
+        self._jobs = 0
         self.start()
 
     def start(self) -> None:
@@ -247,6 +248,7 @@ class ConversionWorker:
             RuntimeFailure: the child crashed (its last log line is quoted) or did not finish in time.
         """
         self.start()
+        self._jobs += 1
         proc = self._proc
         assert proc is not None and proc.stdin is not None
         try:
@@ -295,8 +297,10 @@ class ConversionWorker:
             self._log = None
 
     def close(self) -> None:
-        """End the child: closing its stdin lets it exit; one that does not is killed."""
+        """End the child: closing its stdin lets it exit; one that does not, or never got a job, is killed."""
         proc = self._proc
+        if self._jobs == 0:  # still importing its converter for nothing (the export failed first)
+            self._stop()
         if proc is not None and proc.poll() is None:
             assert proc.stdin is not None
             with contextlib.suppress(OSError):

@@ -46,8 +46,8 @@ class ExportConfig:
     """Settings of the exporter's Config (``-o KEY=VALUE``; a ``[options]`` table in TOML)."""
     quantize: Quantization | None = None
     """Shortcut for the exporter's ``quantization`` option: none, float16, dynamic or int8."""
-    dataset: str = "digits"
-    """Dataset plugin for calibration and held-out checks when model.json names none."""
+    dataset: str | None = None
+    """Dataset plugin for calibration and held-out checks when model.json names none (then digits by default)."""
     target: str | None = None
     """Board to check flash and RAM against (see ``fedge edge boards``)."""
 
@@ -151,13 +151,17 @@ def _run_dir(out: str | Path | None, *, overwrite: bool) -> Iterator[RunDir]:
             "replace it"
         )
     if out is None or not held:
-        created = out is None or not out.exists()
+        root_made = out is None and not Path("runs").exists()
+        out_made = out is not None and not out.exists()
         run = RunDir.create("edge", out)
         try:
             yield run
-        except BaseException:
-            if created:
+        except BaseException:  # nothing of a failed export stays behind in a directory this made
+            if out is None or out_made:
                 shutil.rmtree(run.path, ignore_errors=True)
+            if root_made:
+                with contextlib.suppress(OSError):
+                    Path("runs").rmdir()
             raise
         return
     # The new run is written beside the old one and swapped in only once it is complete.
@@ -257,10 +261,20 @@ class ExportWorkflow:
         return report, check, fit
 
     def load_dataset(self, src: SourceModel) -> ArrayDataset:
-        """The dataset model.json names (with its options), else ``--dataset``."""
+        """The dataset model.json names (with its options), else ``--dataset`` (digits by default).
+
+        Raises:
+            ConfigError: ``--dataset`` names another dataset than the one the model was trained on.
+        """
         from fedge.plugins.data import load_dataset
 
-        return load_dataset(src.dataset, src.dataset_options) if src.dataset else load_dataset(self.config.dataset)
+        wanted = self.config.dataset
+        if src.dataset and wanted and wanted != src.dataset:
+            raise ConfigError(
+                f"model.json names dataset {src.dataset!r}, the one the model was trained on; --dataset {wanted} "
+                "would not be used: leave it out"
+            )
+        return load_dataset(src.dataset, src.dataset_options) if src.dataset else load_dataset(wanted or "digits")
 
     def convert(self, source: ExportSource) -> Artefacts:
         """The chosen exporter's artefacts."""
