@@ -11,21 +11,25 @@ from fedge.errors import (
     DataError,
     DuplicatePluginError,
     FedgeError,
+    Interrupted,
     PartialResultError,
     PluginLoadError,
     PluginNotFoundError,
     RuntimeFailure,
+    StorageError,
 )
-from fedge.registry import Kind, PluginSpec, Registry, plugin
+from fedge.registry import Chosen, Kind, PluginSpec, Registry, plugin
 from fedge.rundir import RunDir, atomic_write_bytes, atomic_write_text
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Chosen",
     "ConfigError",
     "DataError",
     "DuplicatePluginError",
     "FedgeError",
+    "Interrupted",
     "Kind",
     "PartialResultError",
     "PartitionConfig",
@@ -35,6 +39,7 @@ __all__ = [
     "Registry",
     "RunDir",
     "RuntimeFailure",
+    "StorageError",
     "atomic_write_bytes",
     "atomic_write_text",
     "from_mapping",

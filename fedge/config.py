@@ -10,8 +10,12 @@ directory. Example::
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import enum
+import inspect
+import math
+import textwrap
 import tomllib
 import types
 import typing
@@ -22,7 +26,9 @@ from typing import Any, Literal, TypeVar
 from fedge.errors import ConfigError
 
 __all__ = [
+    "FieldDoc",
     "PartitionConfig",
+    "describe",
     "dump_toml",
     "from_mapping",
     "load_toml",
@@ -128,14 +134,20 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 pass
         raise ConfigError(f"{where} must be an integer; got {value!r}")
     if tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where} must be a number; got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where} must be a number; got {value!r}")
+        if not math.isfinite(number):
+            # NaN passes every `x <= 0` check after it, so it is refused here, once, for every setting.
+            raise ConfigError(f"{where} must be a finite number; got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -179,6 +191,80 @@ def from_mapping(cls: type[C], data: Mapping[str, Any], *, where: str = "config"
         raise
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{where}: {err}") from err
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FieldDoc:
+    """One setting of a Config dataclass, as ``describe`` reports it."""
+
+    name: str
+    type: str
+    default: str
+    """The default as TOML-ish text, or "" when the setting is required."""
+    doc: str
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    # The docstring written directly under each field, in this class and the dataclasses it extends.
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, after in zip(body, body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return " | ".join(str(m.value) for m in tp)
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def describe(cls: type) -> list[FieldDoc]:
+    """The settings of the Config dataclass ``cls``: name, type, default and the docstring under each field.
+
+    Listings and ``--help`` use this, so a setting's documentation is written once, in the Config.
+    """
+    if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = to_mapping(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = to_mapping(f.default_factory())
+        else:
+            default = dataclasses.MISSING
+        text = "" if default is dataclasses.MISSING else ("none" if default is None else _default_text(default))
+        out.append(FieldDoc(name=f.name, type=_type_name(hints[f.name]), default=text, doc=docs.get(f.name, "")))
+    return out
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_default_text(v) for v in value)
+    return str(value)
 
 
 def to_mapping(obj: Any) -> Any:

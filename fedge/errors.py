@@ -7,10 +7,12 @@ __all__ = [
     "DataError",
     "DuplicatePluginError",
     "FedgeError",
+    "Interrupted",
     "PartialResultError",
     "PluginLoadError",
     "PluginNotFoundError",
     "RuntimeFailure",
+    "StorageError",
 ]
 
 
@@ -53,3 +55,13 @@ class PartialResultError(FedgeError):
     """The command produced a result, but some inputs were skipped (exit code 2)."""
 
     exit_code = 2
+
+
+class StorageError(FedgeError, OSError):
+    """The user's filesystem refused a write: read-only, full, a file where a directory belongs (exit code 1)."""
+
+
+class Interrupted(FedgeError):
+    """Ctrl-C or SIGTERM stopped the command; the message says what was kept and how to resume (exit code 130)."""
+
+    exit_code = 130

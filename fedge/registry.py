@@ -18,13 +18,14 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
 from enum import StrEnum
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast, overload
 
 from fedge.errors import DuplicatePluginError, PluginLoadError, PluginNotFoundError
 
 __all__ = [
+    "Chosen",
     "EntryPointSource",
     "Kind",
     "PluginInfo",
@@ -155,11 +156,26 @@ class PluginSpec:
     value: str
 
 
+@dataclass(frozen=True, slots=True)
+class Chosen(Generic[T]):
+    """A plugin reference resolved once: the name, the plugin, and its validated ``Config``."""
+
+    name: str
+    plugin: T
+    config: Any
+
+
 class Registry(Generic[T]):
     """The plugins of one kind, found through entry points and imported on first use.
 
+    Built-ins and third-party plugins take the same path: found by entry point, checked against the kind's
+    protocol when imported, and configured through their own ``Config`` dataclass.
+
     Args:
         kind: which plugins this registry holds.
+        protocol: the kind's ``@runtime_checkable`` Protocol; ``get`` refuses a plugin that does not satisfy
+            it, and the registry is typed by it (``Registry(Kind.MODEL, ModelPlugin)`` is a
+            ``Registry[ModelPlugin]``). Without it plugins are only checked for their tag and ``Config``.
         source: entry-point source; the installed distributions by default (tests inject fakes).
         env: environment to read ``FEDGE_DISABLE_PLUGIN_AUTOLOAD`` and ``FEDGE_PLUGINS`` from
             (``os.environ`` when None). With autoload disabled only the ``fedge`` distribution's
@@ -169,14 +185,36 @@ class Registry(Generic[T]):
         DuplicatePluginError: two distributions register the same name.
     """
 
+    @overload
+    def __init__(
+        self: Registry[T],
+        kind: Kind | str,
+        protocol: type[T],
+        *,
+        source: EntryPointSource | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self: Registry[Any],
+        kind: Kind | str,
+        protocol: None = None,
+        *,
+        source: EntryPointSource | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None: ...
+
     def __init__(
         self,
         kind: Kind | str,
+        protocol: type[T] | None = None,
         *,
         source: EntryPointSource | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.kind = Kind(kind)
+        self.protocol = protocol
         env = os.environ if env is None else env
         autoload = env.get("FEDGE_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0")
         allowed = {s.strip() for s in env.get("FEDGE_PLUGINS", "").split(",") if s.strip()}
@@ -240,8 +278,42 @@ class Registry(Generic[T]):
                 f"entry point {name!r} in {self.kind.group} ({spec.distribution}: {spec.value}) must point at an "
                 f"object decorated with @plugin({self.kind.value!r}, {name!r}); found {info}"
             )
-        self._loaded[name] = obj
+        self._check_shape(name, spec, obj)
+        self._loaded[name] = cast(T, obj)
         return self._loaded[name]
+
+    def _check_shape(self, name: str, spec: PluginSpec, obj: object) -> None:
+        where = f"{self.kind} {name!r} ({spec.distribution}: {spec.value})"
+        config = getattr(obj, "Config", None)
+        if not (isinstance(config, type) and is_dataclass(config)):
+            raise PluginLoadError(f"{where} must nest a dataclass named Config holding its settings; found {config!r}")
+        if self.protocol is not None and not isinstance(obj, self.protocol):
+            wanted = [m for m in _protocol_members(self.protocol) if not hasattr(obj, m)]
+            missing = f"; it lacks {', '.join(wanted)}" if wanted else ""
+            raise PluginLoadError(f"{where} does not implement the {self.protocol.__name__} protocol{missing}")
+
+    def choose(self, name: str, options: Mapping[str, Any] | None = None, *, where: str | None = None) -> Chosen[T]:
+        """Resolve a plugin reference from a config into the plugin and its validated ``Config``.
+
+        Args:
+            name: the plugin's name.
+            options: its settings (a TOML table or ``-o key=value`` pairs); strings are coerced.
+            where: how the settings are named in messages; ``<kind>.<name>`` by default.
+
+        Raises:
+            PluginNotFoundError, PluginLoadError: as for :meth:`get`.
+            ConfigError: an unknown or invalid setting (one line naming it and the valid ones).
+
+        Example::
+
+            chosen = Registry(Kind.STRATEGY, StrategyPlugin).choose("ring-allreduce", {"chunk_bytes": "65536"})
+            chosen.plugin(chosen.config)
+        """
+        from fedge.config import from_mapping
+
+        plugin = self.get(name)
+        config = from_mapping(getattr(plugin, "Config"), dict(options or {}), where=where or f"{self.kind}.{name}")
+        return Chosen(name=name, plugin=plugin, config=config)
 
     def load_all(self) -> dict[str, T]:
         """Import every plugin; one that fails becomes a warning naming it and the cause."""
@@ -253,6 +325,16 @@ class Registry(Generic[T]):
                 warnings.warn(str(err), RuntimeWarning, stacklevel=2)
                 logger.debug("plugin %s failed to load", name, exc_info=True)
         return loaded
+
+
+def _protocol_members(protocol: type) -> list[str]:
+    # The public names a Protocol asks for (typing keeps its own list private before Python 3.12).
+    names: set[str] = set()
+    for base in protocol.__mro__:
+        if base in (Protocol, Generic, object):
+            continue
+        names.update(n for n in (*vars(base), *getattr(base, "__annotations__", {})) if not n.startswith("_"))
+    return sorted(names)
 
 
 def summary_of(obj: object) -> str:

@@ -1,7 +1,13 @@
 """Run directories (``runs/<kind>-<timestamp>/``) and atomic file writes.
 
 Every artefact is written to a temporary file in the same directory and renamed into place, so
-a reader (or a crash) never sees half a file.
+a reader (or a crash) never sees half a file. A directory that holds a run is never written into again
+by a new run: :meth:`RunDir.create` refuses it unless the command resumes it, or the user asked to
+replace it whole (``--overwrite``). Example::
+
+    with RunDir.create("fl", out, overwrite=overwrite) as run:
+        run.write_config(resolved)
+        ...  # on an error the replaced run comes back untouched
 """
 
 from __future__ import annotations
@@ -9,15 +15,42 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from fedge.config import dump_toml
+from fedge.errors import ConfigError, StorageError
 
-__all__ = ["RunDir", "atomic_path", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["RUN_MARKER", "RunDir", "atomic_path", "atomic_write_bytes", "atomic_write_text", "run_kind"]
+
+RUN_MARKER = ".fedge-run"
+"""The file every run directory holds: ``{"kind": ..., "created": ...}``."""
+# What a run directory written before the marker existed holds; any of them makes it a run.
+_LEGACY_FILES = ("config.toml", "metrics.jsonl", "model.pt", "edge-report.json", "ca.crt", "summary.json")
+_MIN_FREE_BYTES = 16 * 2**20
+
+
+def run_kind(path: str | Path) -> str | None:
+    """The kind of run ``path`` holds (``fl``, ``train``, ...), ``"unknown"`` for an older run, or None."""
+    path = Path(path)
+    marker = path / RUN_MARKER
+    if marker.is_file():
+        try:
+            return str(json.loads(marker.read_text(encoding="utf-8")).get("kind") or "unknown")
+        except (OSError, ValueError, AttributeError):
+            return "unknown"
+    if path.is_dir() and any((path / name).exists() for name in _LEGACY_FILES):
+        return "unknown"
+    return None
+
+
+def _storage_error(path: Path, err: OSError, what: str) -> StorageError:
+    cause = err.strerror or type(err).__name__
+    return StorageError(f"cannot {what} {str(path)!r}: {cause}; choose a writable directory with free space (--out)")
 
 
 @contextlib.contextmanager
@@ -58,29 +91,154 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 class RunDir:
     """One command's output directory: resolved config, metrics as JSON lines, artefacts.
 
+    ``RunDir(path)`` opens a directory as it is (child processes, readers); commands make theirs with
+    :meth:`create`, which applies the rule that a run is never mixed with another.
+
     Args:
         path: the directory; created if missing.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self._replaced: Path | None = None
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as err:
+            raise StorageError(f"--out {str(self.path)!r} is a file, not a directory; choose a directory") from err
+        except OSError as err:
+            raise _storage_error(self.path, err, "create the run directory") from err
 
     @classmethod
-    def create(cls, kind: str, out: str | Path | None = None, *, root: str | Path = "runs") -> RunDir:
-        """``out`` if given, else a new ``<root>/<kind>-<YYYYmmdd-HHMMSS>`` (suffixed if taken)."""
-        if out is not None:
-            return cls(out)
+    def create(
+        cls,
+        kind: str,
+        out: str | Path | None = None,
+        *,
+        root: str | Path = "runs",
+        resume: bool = False,
+        overwrite: bool = False,
+        resumable: bool = False,
+        min_free_bytes: int = _MIN_FREE_BYTES,
+    ) -> RunDir:
+        """The run directory of a new (or resumed) run of ``kind``, checked before any work.
+
+        Args:
+            kind: ``fl``, ``train``, ``edge``, ``profile``, ``bench``, ``certs``...
+            out: the user's ``--out``; None makes ``<root>/<kind>-<YYYYmmdd-HHMMSS>`` (suffixed if taken).
+            resume: reopen ``out``, which must hold a run of this kind.
+            overwrite: replace the run in ``out`` whole. The old run is moved aside and comes back if the
+                ``with`` block fails; it is deleted when the block ends without error.
+            resumable: the command has ``--resume`` (named in the refusal).
+            min_free_bytes: refuse a filesystem with less free space than this.
+
+        Raises:
+            ConfigError: ``out`` holds a run (and neither ``resume`` nor ``overwrite``), or nothing to resume.
+            StorageError: ``out`` is a file, is not writable, or its filesystem is (nearly) full.
+        """
+        if resume and overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other: resume continues a run, overwrite replaces it")
+        if out is None:
+            run = cls(cls._fresh_path(kind, Path(root)))
+        else:
+            run = cls._at(kind, Path(out), resume=resume, overwrite=overwrite, resumable=resumable)
+        run._check_space(min_free_bytes)
+        if not resume or not (run.path / RUN_MARKER).exists():
+            run._write_marker(kind)
+        return run
+
+    @staticmethod
+    def _fresh_path(kind: str, root: Path) -> Path:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        base = Path(root) / f"{kind}-{stamp}"
+        base = root / f"{kind}-{stamp}"
         candidate, n = base, 1
         while True:
             try:
                 candidate.mkdir(parents=True, exist_ok=False)
-                return cls(candidate)
+                return candidate
             except FileExistsError:
                 n += 1
                 candidate = base.with_name(f"{base.name}-{n}")
+            except NotADirectoryError as err:
+                raise StorageError(f"{str(root)!r} is not a directory; runs go in a directory (or pass --out)") from err
+            except OSError as err:
+                raise _storage_error(root, err, "create a run directory in") from err
+
+    @classmethod
+    def _at(cls, kind: str, out: Path, *, resume: bool, overwrite: bool, resumable: bool) -> RunDir:
+        if out.exists() and not out.is_dir():
+            raise StorageError(f"--out {str(out)!r} is a file, not a directory; choose a directory")
+        held = run_kind(out)
+        if resume:
+            if held is None:
+                raise ConfigError(f"nothing to resume in {str(out)!r}: it holds no run; start one with --out {out}")
+            if held not in (kind, "unknown"):
+                raise ConfigError(f"{str(out)!r} holds a {held} run, not a {kind} run; resume it with fedge's {held} command")
+            return cls(out)
+        if held is None:
+            return cls(out)
+        if not overwrite:
+            also = f", --resume {out} to continue it," if resumable and held in (kind, "unknown") else ""
+            what = f"a {held} run" if held != "unknown" else "a run"
+            raise ConfigError(
+                f"--out {str(out)!r} already holds {what}; choose a new directory{also} or pass --overwrite to replace it"
+            )
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+        try:
+            os.replace(out, aside / out.name)
+        except OSError as err:
+            aside.rmdir()
+            raise _storage_error(out, err, "move aside the run in") from err
+        run = cls(out)
+        run._replaced = aside
+        return run
+
+    def _check_space(self, min_free_bytes: int) -> None:
+        try:
+            free = shutil.disk_usage(self.path).free
+        except OSError as err:
+            raise _storage_error(self.path, err, "read") from err
+        if free < min_free_bytes:
+            raise StorageError(
+                f"only {free / 2**20:.1f} MiB free where {str(self.path)!r} lies (need {min_free_bytes / 2**20:.0f} MiB); "
+                "free some space or choose another --out"
+            )
+
+    def _write_marker(self, kind: str) -> None:
+        record = {"kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        try:
+            atomic_write_text(self.path / RUN_MARKER, json.dumps(record) + "\n")
+        except OSError as err:
+            self._restore()
+            raise _storage_error(self.path, err, "write to") from err
+
+    @property
+    def kind(self) -> str | None:
+        """The kind of run this directory holds, from its marker."""
+        return run_kind(self.path)
+
+    def commit(self) -> None:
+        """Finish an ``overwrite``: delete the run this one replaced. Idempotent."""
+        if self._replaced is not None:
+            shutil.rmtree(self._replaced, ignore_errors=True)
+            self._replaced = None
+
+    def _restore(self) -> None:
+        # An overwrite that failed: put the replaced run back as it was.
+        if self._replaced is None:
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.replace(self._replaced / self.path.name, self.path)
+        shutil.rmtree(self._replaced, ignore_errors=True)
+        self._replaced = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self._restore()
 
     def file(self, name: str) -> Path:
         """Path of an artefact inside the run directory."""

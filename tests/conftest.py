@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-SHARED_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_TRACES = ROOT.parent / "shared" / "traces"
 _LEFTOVER_PATTERN = "flower-superlink|flower-supernode|flower-superexec|flwr-serverapp|flwr-clientapp|torchrun|torch.distributed.run"
 
 
@@ -32,6 +35,23 @@ def shared_traces() -> Path:
     if not SHARED_TRACES.is_dir():
         pytest.skip(f"shared traces not found at {SHARED_TRACES}")
     return SHARED_TRACES
+
+
+@pytest.fixture(scope="session")
+def example_plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """examples/custom_plugin installed into a private directory (the shared venv stays untouched).
+
+    Put it on PYTHONPATH of the commands a test runs: ``{**os.environ, "PYTHONPATH": str(example_plugin_site)}``.
+    """
+    base = tmp_path_factory.mktemp("example-plugin")
+    target, source = base / "site", base / "src"
+    shutil.copytree(ROOT / "examples" / "custom_plugin", source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
+         str(source)],
+        check=True, capture_output=True,
+    )
+    return target
 
 
 _SESSION_MARK = "FEDGE_TEST_SESSION"

@@ -70,10 +70,27 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _hoist_verbose(argv: list[str]) -> tuple[list[str], bool]:
+    # `fedge fl run ... --verbose` means the same as `fedge --verbose fl run ...`: the root owns the flag.
+    args = argv[: argv.index("--")] if "--" in argv else argv
+    if "--verbose" not in args:
+        return argv, bool(args[:1] == ["-v"])
+    rest = list(argv)
+    rest.remove("--verbose")
+    return ["--verbose", *rest], True
+
+
+def _os_error_line(err: OSError) -> str:
+    path = err.filename if err.filename is not None else ""
+    cause = err.strerror or str(err) or type(err).__name__
+    where = f" {str(path)!r}" if path else ""
+    return f"cannot use{where}: {cause}; check the path, its permissions and free space"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 1 user error, 2 partial result, other: internal)."""
-    argv = sys.argv[1:] if argv is None else argv
-    verbose = "--verbose" in argv or "-v" in argv
+    """Run the CLI; returns the exit code (0 ok, 1 user error, 2 partial result, 3 lost peer, 130 interrupted,
+    other: internal)."""
+    argv, verbose = _hoist_verbose(sys.argv[1:] if argv is None else list(argv))
     app = build_app()
     try:
         result = app(args=argv, prog_name="fedge", standalone_mode=False)
@@ -96,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         if verbose:
             traceback.print_exc()
         return _fail(str(err), err.exit_code)
+    except OSError as err:
+        # The user's filesystem (read-only, full, missing, a file for a directory): theirs to fix, exit 1.
+        if verbose:
+            traceback.print_exc()
+        return _fail(_os_error_line(err), 1)
     except Exception as err:  # noqa: BLE001 - the one error boundary: a bug is one line too
         if verbose:
             traceback.print_exc()

@@ -95,3 +95,4 @@ class TrainConfig:
             raise ValueError(f"rdzv_id takes letters, digits, '.', '_' and '-', got {self.rdzv_id!r}")
         if self.fault_at and not re.fullmatch(r"\d+:\d+", self.fault_at):
             raise ValueError(f"fault_at must be RANK:STEP, got {self.fault_at!r}")
+

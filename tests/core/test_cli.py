@@ -45,6 +45,9 @@ def test_plugins_kind_filter_and_table(capsys: pytest.CaptureFixture[str]) -> No
         (["plugins", "--kind", "widget"], "unknown plugin kind 'widget'; valid: strategy"),
         (["plugins", "--colour"], "No such option"),
         (["frobnicate"], "No such command 'frobnicate'"),
+        (["plugins", "--name", "nope"], "no plugin named 'nope'; installed: allreduce"),
+        (["plugins", "--kind", "model", "--name", "fedavg"], "no model named 'fedavg'; installed: cnn"),
+        (["plugins", "--name"], "requires an argument"),
     ],
 )
 def test_user_mistakes_give_one_line_and_exit_1(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -59,3 +62,31 @@ def test_console_script_exit_codes() -> None:
     bad = subprocess.run([FEDGE, "plugins", "--kind", "nope"], capture_output=True, text=True, check=False)
     assert ok.returncode == 0
     assert bad.returncode == 1 and bad.stderr.startswith("fedge: error:")
+
+
+def test_plugins_name_shows_settings_from_the_config_docs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plugins", "--kind", "strategy", "--name", "parameter-server", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    options = {o["name"]: o for o in row["options"]}
+    assert options["mode"]["type"] == "sync | async" and options["mode"]["default"] == "sync"
+    assert options["lr"]["doc"].startswith("Learning rate of SGD")  # inherited, documented once in the base Config
+
+
+def test_verbose_after_the_command_means_the_same(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plugins", "--kind", "widget", "--verbose"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "unknown plugin kind 'widget'" in err
+
+
+def test_an_os_error_from_the_users_filesystem_is_one_line_exit_1(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedge.cli.plugins as plugins_cli
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device", "/data/runs/x")
+
+    monkeypatch.setattr(plugins_cli, "_show_one", full_disk)
+    assert main(["plugins", "--name", "cnn"]) == 1
+    err = capsys.readouterr().err
+    assert err == "fedge: error: cannot use '/data/runs/x': No space left on device; check the path, its permissions and free space\n"

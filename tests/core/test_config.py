@@ -103,3 +103,22 @@ def test_parse_partition(spec: str, expected: PartitionConfig) -> None:
 def test_parse_partition_rejects(spec: str) -> None:
     with pytest.raises(ConfigError, match="partition"):
         parse_partition(spec)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Opt:
+    lr: float = 0.1
+
+
+@pytest.mark.parametrize("bad", ["nan", "NaN", "inf", "-inf", float("nan"), float("inf")])
+def test_non_finite_numbers_are_refused_for_every_float_setting(bad: object) -> None:
+    with pytest.raises(ConfigError, match="opt.lr must be a finite number"):
+        from_mapping(Opt, {"lr": bad}, where="opt")
+
+
+def test_describe_reads_each_settings_doc_once() -> None:
+    from fedge.config import PartitionConfig, describe
+
+    docs = {f.name: f for f in describe(PartitionConfig)}
+    assert docs["scheme"].type == "iid | dirichlet | shards" and docs["scheme"].default == "iid"
+    assert docs["alpha"].doc == "Dirichlet concentration; smaller is more skewed (``dirichlet`` only)."

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -49,16 +48,8 @@ def test_bare_plugins_import_is_refused() -> None:
 
 
 @pytest.mark.slow
-def test_custom_plugin_package_is_discovered_and_usable(tmp_path: Path) -> None:
-    # Install the example into a private target directory, so the shared venv is left untouched.
-    target, source = tmp_path / "site", tmp_path / "src"
-    shutil.copytree(ROOT / "examples" / "custom_plugin", source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
-         str(source)],
-        check=True, capture_output=True,
-    )
-    env = {**os.environ, "PYTHONPATH": str(target)}
+def test_custom_plugin_package_is_discovered_and_usable(example_plugin_site: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(example_plugin_site)}
     listing = subprocess.run([str(BIN / "fedge"), "plugins", "--kind", "model", "--json"],
                              env=env, capture_output=True, text=True, check=True)
     rows = {r["name"]: r for r in json.loads(listing.stdout)}
@@ -82,7 +73,7 @@ def test_custom_plugin_package_is_discovered_and_usable(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_core_passes_mypy_strict(tmp_path: Path) -> None:
-    core = [str(ROOT / "fedge" / name) for name in ("errors.py", "registry.py", "config.py", "rundir.py", "cli")]
+    core = [str(ROOT / "fedge" / name) for name in ("errors.py", "failure.py", "registry.py", "config.py", "rundir.py", "supervisor.py", "cli")]
     out = subprocess.run(
         [str(BIN / "mypy"), "--strict", "--cache-dir", str(tmp_path / "mypy"), *core],
         capture_output=True, text=True, cwd=ROOT, check=False)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import pytest
 
-from fedge.errors import DuplicatePluginError, PluginLoadError, PluginNotFoundError
+from fedge.errors import ConfigError, DuplicatePluginError, PluginLoadError, PluginNotFoundError
 from fedge.registry import Kind, Registry, plugin, plugin_info
 
 
@@ -33,14 +34,38 @@ def source_of(*entries: tuple[FakeEntryPoint, str, str]):
     return source
 
 
+@runtime_checkable
+class ModelLike(Protocol):
+    def build(self) -> object: ...
+
+
 @plugin("model", "alpha")
 class Alpha:
     """Alpha model."""
+
+    @dataclass(frozen=True, kw_only=True, slots=True)
+    class Config:
+        width: int = 4
+        """Hidden units."""
+        rate: float = 0.5
+        """Dropout rate."""
+
+        def __post_init__(self) -> None:
+            if not 0 <= self.rate < 1:
+                raise ValueError(f"rate must be in [0, 1), got {self.rate}")
+
+    @staticmethod
+    def build() -> object:
+        return object()
 
 
 @plugin("model", "beta")
 class Beta:
     """Beta model."""
+
+    @dataclass(frozen=True, kw_only=True, slots=True)
+    class Config:
+        pass
 
 
 def test_decorator_only_tags_and_returns_the_class() -> None:
@@ -155,3 +180,41 @@ def test_import_fedge_pulls_in_no_framework() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_protocol_types_and_checks_the_plugin() -> None:
+    # Prepare: alpha has build() and a Config; beta has a Config but no build().
+    source = source_of(
+        (FakeEntryPoint("alpha", "pkg:Alpha", Alpha), "dist-a", "1"),
+        (FakeEntryPoint("beta", "pkg:Beta", Beta), "dist-b", "1"),
+    )
+    registry = Registry(Kind.MODEL, ModelLike, source=source, env={})
+    # Execute / Assert
+    assert registry.get("alpha") is Alpha
+    with pytest.raises(PluginLoadError, match="does not implement the ModelLike protocol; it lacks build"):
+        registry.get("beta")
+
+
+def test_a_plugin_without_config_is_refused() -> None:
+    @plugin("model", "bare")
+    class Bare:
+        pass
+
+    registry = Registry(Kind.MODEL, source=source_of((FakeEntryPoint("bare", "pkg:Bare", Bare), "d", "1")), env={})
+    with pytest.raises(PluginLoadError, match="must nest a dataclass named Config"):
+        registry.get("bare")
+
+
+def test_choose_resolves_name_and_options_once() -> None:
+    registry = Registry(Kind.MODEL, ModelLike, source=source_of((FakeEntryPoint("alpha", "pkg:Alpha", Alpha), "d", "1")),
+                        env={})
+    chosen = registry.choose("alpha", {"width": "8"})
+    assert (chosen.name, chosen.plugin, chosen.config) == ("alpha", Alpha, Alpha.Config(width=8))
+    with pytest.raises(ConfigError, match="unknown setting model.alpha.depth; valid settings: rate, width"):
+        registry.choose("alpha", {"depth": 2})
+    with pytest.raises(ConfigError, match="model.alpha.rate must be a finite number; got 'nan'"):
+        registry.choose("alpha", {"rate": "nan"})
+    with pytest.raises(ConfigError, match=r"rate must be in \[0, 1\), got 1.5"):
+        registry.choose("alpha", {"rate": 1.5})
+    with pytest.raises(PluginNotFoundError, match="valid: alpha"):
+        registry.choose("gamma")
