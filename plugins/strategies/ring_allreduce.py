@@ -109,6 +109,7 @@ class RingAllReduce(DataParallel):
                 raise ValueError(f"chunk_bytes must be >= 64, got {self.chunk_bytes}")
 
     config: Config
+    point_to_point = True
     _scratch: Tensor | None = None
 
     def all_reduce_(self, flat: Tensor) -> None:

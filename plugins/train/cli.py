@@ -114,6 +114,7 @@ def train(
     rdzv_last_call: Annotated[float | None, typer.Option("--rdzv-last-call", help="Elastic --nnodes MIN:MAX: seconds to wait for more nodes once MIN have joined (default 30).", rich_help_panel=_PANEL_JOB)] = None,
     max_restarts: Annotated[int | None, typer.Option("--max-restarts", help="Restarts after a worker failure; each resumes from the last checkpoint.", rich_help_panel=_PANEL_JOB)] = None,
     backend: Annotated[str | None, typer.Option("--backend", help="auto (NCCL if every rank has a GPU, else gloo), gloo or nccl.", rich_help_panel=_PANEL_JOB)] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto (CUDA with NCCL, else CPU), cpu or cuda (gloo: several ranks may share a GPU).", rich_help_panel=_PANEL_JOB)] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds before process-group creation or a collective gives up.", rich_help_panel=_PANEL_JOB)] = None,
     model: Annotated[str | None, typer.Option("--model", help="Model plugin (mlp, cnn, tiny-gpt, ...).")] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset plugin (digits, npz, csv, ...).")] = None,
@@ -154,7 +155,7 @@ def train(
         strategy_flags["mode"] = "sync" if sync else "async"
     flags = {
         "strategy": strategy, "nproc": nproc, "nnodes": nnodes, "rdzv_endpoint": rdzv_endpoint, "rdzv_id": rdzv_id,
-        "rdzv_timeout_s": rdzv_timeout, "rdzv_last_call_s": rdzv_last_call, "max_restarts": max_restarts, "backend": backend, "timeout_s": timeout,
+        "rdzv_timeout_s": rdzv_timeout, "rdzv_last_call_s": rdzv_last_call, "max_restarts": max_restarts, "backend": backend, "device": device, "timeout_s": timeout,
         "model": model, "dataset": dataset, "steps": steps, "epochs": epochs, "batch_size": batch_size, "seed": seed,
         "checkpoint_every": checkpoint_every, "profile": profile, "fault_at": fault_at,
         "strategy_options": {k: v for k, v in strategy_flags.items() if v is not None},

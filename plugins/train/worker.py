@@ -104,12 +104,27 @@ def _backend(choice: str, local_world_size: int) -> str:
     return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world_size else "gloo"
 
 
-def _profiler(run_dir: Path, rank: int, num_steps: int) -> torch.profiler.profile:
+def _device(choice: str, backend: str, local_rank: int) -> torch.device:
+    """This rank's device: CUDA with NCCL (or when asked for), else the CPU.
+
+    Ranks beyond the GPU count share GPUs round-robin (gloo only: NCCL refuses two ranks on one GPU).
+    """
+    if choice == "cpu" or (choice == "auto" and backend != "nccl"):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"device cuda (backend {backend}) needs a CUDA GPU, but torch {torch.__version__} sees none; "
+            "use --device cpu and --backend gloo"
+        )
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def _profiler(run_dir: Path, rank: int, num_steps: int, device: torch.device) -> torch.profiler.profile:
     wait = 1 if num_steps >= 5 else 0
     warmup = 1 if num_steps >= 2 else 0
     active = max(1, min(3, num_steps - wait - warmup))
     activities = [torch.profiler.ProfilerActivity.CPU]
-    if torch.cuda.is_available():
+    if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     return torch.profiler.profile(
         activities=activities,
@@ -139,10 +154,12 @@ def run(run_dir: Path, node_tag: str = "") -> None:
     scfg = strategy_config(cls, cfg.strategy_options, cfg.strategy)
     cls.check_world_size(scfg, world, cfg.batch_size)
     backend = _backend(cfg.backend, local_world)
-    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
-    if backend == "nccl":
+    device = _device(cfg.device, backend, local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s))
+    # device_id binds NCCL's communicator to this rank's GPU up front (no guessing at the first barrier).
+    bound = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s), **bound)
     try:
         ctx = DistContext(rank=rank, world_size=world, local_rank=local_rank, backend=backend, device=device)
         data = load_dataset(cfg.dataset, cfg.dataset_options)
@@ -167,7 +184,7 @@ def run(run_dir: Path, node_tag: str = "") -> None:
         fault_rank, _, fault_step = cfg.fault_at.partition(":")
         # One trace per rank: a restarted or resumed rank that already wrote one does not write another.
         traced = any(run.file("traces").glob(f"rank{rank}.*.pt.trace.json*"))
-        prof = _profiler(run.path, rank, num_steps - start) if cfg.profile and not traced and start < num_steps else None
+        prof = _profiler(run.path, rank, num_steps - start, device) if cfg.profile and not traced and start < num_steps else None
         if prof is not None:
             prof.start()
         loss = float("nan")
@@ -216,11 +233,23 @@ def run(run_dir: Path, node_tag: str = "") -> None:
                     "final_loss": loss,
                     "test_loss": test_loss,
                     "test_accuracy": accuracy,
+                    "device": device.type,
+                    **_cuda_memory(device),
                 },
             )
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _cuda_memory(device: torch.device) -> dict[str, int]:
+    """Rank 0's peak CUDA memory (torch's caching allocator), for summary.json; nothing on the CPU."""
+    if device.type != "cuda":
+        return {}
+    return {
+        "cuda_max_memory_allocated_bytes": int(torch.cuda.max_memory_allocated(device)),
+        "cuda_max_memory_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
+    }
 
 
 def _write_node_file(run: RunDir, tag: str, *, num_nodes: int, first_rank: int, local_world: int, world: int) -> None:
