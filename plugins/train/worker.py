@@ -98,9 +98,11 @@ class BatchOrder:
         return self._perm[i * self.batch_size : (i + 1) * self.batch_size]
 
 
-def _backend(choice: str, local_world_size: int) -> str:
+def _backend(choice: str, local_world_size: int, device: str = "auto") -> str:
     if choice != "auto":
         return choice
+    if device == "cpu":  # NCCL takes CUDA tensors only
+        return "gloo"
     return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world_size else "gloo"
 
 
@@ -153,7 +155,7 @@ def run(run_dir: Path, node_tag: str = "") -> None:
     cls = resolve_strategy(cfg.strategy)
     scfg = strategy_config(cls, cfg.strategy_options, cfg.strategy)
     cls.check_world_size(scfg, world, cfg.batch_size)
-    backend = _backend(cfg.backend, local_world)
+    backend = _backend(cfg.backend, local_world, cfg.device)
     device = _device(cfg.device, backend, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -11,7 +11,7 @@ from fedge.errors import ConfigError
 from fedge.plugins.strategies._host_staging import HostStage, needs_host_staging
 from fedge.plugins.train.base import DistContext
 from fedge.plugins.train.config import TrainConfig
-from fedge.plugins.train.worker import _device
+from fedge.plugins.train.worker import _backend, _device
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without a GPU")
 
@@ -22,6 +22,12 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happ
 )
 def test_auto_device_is_the_cpu_unless_nccl(choice: str, backend: str, expected: str) -> None:
     assert _device(choice, backend, local_rank=0).type == expected
+
+
+def test_auto_backend_is_gloo_for_cpu_tensors_even_with_gpus() -> None:
+    assert _backend("auto", 1, "cpu") == "gloo"
+    assert _backend("nccl", 1, "cuda") == "nccl"
+    assert _backend("auto", 10**6, "cuda") == "gloo"  # more ranks than GPUs: NCCL would put two on one device
 
 
 @no_cuda

@@ -4,6 +4,7 @@ network, and a dry run's summary."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -11,6 +12,7 @@ import re
 import subprocess
 import sys
 import tomllib
+from importlib import metadata
 from importlib.machinery import SourceFileLoader
 from pathlib import Path
 from types import ModuleType
@@ -55,6 +57,9 @@ def test_prepare_downloads_one_wheel_per_requirement_for_python_312(device_check
     # Assert
     assert sorted(_name(w.name.split("-")[0]) for w in wheels) == sorted(_name(r) for r in device_check.requirements())
     for wheel in wheels:
+        name, version = wheel.name.split("-")[:2]
+        with contextlib.suppress(metadata.PackageNotFoundError):  # the versions the tests here ran with
+            assert version == metadata.version(name), wheel.name
         python_tag, _abi, plat = wheel.name[:-4].split("-")[-3:]
         assert python_tag in ("py3", "cp312") or python_tag.startswith("py3"), wheel.name
         assert plat == "any" or "x86_64" in plat, wheel.name
