@@ -87,14 +87,17 @@ def _probe(host, address: str, *, ca: Path | None = None, name: str = "", env: d
 
 def _federation(
     tmp: Path, hosts, env: dict[str, str], *, rounds: int, round_timeout_s: float,
-    on_round: Callable[[dict], None] | None = None,
+    on_round: Callable[[dict], None] | None = None, rogue: bool = False,
 ) -> tuple[subprocess.CompletedProcess[str] | None, _Daemon, list[_Daemon], Path]:
     """The README's recipe across ``hosts``: certificates for host 0's address, the SuperLink there with every
-    node's public key, one authenticated SuperNode per other host; waits for the SuperLink to finish."""
+    node's public key, one authenticated SuperNode per other host; waits for the SuperLink to finish.
+
+    ``rogue``: one more SuperNode on the last host, with a key pair the SuperLink was not given (last in the list).
+    """
     certs, run_dir, link = tmp / "certs", tmp / "run", hosts[0].address
     nodes = len(hosts) - 1
-    subprocess.run([*_FEDGE, "fl", "certs", "--out", str(certs), "--host", link, "--nodes", str(nodes)], env=env,
-                   check=True, capture_output=True, timeout=60)  # fmt: skip
+    subprocess.run([*_FEDGE, "fl", "certs", "--out", str(certs), "--host", link, "--nodes", str(nodes + rogue)],
+                   env=env, check=True, capture_output=True, timeout=60)  # fmt: skip
     (tmp / "fl.toml").write_text(f"round_timeout_s = {round_timeout_s}\n{SETTINGS}", encoding="utf-8")
     keys = [a for i in range(nodes) for a in ("--auth-key", certs / f"node-{i}.pub")]
     server = _Daemon(hosts[0], ["fl", "superlink", tmp / "fl.toml", "--clients", str(nodes), "--rounds", str(rounds),
@@ -108,6 +111,11 @@ def _federation(
                                           f"{i}/{nodes}", "--split", "iid", "--root-certificates", certs / "ca.crt",
                                           "--auth-key", certs / f"node-{i}.key", "--workdir", tmp / f"node-{i}",
                                           "--device", "cpu"], tmp / f"supernode-{i}.out", env))  # fmt: skip
+        if rogue:
+            clients.append(_Daemon(hosts[-1], ["fl", "supernode", "--superlink", f"{link}:{FLEET_PORT}", "--partition",
+                                               f"0/{nodes}", "--split", "iid", "--root-certificates", certs / "ca.crt",
+                                               "--auth-key", certs / f"node-{nodes}.key", "--workdir", tmp / "rogue",
+                                               "--device", "cpu"], tmp / "rogue.out", env))  # fmt: skip
         seen, deadline = 0, time.monotonic() + 420
         while server.proc.poll() is None and time.monotonic() < deadline:
             metrics = run_dir / "metrics.jsonl"
@@ -134,14 +142,18 @@ def test_tls_and_node_auth_across_hosts(tmp_path: Path, netns_hosts, fl_env) -> 
     # Prepare
     hosts = netns_hosts(3)
     # Execute
-    result, server, clients, run_dir = _federation(tmp_path, hosts, fl_env, rounds=1, round_timeout_s=60)
-    # Assert: the run finished with both remote nodes in every round
+    result, server, clients, run_dir = _federation(tmp_path, hosts, fl_env, rounds=1, round_timeout_s=60, rogue=True)
+    # Assert: the run finished with the two registered remote nodes; the unregistered one never took part
     assert result is not None and result.returncode == 0, server.output()[-3000:]
     assert [(r["round"], r["num_clients"]) for r in _rounds(run_dir)] == [(1, 2)]
     log = (run_dir / "flower" / "logs" / "superlink.log").read_text()
     assert "--insecure" not in log and "authentication is disabled" not in log
-    for client in clients:
+    for client in clients[:-1]:
         assert "refusing" not in client.output() and "Traceback" not in client.output()
+    rogue_log = (tmp_path / "rogue" / "flower" / "logs" / "supernode-0.log").read_text(errors="replace")
+    # Flower 1.39 refuses an unknown key at activation (exit code 305) or with UNAUTHENTICATED later
+    assert "Failed to activate SuperNode" in rogue_log or "UNAUTHENTICATED" in rogue_log, rogue_log[-2000:]
+    assert log.count("Activated node_id") == 2
 
 
 def test_certificate_names_the_real_address(tmp_path: Path, netns_hosts, fl_env) -> None:
