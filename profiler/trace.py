@@ -23,7 +23,7 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, Self
 
@@ -166,6 +166,9 @@ class Trace:
             from the event's args (``In msg nelems``, ``dtype``, ``Input Dims``...).
         metadata: top-level keys other than ``traceEvents`` (``distributedInfo`` without ``pg_config`` lists).
         base_us: ``baseTimeNanoseconds / 1000`` (0 if absent): absolute time = ts + base_us.
+        launch_corr, launch_row: the correlation ids of the runtime calls that launch GPU work, sorted, and
+            the ``cpu`` row of each (how a GPU event finds its launch).
+        collective_names: per entry of ``names``, whether it names a collective CPU op (``is_collective_op``).
         notes: things the loader had to guess, for the report.
     """
 
@@ -182,8 +185,10 @@ class Trace:
     comm_args: dict[tuple[str, int], dict[str, Any]]
     metadata: dict[str, Any]
     base_us: float
+    launch_corr: np.ndarray
+    launch_row: np.ndarray
+    collective_names: np.ndarray
     notes: tuple[str, ...] = ()
-    _cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def has_gpu(self) -> bool:
@@ -563,6 +568,9 @@ def _load(p: Path, rank: int | None, chunk_bytes: int) -> Trace:
     step_arr = np.array(sorted((s[0], s[1], s[2]) for s in steps if not s[3]), dtype=np.float64).reshape(-1, 3)
     gpu_step_arr = np.array(sorted((s[0], s[1], s[2]) for s in steps if s[3]), dtype=np.float64).reshape(-1, 3)
     ordered = sorted(names, key=names.__getitem__)
+    cpu_table = cpu.table()
+    launch = np.flatnonzero((cpu_table.cat == RUNTIME) & (cpu_table.corr >= 0))
+    by_corr = np.argsort(cpu_table.corr[launch], kind="stable")
     return Trace(
         path=str(p),
         rank=found_rank,
@@ -570,13 +578,16 @@ def _load(p: Path, rank: int | None, chunk_bytes: int) -> Trace:
         world_size=info.get("world_size") if isinstance(info.get("world_size"), int) else None,
         backend=info.get("backend") if isinstance(info.get("backend"), str) else None,
         gpu=gpu.table(),
-        cpu=cpu.table(),
+        cpu=cpu_table,
         names=tuple(ordered),
         steps=step_arr,
         gpu_steps=gpu_step_arr,
         comm_args=comm_args,
         metadata=_small_metadata(meta),
         base_us=float(base_ns) / 1000.0 if isinstance(base_ns, (int, float)) else 0.0,
+        launch_corr=cpu_table.corr[launch][by_corr],
+        launch_row=launch[by_corr],
+        collective_names=np.array([f == 2 for f in flags] or [False], dtype=bool),
         notes=tuple(notes),
     )
 
@@ -671,7 +682,7 @@ def load_job(
         if t.rank in seen:  # two files claim one rank: keep both, renumber the later by file order
             new = max(seen | {t.rank}) + 1
             note = f"{Path(t.path).name}: rank {t.rank} already taken by another file; using rank {new}"
-            t = replace(t, rank=new, rank_source="file order", notes=(*t.notes, note), _cache={})
+            t = replace(t, rank=new, rank_source="file order", notes=(*t.notes, note))
         seen.add(t.rank)
         fixed.append(t)
     return Job(traces=tuple(sorted(fixed, key=lambda t: t.rank)), errors=tuple(errors))

@@ -58,9 +58,9 @@ class DataParallel(Strategy):
         self.all_reduce_(self._stage.out(flat))
         self._stage.back(flat)
 
-    def train_step(self, x: Tensor, y: Tensor) -> float:
+    def train_step(self, x: Tensor, y: Tensor, *, step: int) -> float:
         w, r = self.ctx.world_size, self.ctx.rank
-        set_lr(self.optimizer, self.lr_at(self.step, x.shape[0]))
+        set_lr(self.optimizer, self.lr_at(step, x.shape[0]))
         xb, yb = batch_rows(x, y, r, w)
         self.flat.zero_()
         self.model.train()

@@ -19,6 +19,7 @@ worker's own.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from fedge.errors import ConfigError
 from fedge.plugins.strategies._data_parallel import flat_grad_buffer
 from fedge.plugins.strategies._host_staging import HostStage, needs_host_staging
-from fedge.plugins.train.base import Strategy, StrategyConfig, batch_rows, set_lr
+from fedge.plugins.train.base import ParityCase, Strategy, StrategyConfig, batch_rows, set_lr
 from fedge.registry import plugin
 
 __all__ = ["ParameterServer", "ps_exchange"]
@@ -98,6 +99,10 @@ class ParameterServer(Strategy):
                 raise ValueError(f"staleness must be >= 0, got {self.staleness}")
 
     config: Config
+    parity_cases: ClassVar[Mapping[str, ParityCase]] = {
+        "sync": ParityCase(options={"mode": "sync"}),
+        "2-servers": ParityCase(options={"mode": "sync", "num_servers": 2}, world_sizes=(4,)),
+    }
     replicated: ClassVar[bool] = False
 
     @classmethod
@@ -155,10 +160,10 @@ class ParameterServer(Strategy):
     def _last(self, j: int) -> bool:
         return j == self.config.num_servers - 1
 
-    def train_step(self, x: Tensor, y: Tensor) -> float:
+    def train_step(self, x: Tensor, y: Tensor, *, step: int) -> float:
         if self.is_server:
-            set_lr(self.optimizer, self.lr_at(self.step, x.shape[0]))
-            return self._serve_sync() if self.config.mode == "sync" else self._serve_async()
+            set_lr(self.optimizer, self.lr_at(step, x.shape[0]))
+            return self._serve_sync() if self.config.mode == "sync" else self._serve_async(step)
         xb, yb = batch_rows(x, y, self.ctx.rank, self.num_workers)
         self.gflat.zero_()
         self.model.train()
@@ -215,10 +220,10 @@ class ParameterServer(Strategy):
             work.wait()
         return means[0]
 
-    def _serve_async(self) -> float:
+    def _serve_async(self, step: int) -> float:
         """Apply pushes as they come until every worker has pushed for this step; reply within the staleness bound."""
         buf = self.inbox[0]
-        while min(self.received) < self.step + 1:
+        while min(self.received) < step + 1:
             work = self.pg.recv_anysource([buf], _PUSH)
             work.wait()
             k = work._source_rank()

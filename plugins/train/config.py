@@ -100,3 +100,4 @@ class TrainConfig:
             raise ValueError("backend nccl works on CUDA tensors only; use --device cuda (or auto), or --backend gloo")
         if self.fault_at and not re.fullmatch(r"\d+:\d+", self.fault_at):
             raise ValueError(f"fault_at must be RANK:STEP, got {self.fault_at!r}")
+

@@ -11,7 +11,7 @@ from fedge.errors import ConfigError
 from fedge.plugins.strategies._host_staging import HostStage, needs_host_staging
 from fedge.plugins.train.base import DistContext
 from fedge.plugins.train.config import TrainConfig
-from fedge.plugins.train.worker import _backend, _device
+from fedge.plugins.train.trainer import _backend, device_for
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without a GPU")
 
@@ -21,7 +21,7 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happ
     [("auto", "gloo", "cpu"), ("cpu", "gloo", "cpu"), ("cpu", "nccl", "cpu")],
 )
 def test_auto_device_is_the_cpu_unless_nccl(choice: str, backend: str, expected: str) -> None:
-    assert _device(choice, backend, local_rank=0).type == expected
+    assert device_for(backend, 0, choice).type == expected
 
 
 def test_auto_backend_is_gloo_for_cpu_tensors_even_with_gpus() -> None:
@@ -34,7 +34,7 @@ def test_auto_backend_is_gloo_for_cpu_tensors_even_with_gpus() -> None:
 @pytest.mark.parametrize(("choice", "backend"), [("cuda", "gloo"), ("auto", "nccl")])
 def test_cuda_without_a_gpu_is_one_line(choice: str, backend: str) -> None:
     with pytest.raises(ConfigError, match="needs a CUDA GPU, but torch .* sees none; use --device cpu"):
-        _device(choice, backend, local_rank=1)
+        device_for(backend, 1, choice)
 
 
 def test_nccl_on_the_cpu_is_refused_with_what_to_do() -> None:

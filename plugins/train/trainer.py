@@ -1,4 +1,4 @@
-"""The per-rank training loop that torchrun starts: ``python -m fedge.plugins.train.worker RUN_DIR``.
+"""The per-rank trainer that torchrun starts: ``python -m fedge.plugins.train.trainer RUN_DIR``.
 
 It reads ``RUN_DIR/config.toml`` (written by ``fedge train``), joins the process group that torchrun set
 up (with a timeout), builds the same model on every rank, resumes from the newest complete checkpoint if
@@ -9,13 +9,13 @@ Batches: every rank draws the same global batch from (seed, step) - a fresh perm
 set each epoch, cut into consecutive batches - and the strategy takes its rows, so each epoch is split
 into disjoint per-rank shards as with ``DistributedSampler``, and a resumed run sees the same batches.
 
-Several nodes (``python -m fedge.plugins.train.worker RUN_DIR NODE_TAG``, each node with its own run
+Several nodes (``python -m fedge.plugins.train.trainer RUN_DIR NODE_TAG``, each node with its own run
 directory or one they share): the ranks first check that every node runs the same job (settings and
 training set) and, when checkpointing, that every node sees rank 0's run directory; each node's local rank
 0 writes ``nodes/NODE_TAG.json`` (its node rank and ranks) for that node's ``fedge train`` to report.
 
-A user error (a :class:`~fedge.errors.FedgeError`) is written as one line to ``errors/rank-R.txt`` for the
-launcher to report, and the process exits with the error's code. A lost peer (a connection reset or a
+A user error (a :class:`~fedge.errors.FedgeError`) is written as the failure record ``errors/rank-R.json``
+for the launcher to report, and the process exits with the error's code. A lost peer (a connection reset or a
 collective timing out) is one line with exit code 3; anything else, one line with code 70.
 """
 
@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,47 +38,16 @@ import torch.distributed as dist
 
 from fedge.config import from_mapping, load_toml, to_mapping
 from fedge.errors import ConfigError, FedgeError
-from fedge.plugins.train import checkpoint
-from fedge.plugins.train.base import DistContext, Strategy
+from fedge.failure import record_failure
+from fedge.plugins.train.base import DistContext, resolve_strategy, strategy_config
+from fedge.plugins.train.checkpoint import Checkpointer
 from fedge.plugins.train.config import TrainConfig
-from fedge.registry import Kind, Registry
 from fedge.rundir import RunDir, atomic_write_text
 
 if TYPE_CHECKING:
     from fedge.plugins.data.base import ArrayDataset
 
-__all__ = ["BatchOrder", "main", "resolve_strategy", "run", "strategy_config"]
-
-
-def resolve_strategy(name: str) -> type[Strategy]:
-    """The strategy plugin ``name``, checked to be a torch.distributed :class:`Strategy`.
-
-    Raises:
-        PluginNotFoundError: no such strategy (the message lists the valid names).
-        ConfigError: the plugin exists but is not a cluster-training strategy (e.g. a Flower one).
-    """
-    registry: Registry[Any] = Registry(Kind.STRATEGY)
-    cls = registry.get(name)
-    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-        usable = [n for n in registry.names() if _is_strategy(registry, n)]
-        raise ConfigError(
-            f"strategy {name!r} is not a torch.distributed strategy and cannot run under fedge train; "
-            f"use one of: {', '.join(usable)}"
-        )
-    return cls
-
-
-def _is_strategy(registry: Registry[Any], name: str) -> bool:
-    try:
-        obj = registry.get(name)
-    except FedgeError:
-        return False
-    return isinstance(obj, type) and issubclass(obj, Strategy)
-
-
-def strategy_config(cls: type[Strategy], options: dict[str, Any], name: str) -> Any:
-    """Build ``cls.Config`` from the ``[strategy_options]`` table."""
-    return from_mapping(cls.Config, options, where=f"strategy_options ({name})")
+__all__ = ["BatchOrder", "MetricsWriter", "RankEnv", "Trainer", "device_for", "failure_file", "main", "run"]
 
 
 class BatchOrder:
@@ -106,21 +76,6 @@ def _backend(choice: str, local_world_size: int, device: str = "auto") -> str:
     return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world_size else "gloo"
 
 
-def _device(choice: str, backend: str, local_rank: int) -> torch.device:
-    """This rank's device: CUDA with NCCL (or when asked for), else the CPU.
-
-    Ranks beyond the GPU count share GPUs round-robin (gloo only: NCCL refuses two ranks on one GPU).
-    """
-    if choice == "cpu" or (choice == "auto" and backend != "nccl"):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            f"device cuda (backend {backend}) needs a CUDA GPU, but torch {torch.__version__} sees none; "
-            "use --device cpu and --backend gloo"
-        )
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
-
-
 def _profiler(run_dir: Path, rank: int, num_steps: int, device: torch.device) -> torch.profiler.profile:
     wait = 1 if num_steps >= 5 else 0
     warmup = 1 if num_steps >= 2 else 0
@@ -135,113 +90,189 @@ def _profiler(run_dir: Path, rank: int, num_steps: int, device: torch.device) ->
     )
 
 
-def run(run_dir: Path, node_tag: str = "") -> None:
-    """Train as one rank of the torchrun job described by ``run_dir/config.toml``.
+class MetricsWriter:
+    """Rank 0's ``metrics.jsonl``: one line per step; lines of steps a resume redoes are dropped first."""
+
+    def __init__(self, run: RunDir, *, enabled: bool, batch_size: int) -> None:
+        self.run, self.enabled, self.batch_size = run, enabled, batch_size
+
+    def trim(self, start: int) -> None:
+        """Drop the lines of steps after ``start``: they are about to be redone."""
+        if self.enabled:
+            records = [r for r in self.run.read_metrics() if int(r.get("step", 0)) <= start]
+            self.run.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+
+    def write(self, step: int, loss: float, step_s: float, extra: dict[str, float]) -> None:
+        """The line of the step with 0-based index ``step``."""
+        if self.enabled:
+            record = {"step": step + 1, "loss": loss, "samples_per_s": self.batch_size / step_s, "step_s": step_s}
+            self.run.append_metrics({**record, **extra})
+
+
+@dataclass(frozen=True, slots=True)
+class RankEnv:
+    """This process's place in the job, from torchrun's environment."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    restart: int
+    num_nodes: int
+
+    @classmethod
+    def from_environ(cls) -> RankEnv:
+        env = os.environ
+        return cls(
+            rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), local_rank=int(env.get("LOCAL_RANK", "0")),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1")),
+            restart=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")), num_nodes=int(env.get("GROUP_WORLD_SIZE", "1")),
+        )  # fmt: skip
+
+
+def device_for(backend: str, local_rank: int, choice: str = "auto") -> torch.device:
+    """Where a rank's tensors live: the one place device placement is decided.
+
+    ``auto``: CUDA with NCCL, else the CPU; ``cuda``: a GPU whatever the backend, ranks beyond the GPU count
+    sharing GPUs round-robin (gloo only: NCCL refuses two ranks on one GPU).
+    """
+    if choice == "cpu" or (choice == "auto" and backend != "nccl"):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"device cuda (backend {backend}) needs a CUDA GPU, but torch {torch.__version__} sees none; "
+            "use --device cpu and --backend gloo"
+        )
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+class Trainer:
+    """One rank of a ``fedge train`` job: builds data, model and strategy, runs the steps, writes the results.
+
+    It owns a :class:`~fedge.plugins.train.checkpoint.Checkpointer` and a :class:`MetricsWriter` and passes
+    each step's index to the strategy.
 
     Args:
-        run_dir: the run directory ``fedge train`` wrote on this node.
+        run: the run directory ``fedge train`` wrote on this node (``config.toml`` in it).
+        env: this rank's place in the job.
         node_tag: multi-node jobs: this node's local rank 0 writes ``nodes/<node_tag>.json``.
     """
-    from fedge.plugins.data import load_dataset
-    from fedge.plugins.models import build_model, save_model
-    from fedge.plugins.training import evaluate
 
-    run = RunDir(run_dir)
-    cfg = from_mapping(TrainConfig, load_toml(run.file("config.toml")))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    def __init__(self, run: RunDir, env: RankEnv, node_tag: str = "") -> None:
+        self.run, self.env, self.node_tag = run, env, node_tag
+        self.cfg = from_mapping(TrainConfig, load_toml(run.file("config.toml")))
+        self.cls = resolve_strategy(self.cfg.strategy)
+        self.strategy_config = strategy_config(self.cls, self.cfg.strategy_options, self.cfg.strategy)
+        self.cls.check_world_size(self.strategy_config, env.world_size, self.cfg.batch_size)
+        self.backend = _backend(self.cfg.backend, env.local_world_size, self.cfg.device)
+        self.device = torch.device("cpu")
+        self.checkpointer = Checkpointer(
+            run.path, strategy_name=self.cfg.strategy, every=self.cfg.checkpoint_every, keep=self.cfg.keep_checkpoints,
+            replicated=self.cls.replicated, rank=env.rank, world_size=env.world_size,
+        )  # fmt: skip
+        self.metrics = MetricsWriter(run, enabled=env.rank == 0, batch_size=self.cfg.batch_size)
 
-    cls = resolve_strategy(cfg.strategy)
-    scfg = strategy_config(cls, cfg.strategy_options, cfg.strategy)
-    cls.check_world_size(scfg, world, cfg.batch_size)
-    backend = _backend(cfg.backend, local_world, cfg.device)
-    device = _device(cfg.device, backend, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    # device_id binds NCCL's communicator to this rank's GPU up front (no guessing at the first barrier).
-    bound = {"device_id": device} if backend == "nccl" else {}
-    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s), **bound)
-    try:
-        ctx = DistContext(rank=rank, world_size=world, local_rank=local_rank, backend=backend, device=device)
+    def run_job(self) -> None:
+        """Join the process group, train, and leave it (also on error)."""
+        self.device = device = device_for(self.backend, self.env.local_rank, self.cfg.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        # device_id binds NCCL's communicator to this rank's GPU up front (no guessing at the first barrier).
+        bound = {"device_id": device} if self.backend == "nccl" else {}
+        dist.init_process_group(self.backend, timeout=timedelta(seconds=self.cfg.timeout_s), **bound)
+        try:
+            ctx = DistContext(
+                rank=self.env.rank, world_size=self.env.world_size, local_rank=self.env.local_rank,
+                backend=self.backend, device=device,
+            )  # fmt: skip
+            self._train(ctx)
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+    def _train(self, ctx: DistContext) -> None:
+        from fedge.plugins.data import load_dataset
+
+        cfg, env = self.cfg, self.env
         data = load_dataset(cfg.dataset, cfg.dataset_options)
-        num_nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
-        if node_tag and local_rank == 0:
-            _write_node_file(run, node_tag, num_nodes=num_nodes, first_rank=rank, local_world=local_world, world=world)
-        if num_nodes > 1:
-            _check_same_job(cfg, data)
-            if cfg.checkpoint_every:
-                _check_shared_run_dir(run, rank)
+        self._check_nodes(data)
         x_all, y_all = torch.as_tensor(data.x_train), torch.as_tensor(data.y_train)
         order = BatchOrder(len(x_all), cfg.batch_size, cfg.seed)
         num_steps = cfg.epochs * order.per_epoch if cfg.epochs else cfg.steps
-        model_options = {"seed": cfg.seed, **cfg.model_options}
-        model = build_model(cfg.model, model_options, input_shape=data.input_shape, num_classes=data.num_classes)
-        strategy = cls(scfg, ctx)
-        strategy.setup(model)
-
-        start = _resume(run.path, strategy, cls, cfg, world, rank)
-        if rank == 0:
-            _trim_metrics(run, start)
-        fault_rank, _, fault_step = cfg.fault_at.partition(":")
-        # One trace per rank: a restarted or resumed rank that already wrote one does not write another.
-        traced = any(run.file("traces").glob(f"rank{rank}.*.pt.trace.json*"))
-        prof = _profiler(run.path, rank, num_steps - start, device) if cfg.profile and not traced and start < num_steps else None
-        if prof is not None:
-            prof.start()
+        strategy = self.cls(self.strategy_config, ctx)
+        strategy.setup(self._build_model(data))
+        start = self.checkpointer.restore(strategy)
+        self.metrics.trim(start)
+        prof = self._profiler(num_steps - start)
         loss = float("nan")
         for step in range(start, num_steps):
-            if cfg.fault_at and restart == 0 and rank == int(fault_rank) and step == int(fault_step):
-                os.kill(os.getpid(), signal.SIGKILL)  # fault drill: die as an OOM-killed worker would
+            self._fault_drill(step)
             t0 = time.perf_counter()
             idx = order.indices(step)
-            strategy.step = step
-            loss = strategy.train_step(x_all[idx], y_all[idx])
+            loss = strategy.train_step(x_all[idx], y_all[idx], step=step)
             step_s = time.perf_counter() - t0
             if prof is not None:
                 prof.step()
-            if rank == 0:
-                run.append_metrics(
-                    {
-                        "step": step + 1,
-                        "loss": loss,
-                        "samples_per_s": cfg.batch_size / step_s,
-                        "step_s": step_s,
-                        **strategy.step_metrics(),
-                    }
-                )
-            if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == num_steps):
-                _save(run.path, strategy, cls, cfg, world, rank, step + 1)
+            self.metrics.write(step, loss, step_s, strategy.step_metrics())
+            if self.checkpointer.due(step + 1, num_steps):
+                self.checkpointer.save(strategy, step + 1)
         if prof is not None:
             prof.stop()
-
         state = strategy.full_state_dict()
         strategy.close()
-        if rank == 0:
+        if env.rank == 0:
             assert state is not None
-            final = build_model(cfg.model, model_options, input_shape=data.input_shape, num_classes=data.num_classes)
-            final.load_state_dict(state)
-            test_loss, accuracy = evaluate(final, data.x_test, data.y_test)
-            save_model(final, run.path, extra={"dataset": cfg.dataset, "strategy": cfg.strategy, "steps": num_steps})
-            run.write_json(
-                "summary.json",
-                {
-                    "strategy": cfg.strategy,
-                    "world_size": world,
-                    "backend": backend,
-                    "steps": num_steps,
-                    "resumed_from_step": start or None,
-                    "restarts": restart,
-                    "final_loss": loss,
-                    "test_loss": test_loss,
-                    "test_accuracy": accuracy,
-                    "device": device.type,
-                    **_cuda_memory(device),
-                },
-            )
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+            self._finish(data, state, num_steps=num_steps, start=start, loss=loss)
+
+    def _build_model(self, data: ArrayDataset) -> torch.nn.Module:
+        from fedge.plugins.models import build_model
+
+        options = {"seed": self.cfg.seed, **self.cfg.model_options}
+        return build_model(self.cfg.model, options, input_shape=data.input_shape, num_classes=data.num_classes)
+
+    def _check_nodes(self, data: ArrayDataset) -> None:
+        """Multi-node jobs: say which node this is, and check every node runs the same job."""
+        if self.node_tag and self.env.local_rank == 0:
+            _write_node_file(
+                self.run, self.node_tag, num_nodes=self.env.num_nodes, first_rank=self.env.rank,
+                local_world=self.env.local_world_size, world=self.env.world_size,
+            )  # fmt: skip
+        if self.env.num_nodes > 1:
+            _check_same_job(self.cfg, data)
+            if self.cfg.checkpoint_every:
+                _check_shared_run_dir(self.run, self.env.rank)
+
+    def _profiler(self, steps_left: int) -> torch.profiler.profile | None:
+        # One trace per rank: a restarted or resumed rank that already wrote one does not write another.
+        traced = any(self.run.file("traces").glob(f"rank{self.env.rank}.*.pt.trace.json*"))
+        if not self.cfg.profile or traced or steps_left <= 0:
+            return None
+        prof = _profiler(self.run.path, self.env.rank, steps_left, self.device)
+        prof.start()
+        return prof
+
+    def _fault_drill(self, step: int) -> None:
+        if not self.cfg.fault_at or self.env.restart:
+            return
+        rank, _, at = self.cfg.fault_at.partition(":")
+        if self.env.rank == int(rank) and step == int(at):
+            os.kill(os.getpid(), signal.SIGKILL)  # die as an OOM-killed worker would
+
+    def _finish(self, data: ArrayDataset, state: dict[str, torch.Tensor], *, num_steps: int, start: int, loss: float) -> None:
+        from fedge.plugins.models import save_model
+        from fedge.plugins.training import evaluate
+
+        cfg = self.cfg
+        final = self._build_model(data)
+        final.load_state_dict(state)
+        test_loss, accuracy = evaluate(final, data.x_test, data.y_test)
+        save_model(final, self.run.path, extra={"dataset": cfg.dataset, "strategy": cfg.strategy, "steps": num_steps})
+        summary = {
+            "strategy": cfg.strategy, "world_size": self.env.world_size, "backend": self.backend, "steps": num_steps,
+            "resumed_from_step": start or None, "restarts": self.env.restart, "final_loss": loss,
+            "test_loss": test_loss, "test_accuracy": accuracy, "device": self.device.type, **_cuda_memory(self.device),
+        }  # fmt: skip
+        self.run.write_json("summary.json", summary)
 
 
 def _cuda_memory(device: torch.device) -> dict[str, int]:
@@ -252,6 +283,11 @@ def _cuda_memory(device: torch.device) -> dict[str, int]:
         "cuda_max_memory_allocated_bytes": int(torch.cuda.max_memory_allocated(device)),
         "cuda_max_memory_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
     }
+
+
+def run(run_dir: Path, node_tag: str = "") -> None:
+    """Train as one rank of the torchrun job described by ``run_dir/config.toml``."""
+    Trainer(RunDir(run_dir), RankEnv.from_environ(), node_tag).run_job()
 
 
 def _write_node_file(run: RunDir, tag: str, *, num_nodes: int, first_rank: int, local_world: int, world: int) -> None:
@@ -319,64 +355,30 @@ def _check_shared_run_dir(run: RunDir, rank: int) -> None:
         )
 
 
-def _resume(run_dir: Path, strategy: Strategy, cls: type[Strategy], cfg: TrainConfig, world: int, rank: int) -> int:
-    meta = checkpoint.latest(run_dir)
-    if meta is None:
-        return 0
-    if meta.get("strategy") != cfg.strategy:
-        raise ConfigError(
-            f"the checkpoint in {str(run_dir)!r} was written by strategy {meta.get('strategy')!r}, not {cfg.strategy!r}; "
-            "resume with the same strategy or use a new --out directory"
-        )
-    if not cls.replicated and meta.get("world_size") != world:
-        raise ConfigError(
-            f"the checkpoint in {str(run_dir)!r} holds {meta.get('world_size')} ranks' shards but this job has {world} "
-            f"processes; {cfg.strategy} resumes only at the same world size"
-        )
-    step = int(meta["step"])
-    own = checkpoint.load_rank(run_dir, step, rank) if rank < int(meta["world_size"]) else None
-    payload = checkpoint.load_rank(run_dir, step, 0) if cls.replicated else own
-    assert payload is not None
-    strategy.load_checkpoint_state(payload["strategy"])
-    checkpoint.set_rng_state((own or payload)["rng"])
-    return step
-
-
-def _save(run_dir: Path, strategy: Strategy, cls: type[Strategy], cfg: TrainConfig, world: int, rank: int, step: int) -> None:
-    payload: dict[str, Any] = {"step": step, "rng": checkpoint.rng_state()}
-    if rank == 0 or not cls.replicated:
-        payload["strategy"] = strategy.state_for_checkpoint()
-    checkpoint.save_rank(run_dir, step, rank, payload)
-    dist.barrier()  # latest.json may only name a checkpoint every rank has finished writing
-    if rank == 0:
-        meta = {"step": step, "world_size": world, "strategy": cfg.strategy, "replicated": cls.replicated}
-        checkpoint.write_latest(run_dir, meta, keep=cfg.keep_checkpoints)
-
-
-def _trim_metrics(run: RunDir, start: int) -> None:
-    """Drop metric lines of steps after the checkpoint we resume from: they are about to be redone."""
-    records = [r for r in run.read_metrics() if int(r.get("step", 0)) <= start]
-    run.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+def failure_file(run_dir: Path, rank: int | str) -> Path:
+    """Where rank ``rank`` leaves its failure record."""
+    return run_dir / "errors" / f"rank-{rank}.json"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point under torchrun; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) not in (1, 2):
-        print("usage: python -m fedge.plugins.train.worker RUN_DIR [NODE_TAG] (started by fedge train)", file=sys.stderr)
+        print("usage: python -m fedge.plugins.train.trainer RUN_DIR [NODE_TAG] (started by fedge train)", file=sys.stderr)
         return 2
     run_dir = Path(argv[0])
     rank = os.environ.get("RANK", "0")
-    (run_dir / "errors" / f"rank-{rank}.txt").unlink(missing_ok=True)  # from an earlier attempt
+    record = failure_file(run_dir, rank)
+    record.unlink(missing_ok=True)  # from an earlier attempt
     try:
         run(run_dir, argv[1] if len(argv) == 2 else "")
     except FedgeError as err:
-        atomic_write_text(run_dir / "errors" / f"rank-{rank}.txt", f"{err.exit_code} {err}\n")
+        record_failure(record, err)
         print(f"fedge train rank {rank}: error: {err}", file=sys.stderr)
         return err.exit_code
     except Exception as err:
         code, message = _describe_failure(rank, err)
-        atomic_write_text(run_dir / "errors" / f"rank-{rank}.txt", f"{code} {message}\n")
+        record_failure(record, message, exit_code=code)
         raise
     return 0
 
@@ -396,7 +398,7 @@ def _describe_failure(rank: str, err: Exception) -> tuple[int, str]:
         what = lost.group(0) if lost else (text.strip().splitlines() or [type(err).__name__])[0][:200]
         return 3, (
             f"rank {rank} lost contact with another rank ({what}): a process or node of this job stopped, "
-            "crashed or hung; see train.log on every node"
+            "crashed or hung; see logs/train.log on every node"
         )
     first = (text.strip().splitlines() or [""])[0][:300]
     return 70, f"rank {rank} failed: {type(err).__name__}: {first}"
