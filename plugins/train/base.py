@@ -61,8 +61,10 @@ __all__ = [
     "StrategyConfig",
     "StrategyPlugin",
     "batch_rows",
+    "load_sgd_state",
     "resolve_strategy",
     "set_lr",
+    "sgd_state",
     "strategy_config",
     "strategy_registry",
 ]
@@ -175,6 +177,30 @@ def strategy_config(cls: type[Strategy], options: Mapping[str, Any], name: str) 
     return from_mapping(cls.Config, dict(options), where=f"strategy_options ({name})")
 
 
+def sgd_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A replicated model's and its SGD optimizer's state keyed by parameter name (world-size independent).
+
+    A parameter that has not stepped yet gets a zero momentum buffer: with no dampening SGD's first step from
+    zeros equals its first step from none, and a checkpoint template needs every tensor.
+    """
+    import torch
+
+    momentum = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            momentum[name] = buf if buf is not None else torch.zeros_like(p)
+    return {"model": model.state_dict(), "momentum": momentum}
+
+
+def load_sgd_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Restore what :func:`sgd_state` returned."""
+    model.load_state_dict(state["model"])
+    for name, p in model.named_parameters():
+        if name in state["momentum"]:
+            optimizer.state[p]["momentum_buffer"] = state["momentum"][name].detach().clone().to(p.device)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set the learning rate of every parameter group."""
     for group in optimizer.param_groups:
@@ -202,6 +228,9 @@ class Strategy(abc.ABC):
     and a job restarted with a different world size (``--nnodes MIN:MAX``) can still resume from it."""
     parity_cases: ClassVar[Mapping[str, ParityCase]] = {"default": ParityCase()}
     """Settings that must match single-process SGD; empty for a strategy that is not synchronous."""
+    resizable: ClassVar[bool] = False
+    """True when the strategy has :meth:`global_state`: its checkpoints are world-size independent (DCP), so a
+    job resumes at another world size (2 -> 4 -> 2, an elastic job that lost a node, a migrated job)."""
 
     def __init__(self, config: StrategyConfig, ctx: DistContext) -> None:
         self.config = config
@@ -254,6 +283,15 @@ class Strategy(abc.ABC):
         """Restore what :meth:`state_for_checkpoint` returned (called after ``setup``)."""
         self.model.load_state_dict(state["model"])  # type: ignore[attr-defined]
         self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[attr-defined]
+
+    def global_state(self) -> dict[str, Any]:
+        """The training state as single-process SGD holds it, identical on every rank (a collective):
+        ``{"model": state_dict, "momentum": {parameter name: buffer}}`` (see :func:`sgd_state`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no world-size independent state")
+
+    def load_global_state(self, state: dict[str, Any], *, step: int) -> None:
+        """Take this rank's part of what :meth:`global_state` returned (possibly at another world size)."""
+        raise NotImplementedError(f"{type(self).__name__} has no world-size independent state")
 
     def close(self) -> None:
         """Release hooks, buffers and in-flight communication. Called once, after the last step."""
