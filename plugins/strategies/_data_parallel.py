@@ -54,7 +54,8 @@ class DataParallel(Strategy):
         xb, yb = batch_rows(x, y, r, w)
         self.flat.zero_()
         self.model.train()
-        loss = F.cross_entropy(self.model(xb.to(self.ctx.device)), yb.to(self.ctx.device))
+        with self.autocast():
+            loss = F.cross_entropy(self.model(xb.to(self.ctx.device)), yb.to(self.ctx.device))
         loss.backward()
         self.flat[-1] = loss.detach()
         if w > 1:

@@ -164,7 +164,8 @@ class ParameterServer(Strategy):
         xb, yb = batch_rows(x, y, self.ctx.rank, self.num_workers)
         self.gflat.zero_()
         self.model.train()
-        loss = F.cross_entropy(self.model(xb.to(self.ctx.device)), yb.to(self.ctx.device))
+        with self.autocast():
+            loss = F.cross_entropy(self.model(xb.to(self.ctx.device)), yb.to(self.ctx.device))
         loss.backward()
         self.gflat[-1] = loss.detach()
         works = []

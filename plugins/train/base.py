@@ -44,6 +44,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -84,6 +85,9 @@ class StrategyConfig:
     """The batch size ``lr`` was tuned for (``lr_scaling = "linear"`` only)."""
     warmup_steps: int = 0
     """Ramp the lr linearly from ``lr`` to the scaled lr over this many steps (needs ``lr_scaling = "linear"``)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """``bf16``: forward and backward under torch.autocast(bfloat16), CPU or GPU; weights, gradients and the
+    optimizer stay fp32 (master weights)."""
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -302,6 +306,12 @@ class Strategy(abc.ABC):
         return {}
 
     # -- helpers for subclasses -------------------------------------------------------------------------
+
+    def autocast(self) -> AbstractContextManager[None]:
+        """Where a strategy runs its forward and loss: bf16 autocast when ``precision = "bf16"``."""
+        import torch
+
+        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
 
     def lr_at(self, step: int, global_batch: int) -> float:
         """The learning rate for ``step``: linear scaling to ``global_batch`` with linear warm-up."""
