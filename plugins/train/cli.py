@@ -111,12 +111,25 @@ def train(
     base = _base_settings(config_file, resume, out, strategy)
     cfg = build_config(base, {k: v for k, v in flags.items() if v is not None})
     _check_before_start(cfg, last_call_given="rdzv_last_call_s" in settings)
-    with RunDir.create("train", resume or out, resume=resume is not None, overwrite=overwrite, resumable=True) as run:
+    joins = resume is None and not overwrite and _joins_shared_run(out, cfg)
+    with RunDir.create("train", resume or out, resume=resume is not None or joins, overwrite=overwrite, resumable=True) as run:
         run.write_config(to_mapping(cfg))
         typer.echo(f"fedge train: {cfg.strategy} on {cfg.nnodes} x {cfg.nproc} processes -> {run.path}", err=True)
         _launch(cfg, run)
     _report(run, as_json)
     return 0
+
+
+def _joins_shared_run(out: Path | None, cfg: TrainConfig) -> bool:
+    """Whether ``out`` is the run directory another node of this same multi-node job already made (nodes that
+    checkpoint share one directory): same rendezvous, not finished. Every node then writes into it."""
+    if out is None or not cfg.rdzv_endpoint or run_kind(out) != "train" or (out / "summary.json").exists():
+        return False
+    try:
+        theirs = load_toml(out / "config.toml")
+    except FedgeError:
+        return False
+    return (theirs.get("rdzv_endpoint"), theirs.get("rdzv_id")) == (cfg.rdzv_endpoint, cfg.rdzv_id)
 
 
 def _base_settings(config_file: Path | None, resume: Path | None, out: Path | None, strategy: str | None) -> dict[str, Any]:
