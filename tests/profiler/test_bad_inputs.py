@@ -159,8 +159,9 @@ def _blocked_on_fifo(pid: int) -> bool:
     return False
 
 
-@pytest.mark.parametrize("ranks", [1, 2], ids=["one-file", "worker-per-file"])
-def test_ctrl_c_is_one_line_and_exit_130(tmp_path, ranks):
+@pytest.mark.parametrize(("ranks", "sig"), [(1, signal.SIGINT), (2, signal.SIGINT), (1, signal.SIGTERM)],
+                         ids=["one-file", "worker-per-file", "sigterm"])
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, ranks, sig):
     # Prepare: rank files that are FIFOs nobody writes, so reading blocks until interrupted
     for rank in range(ranks):
         os.mkfifo(tmp_path / f"rank{rank}_trace.json")
@@ -170,7 +171,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, ranks):
     while not _blocked_on_fifo(proc.pid) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)
     # Execute
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     code = proc.wait(timeout=60)
     # Assert
     err = proc.stderr.read().strip().splitlines()
