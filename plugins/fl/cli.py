@@ -253,6 +253,7 @@ def supernode_command(
     insecure: Annotated[bool, typer.Option("--insecure", help="Plaintext to a non-loopback SuperLink.")] = False,
     connect_timeout: Annotated[float, typer.Option("--connect-timeout", help="Seconds to keep trying to join the SuperLink before giving up.")] = 60.0,
     workdir: Annotated[Path, typer.Option("--workdir", help="Where logs, Flower state and the node's data file go.")] = Path("runs/supernode"),
+    device: Annotated[str, typer.Option("--device", help="Where this node trains: auto (the GPU if torch sees one), cpu or cuda.")] = "auto",
 ) -> int:
     """Join a SuperLink as one client (a SuperNode in the foreground until Ctrl-C or the SuperLink goes away)."""
     from fedge.plugins.fl.federation import Federation, TlsFiles
@@ -270,6 +271,8 @@ def supernode_command(
             raise ConfigError(f"file {str(path)!r} not found")
     if (data is None) == (partition is None):
         raise ConfigError("give exactly one of --data FILE.npz or --partition I/N")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
     node_config: dict[str, str | int | float] = {}
     if data is not None:
         _check_node_data(data)
@@ -279,6 +282,7 @@ def supernode_command(
         data = _materialize_partition(workdir, index, total, dataset, split, seed)
         node_config["partition-id"], node_config["num-partitions"] = index, total
     node_config["data-path"] = str(data.resolve())
+    node_config["device"] = device
     tls = TlsFiles(ca_cert=root_certificates.resolve()) if root_certificates else None
     fed = Federation(workdir / "flower", tls=tls, host=host)
     fed.fleet_port = port
