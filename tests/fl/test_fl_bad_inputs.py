@@ -207,8 +207,8 @@ def test_supernode_that_cannot_reach_its_superlink_says_so_and_gives_up(tmp_path
 def test_superlink_that_cannot_start_says_the_cause_from_its_log(
     busy_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fedge.plugins.fl.federation as federation
     from fedge.errors import RuntimeFailure
+    from fedge.plugins.fl import federation
 
     # Prepare: skip fedge's own port check, so the real flower-superlink meets the busy port (a port taken
     # between the check and the start looks the same).
