@@ -132,12 +132,15 @@ def _savez(path: Path, **arrays: Any) -> None:
         np.savez(f, **arrays)
 
 
-def write_data(run: RunDir, cfg: FlConfig, dataset: ArrayDataset, parts: list[np.ndarray]) -> list[Path]:
-    """Write each client's share (``data/client-<i>.npz``), the held-out set and ``partitions.json``."""
+def write_data(
+    run: RunDir, cfg: FlConfig, dataset: ArrayDataset, parts: list[np.ndarray], *, client_files: bool = True
+) -> list[Path]:
+    """Write each client's share (``data/client-<i>.npz``, unless ``client_files`` is false: virtual clients
+    take theirs from the dataset), the held-out set and ``partitions.json``."""
     from fedge.plugins.data import partition_stats
 
-    files = _client_files(run, cfg) if parts else []
-    for path, idx in zip(files, parts, strict=True):
+    files = _client_files(run, cfg) if parts and client_files else []
+    for path, idx in zip(files, parts if files else [], strict=True):
         _savez(path, x_train=dataset.x_train[idx], y_train=dataset.y_train[idx])
     _savez(run.file("data") / "test.npz", x_test=dataset.x_test, y_test=dataset.y_test, num_classes=dataset.num_classes)
     if parts:
@@ -391,7 +394,7 @@ def run(
         out = resume
     else:
         cfg = config if isinstance(config, FlConfig) else load_config(None, config or {})
-        _check_before_start(cfg)
+        check_before_start(cfg)
         # Read and split the data before the run directory exists: a missing option or file, a malformed
         # file or too many clients fails here and leaves nothing behind.
         split = load_and_split(cfg, num_clients=cfg.clients if remote is None else 0)
@@ -401,8 +404,7 @@ def run(
             run_dir.write_config(to_mapping(cfg))
         else:
             _clear_previous_attempt(run_dir, on_status)
-        kwargs: dict[str, Any] = {"split": split, "on_round": on_round, "on_status": on_status}
-        fed = LocalFederation(run_dir, cfg, **kwargs) if remote is None else RemoteFederation(run_dir, cfg, remote=remote, **kwargs)
+        fed = _federation(run_dir, cfg, remote, split=split, on_round=on_round, on_status=on_status)
         try:
             result = fed.execute()
         except KeyboardInterrupt:
@@ -418,6 +420,16 @@ def run(
     )
 
 
+def _federation(run_dir: RunDir, cfg: FlConfig, remote: RemoteNodes | None, **kwargs: Any) -> _Federated:
+    if remote is not None:
+        return RemoteFederation(run_dir, cfg, remote=remote, **kwargs)
+    if cfg.engine == "simulation":
+        from fedge.plugins.fl.simulation import SimulationFederation
+
+        return SimulationFederation(run_dir, cfg, **kwargs)
+    return LocalFederation(run_dir, cfg, **kwargs)
+
+
 def _resumed_config(path: Path) -> FlConfig:
     if path.is_dir() and not (path / "config.toml").is_file():
         raise ConfigError(f"cannot resume {str(path)!r}: it holds no config.toml; pass a directory made by fedge fl run")
@@ -426,10 +438,15 @@ def _resumed_config(path: Path) -> FlConfig:
     return load_config(path / "config.toml")
 
 
-def _check_before_start(cfg: FlConfig) -> None:
+def check_before_start(cfg: FlConfig) -> None:
+    """Refuse, before anything is written, a run that cannot work (client counts, a missing engine)."""
     from fedge.plugins.aggregators import check_client_count
 
     check_client_count(cfg.aggregator, cfg.aggregator_options, cfg.num_sampled)
+    if cfg.engine == "simulation":
+        from fedge.plugins.fl.simulation import check_simulation
+
+        check_simulation(cfg.ray_address)
 
 
 def _clear_previous_attempt(run_dir: RunDir, on_status: Callable[[str], None] | None) -> None:
