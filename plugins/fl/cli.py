@@ -104,7 +104,7 @@ def _run_with_progress(as_json: bool, rounds: int | None, **kwargs: Any) -> Any:
 
 
 _LOCAL_ONLY = ("tls", "auth", "warm_workers")  # settings of a federation whose SuperNodes run here
-_TABLES = ("dataset_options", "model_options", "aggregator_options", "faults")  # TOML tables, no flags
+_TABLES = ("dataset_options", "model_options", "aggregator_options", "faults", "client_profiles")  # TOML tables, no flags
 _FLAGS = {"clients": "-n", "rounds": "-r", "aggregator": "-a", "round_timeout_s": "--round-timeout"}
 
 
