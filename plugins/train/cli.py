@@ -183,6 +183,8 @@ def _check_before_start(cfg: TrainConfig, *, last_call_given: bool) -> None:
         logger.warning("--rdzv-last-call has no effect: only an elastic --nnodes MIN:MAX waits for more nodes")
     if cfg.backend == "nccl":
         _check_gpus(cfg.nproc)
+    elif cfg.device == "cuda":
+        _check_gpus(1, flag="--device cuda")
 
 
 def _check_data(cfg: TrainConfig, dataset_cfg: Any) -> None:
@@ -205,16 +207,15 @@ def _check_data(cfg: TrainConfig, dataset_cfg: Any) -> None:
         )
 
 
-def _check_gpus(nproc: int) -> None:
+def _check_gpus(nproc: int, *, flag: str = "--backend nccl") -> None:
     import torch
 
     found = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if found < nproc:
         seen = "no CUDA GPU" if not found else f"{found} CUDA GPU{'s' if found > 1 else ''}"
-        raise ConfigError(
-            f"--backend nccl needs one CUDA GPU per process (--nproc {nproc}), but torch {torch.__version__} sees "
-            f"{seen} here; use --backend gloo (or auto), or lower --nproc"
-        )
+        need = "one CUDA GPU per process (--nproc {nproc})" if flag == "--backend nccl" else "a CUDA GPU"
+        fix = "use --backend gloo (or auto), or lower --nproc" if flag == "--backend nccl" else "use --device cpu (or auto)"
+        raise ConfigError(f"{flag} needs {need.format(nproc=nproc)}, but torch {torch.__version__} sees {seen} here; {fix}")
 
 
 def _launch(cfg: TrainConfig, run: RunDir) -> None:
