@@ -261,7 +261,14 @@ class ExportWorkflow:
         }
         if self.board is not None and fit is not None:
             b = self.board
-            report["board"] = {"name": b.name, "flash_bytes": b.flash_bytes, "ram_bytes": b.ram_bytes, "notes": b.notes}
+            report["board"] = {
+                "name": b.name,
+                "flash_bytes": b.flash_bytes,
+                "ram_bytes": b.ram_bytes,
+                "model_flash_bytes": b.model_flash_bytes,
+                "arena_ram_bytes": b.arena_ram_bytes,
+                "notes": b.notes,
+            }
             report["fits"] = fit.fits
         return report
 
