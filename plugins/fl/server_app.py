@@ -1,12 +1,14 @@
 """fedge's Flower ServerApp: the round loop, around a Flower strategy chosen by the ``aggregator`` plugin.
 
 It reads everything from one run-config key, ``run-dir``: the run directory whose ``config.toml``
-``fedge fl run`` wrote. Per round it asks the strategy for train messages (``configure_train``) over the nodes
-Flower lists as online, sends them and collects replies within ``round_timeout_s`` (not waiting for nodes that
-missed an earlier reply, :mod:`.liveness`), drops malformed or non-finite updates (:mod:`.guard`),
-lets the strategy aggregate the rest (``aggregate_train``), evaluates the global model on the held-out set,
-then writes a checkpoint (atomically) and a ``metrics.jsonl`` line. A run directory with checkpoints resumes
-from the last one. At the end it writes ``model.pt`` + ``model.json`` and ``result.json``.
+``fedge fl run`` wrote. :class:`ServerLoop` runs each round as named phases: ``configure`` (the strategy's
+train messages for the nodes Flower lists as online), ``send_receive`` (replies within ``round_timeout_s``,
+not waiting for nodes that missed an earlier reply, :mod:`.liveness`), ``screen`` (malformed or non-finite
+updates dropped, :mod:`.guard`), ``aggregate`` (the strategy's ``aggregate_train`` on the rest), ``evaluate``
+(the global model on the held-out set), ``checkpoint`` (model and declared strategy state, atomically) and
+``record`` (a ``metrics.jsonl`` line). A run directory with checkpoints resumes from the last one. At the end
+it writes ``model.pt`` + ``model.json`` and ``result.json``; a failure is recorded with :mod:`fedge.failure`
+in ``errors/serverapp.json``.
 """
 
 from __future__ import annotations
@@ -15,26 +17,34 @@ import json
 import logging
 import re
 import time
-import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from fedge.errors import FedgeError, RuntimeFailure
+from fedge.errors import RuntimeFailure
+from fedge.failure import record_failure
 from fedge.plugins.fl.config import FlConfig, load_config
 from fedge.plugins.fl.guard import Rejection, screen_replies
-from fedge.plugins.fl.liveness import NodeQuarantine
+from fedge.plugins.fl.liveness import NodeQuarantine, RoundReplies
 from fedge.rundir import RunDir, atomic_path
 
-__all__ = ["app", "latest_checkpoint", "run_rounds", "strategy_state_file"]
+if TYPE_CHECKING:
+    from fedge.plugins.aggregators import Aggregator
+
+__all__ = ["FAILURE_FILE", "STATUS_FILE", "ServerLoop", "app", "latest_checkpoint", "run_rounds", "strategy_state_file"]
 
 logger = logging.getLogger(__name__)
 
 app = ServerApp()
 
+FAILURE_FILE = "errors/serverapp.json"
+"""Where the ServerApp records its failure (``fedge.failure``), relative to the run directory."""
+STATUS_FILE = "flower/server-status.json"
+"""Where the ServerApp says how many clients it waits for (``fedge fl run`` prints it)."""
 _POLL_S = 0.1
 _CKPT = re.compile(r"^round-(\d+)\.pt$")
 
@@ -46,37 +56,12 @@ def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
 
 
 def strategy_state_file(checkpoint: Path) -> Path:
-    """Where the strategy's server-side state (FedAdam moments, FedAvgM momentum) of a round's checkpoint is.
+    """Where the strategy's declared server-side state of a round's checkpoint is.
 
     It sits beside ``round-NNNN.pt``, which stays a plain model ``state_dict`` (loadable as before); the
     ``.pt`` is written after it, so a round's checkpoint exists only once both files do.
     """
     return checkpoint.with_name(checkpoint.stem + ".strategy.npz")
-
-
-def _save_strategy_state(path: Path, strategy: Any) -> None:
-    from fedge.plugins.aggregators import strategy_state
-
-    state = strategy_state(strategy)
-    if not state:  # stateless strategy, or no aggregation yet: nothing to restore
-        path.unlink(missing_ok=True)  # a stale file of an earlier attempt at this round
-        return
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, allow_pickle=False, **state)  # to a file object: given a path, np.savez appends .npz
-
-
-def _restore_strategy_state(checkpoint: Path, strategy: Any, shapes: dict[str, tuple[int, ...]]) -> None:
-    from fedge.plugins.aggregators import load_strategy_state, state_kinds
-
-    path = strategy_state_file(checkpoint)
-    if not path.is_file():
-        # An older fedge's checkpoint, a round without aggregation, or FedAvgM without momentum: nothing to restore.
-        if state_kinds(strategy):
-            logger.info("no %s: the strategy's %s start from zero", path.name, ", ".join(state_kinds(strategy)))
-        return
-    with np.load(path, allow_pickle=False) as data:
-        load_strategy_state(strategy, {k: data[k] for k in data.files}, shapes=shapes)
-    logger.warning("restored the strategy's server-side state from %s", path.name)
 
 
 class _NodeSnapshot:
@@ -89,61 +74,233 @@ class _NodeSnapshot:
         return list(self._ids)
 
 
-def _wait_for_nodes(grid: Grid, required: int, timeout_s: float) -> list[int]:
-    # Flower's get_node_ids() lists online nodes only: those whose heartbeats arrive and not unregistered.
-    deadline = time.monotonic() + timeout_s
-    while True:
-        ids = list(grid.get_node_ids())
-        if len(ids) >= required:
-            return ids
-        if time.monotonic() > deadline:
-            if ids:
-                logger.warning("only %d of %d clients connected after %.0f s; going on", len(ids), required, timeout_s)
-                return ids
-            raise RuntimeFailure(f"no client connected within {timeout_s:.0f} s")
-        time.sleep(_POLL_S * 5)
-
-
 def _mean(values: list[float]) -> float | None:
     finite = [v for v in values if np.isfinite(v)]
     return round(float(np.mean(finite)), 4) if finite else None
 
 
-def run_rounds(grid: Grid, run: RunDir, cfg: FlConfig) -> dict[str, Any]:
-    """The federated round loop; returns the final record written to ``result.json``."""
-    import torch
+@dataclass
+class _Round:
+    """What one round gathered, phase by phase."""
 
-    from fedge.plugins.aggregators import Sampling, build_strategy
-    from fedge.plugins.models import build_model, save_model
-    from fedge.plugins.training import evaluate
+    server_round: int
+    started: float = field(default_factory=time.perf_counter)
+    messages: list[Message] = field(default_factory=list)
+    got: RoundReplies | None = None
+    wait_s: float = 0.0
+    good: list[Message] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    loss: float = float("nan")
+    accuracy: float = float("nan")
 
-    torch.set_num_threads(1)
-    x_test, y_test, meta = _test_data(run, cfg)
-    model = build_model(
-        cfg.model, cfg.model_options, input_shape=tuple(meta["input_shape"]), num_classes=int(meta["num_classes"])
-    )
-    start_round = 1
-    if (ckpt := latest_checkpoint(run.path)) is not None:
-        model.load_state_dict(torch.load(ckpt[1], map_location="cpu", weights_only=True))
-        start_round = ckpt[0] + 1
-        logger.warning("resuming after round %d from %s", ckpt[0], ckpt[1])
-    spec = dict(model.fedge_spec)  # type: ignore[arg-type]
-    sampling = Sampling(fraction_train=cfg.fraction_train, min_train_nodes=1)
-    strategy = build_strategy(cfg.aggregator, cfg.aggregator_options, sampling)
-    if cfg.dp_noise_multiplier > 0:
-        from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
-        strategy = DifferentialPrivacyServerSideFixedClipping(
-            strategy,
-            noise_multiplier=cfg.dp_noise_multiplier,
-            clipping_norm=cfg.dp_clipping_norm,
-            num_sampled_clients=max(1, int(cfg.clients * cfg.fraction_train)),
+class ServerLoop:
+    """The federated round loop over a Flower ``Grid``, one method per phase.
+
+    Args:
+        grid: Flower's Grid (the ServerApp's), or a stand-in with ``get_node_ids``/``push_messages``/``pull_messages``.
+        run: the run directory (``config.toml``, ``data/test.npz``, checkpoints, metrics).
+        cfg: the run's settings.
+    """
+
+    def __init__(self, grid: Grid, run: RunDir, cfg: FlConfig) -> None:
+        import torch
+
+        from fedge.plugins.models import build_model
+
+        torch.set_num_threads(1)
+        self.grid, self.run, self.cfg = grid, run, cfg
+        self.x_test, self.y_test, meta = _test_data(run, cfg)
+        self.model = build_model(
+            cfg.model, cfg.model_options, input_shape=tuple(meta["input_shape"]), num_classes=int(meta["num_classes"])
         )
-    arrays = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in model.state_dict().items()})
-    reference = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if ckpt is not None:
-        _restore_strategy_state(ckpt[1], strategy, reference)
-    train_config = {
+        self.start_round = 1
+        last = latest_checkpoint(run.path)
+        if last is not None:
+            self.model.load_state_dict(torch.load(last[1], map_location="cpu", weights_only=True))
+            self.start_round = last[0] + 1
+            logger.warning("resuming after round %d from %s", last[0], last[1])
+        self.reference = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        self.arrays = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in self.model.state_dict().items()})
+        self.aggregator = self._build_aggregator()
+        if last is not None:
+            self._restore_state(last[1])
+        self.train_config = ConfigRecord(_train_config(cfg, dict(self.model.fedge_spec)))  # type: ignore[arg-type]
+        self.quarantine = NodeQuarantine(poll_s=_POLL_S)
+
+    def _build_aggregator(self) -> Aggregator:
+        from fedge.plugins.aggregators import Sampling, build_aggregator
+
+        sampling = Sampling(fraction_train=self.cfg.fraction_train, min_train_nodes=1)
+        aggregator = build_aggregator(self.cfg.aggregator, self.cfg.aggregator_options, sampling)
+        if self.cfg.dp_noise_multiplier > 0:
+            from dataclasses import replace
+
+            from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
+            wrapped = DifferentialPrivacyServerSideFixedClipping(
+                aggregator.strategy,
+                noise_multiplier=self.cfg.dp_noise_multiplier,
+                clipping_norm=self.cfg.dp_clipping_norm,
+                num_sampled_clients=self.cfg.num_sampled,
+            )
+            aggregator = replace(aggregator, strategy=wrapped)
+        return aggregator
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def run_all(self) -> dict[str, Any]:
+        """Run the remaining rounds; returns the final record written to ``result.json``."""
+        from fedge.plugins.models import save_model
+
+        self._record_missing_round()
+        for server_round in range(self.start_round, self.cfg.rounds + 1):
+            this = _Round(server_round)
+            this.messages = self.configure(this)
+            self.send_receive(this)
+            self.screen(this)
+            self.aggregate(this)
+            self.evaluate(this)
+            self.checkpoint(this)
+            self.record(this)
+        save_model(self.model, self.run.path, extra={"dataset": self.cfg.dataset, "dataset_options": dict(self.cfg.dataset_options)})
+        loss, acc = self._evaluate()
+        return {"status": "completed", "rounds": self.cfg.rounds, "loss": loss, "accuracy": acc}
+
+    def configure(self, this: _Round) -> list[Message]:
+        """The strategy's train messages for the nodes online now (the first round waits for the clients)."""
+        if this.server_round == self.start_round:  # the clients start cold: wait for them to come up
+            node_ids = self._wait_for_nodes(self.cfg.required_clients, self.cfg.startup_timeout_s)
+        else:  # later rounds take the nodes Flower lists as online; one that went away is not waited for
+            node_ids = self._wait_for_nodes(1, self.cfg.round_timeout_s)
+        snapshot = _NodeSnapshot(node_ids)
+        return list(self.aggregator.strategy.configure_train(this.server_round, self.arrays, self.train_config, snapshot))  # type: ignore[arg-type]
+
+    def send_receive(self, this: _Round) -> None:
+        """Send the messages and collect replies until all waited-for nodes answered or the deadline passed."""
+        timeout = self.cfg.round_timeout_s
+        if this.server_round == self.start_round:  # also the clients' cold start (processes, imports, data)
+            timeout = max(timeout, self.cfg.startup_timeout_s)
+        sent = time.perf_counter()
+        this.got = self.quarantine.send_and_receive(self.grid, this.messages, timeout_s=timeout)
+        this.wait_s = time.perf_counter() - sent
+
+    def screen(self, this: _Round) -> None:
+        """Keep the well-formed, finite updates; the rest become rejections."""
+        assert this.got is not None
+        this.good, this.rejected = screen_replies(this.got.replies, self.reference)
+        for r in this.rejected:
+            logger.warning("round %d: rejected update from node %d: %s", this.server_round, r.node_id, r.reason)
+
+    def aggregate(self, this: _Round) -> None:
+        """Let the strategy aggregate the good updates; a non-finite aggregate keeps the previous model."""
+        import torch
+
+        new_arrays = self.aggregator.strategy.aggregate_train(this.server_round, this.good)[0] if this.good else None
+        if new_arrays is not None and all(np.isfinite(a.numpy()).all() for a in new_arrays.values()):
+            self.arrays = new_arrays
+        elif new_arrays is not None:
+            this.rejected.append(Rejection(0, "aggregate was non-finite; global model kept"))
+            logger.warning("round %d: the aggregate was non-finite; the global model is unchanged", this.server_round)
+        elif this.good:
+            logger.warning("round %d: %s returned no aggregate; the global model is unchanged", this.server_round, self.cfg.aggregator)
+        self.model.load_state_dict({k: torch.from_numpy(np.array(v.numpy())) for k, v in self.arrays.items()})
+
+    def evaluate(self, this: _Round) -> None:
+        """The global model on the held-out set (centralized evaluation)."""
+        this.loss, this.accuracy = self._evaluate()
+
+    def checkpoint(self, this: _Round) -> None:
+        """The strategy's declared state, then the model (last: the round's checkpoint exists once it does)."""
+        import torch
+
+        path = self.run.path / "checkpoints" / f"round-{this.server_round:04d}.pt"
+        state_path, state = strategy_state_file(path), self.aggregator.state_arrays()
+        if state:
+            with atomic_path(state_path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, allow_pickle=False, **state)  # to a file object: given a path, np.savez appends .npz
+        else:  # stateless strategy, or no aggregation yet
+            state_path.unlink(missing_ok=True)  # a stale file of an earlier attempt at this round
+        with atomic_path(path) as tmp:
+            torch.save(self.model.state_dict(), tmp)
+
+    def record(self, this: _Round) -> None:
+        """One ``metrics.jsonl`` line (and ``rejected.jsonl`` lines) for the round."""
+        got = this.got
+        assert got is not None
+        metric_values = [next(iter(m.content.metric_records.values())) for m in this.good]
+        record = {
+            "round": this.server_round,
+            "loss": round(this.loss, 6),
+            "accuracy": round(this.accuracy, 6),
+            "num_clients": len(this.good),
+            "round_s": round(time.perf_counter() - this.started, 3),
+            "sampled": len(this.messages),
+            "rejected": len(this.rejected),
+            "timed_out": len(got.timed_out),
+            "offline": len(got.offline),
+            "quarantined": len(got.quarantined),
+            "train_loss": _mean([float(m.get("train-loss", np.nan)) for m in metric_values]),
+            "client_compute_s": _mean([float(m.get("compute-s", np.nan)) for m in metric_values]),
+            "client_process_s": _mean([float(m.get("process-s", np.nan)) for m in metric_values]),
+            "wait_s": round(this.wait_s, 3),
+        }
+        self.run.append_metrics(record)
+        if this.rejected:
+            with open(self.run.file("rejected.jsonl"), "a", encoding="utf-8") as f:
+                f.writelines(json.dumps({"round": this.server_round, **r.to_json()}) + "\n" for r in this.rejected)
+        logger.warning(
+            "round %d/%d: accuracy %.4f loss %.4f clients %d",
+            this.server_round, self.cfg.rounds, this.accuracy, this.loss, len(this.good),
+        )  # fmt: skip
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _evaluate(self) -> tuple[float, float]:
+        from fedge.plugins.training import evaluate
+
+        return evaluate(self.model, self.x_test, self.y_test)
+
+    def _wait_for_nodes(self, required: int, timeout_s: float) -> list[int]:
+        # Flower's get_node_ids() lists online nodes only: those whose heartbeats arrive and not unregistered.
+        deadline, said = time.monotonic() + timeout_s, -1
+        while True:
+            ids = list(self.grid.get_node_ids())
+            if len(ids) != said:
+                said = len(ids)
+                status = {"required": required, "connected": len(ids), "waiting": len(ids) < required}
+                self.run.write_json(STATUS_FILE, status)
+            if len(ids) >= required:
+                return ids
+            if time.monotonic() > deadline:
+                if ids:
+                    logger.warning("only %d of %d clients connected after %.0f s; going on", len(ids), required, timeout_s)
+                    return ids
+                raise RuntimeFailure(f"no client connected within {timeout_s:.0f} s")
+            time.sleep(_POLL_S * 5)
+
+    def _restore_state(self, checkpoint: Path) -> None:
+        path = strategy_state_file(checkpoint)
+        if not path.is_file():
+            # An older fedge's checkpoint, a round without aggregation, or a stateless aggregator.
+            if self.aggregator.state:
+                logger.info("no %s: the strategy's %s start from zero", path.name, ", ".join(self.aggregator.state))
+            return
+        with np.load(path, allow_pickle=False) as data:
+            self.aggregator.load_state({k: data[k] for k in data.files}, shapes=self.reference)
+        logger.warning("restored the strategy's server-side state from %s", path.name)
+
+    def _record_missing_round(self) -> None:
+        # Killed between a round's checkpoint and its metrics line: record that round from the checkpoint.
+        done_rounds = {int(r["round"]) for r in self.run.read_metrics() if "round" in r}
+        if self.start_round > 1 and self.start_round - 1 not in done_rounds:
+            loss, acc = self._evaluate()
+            self.run.append_metrics(
+                {"round": self.start_round - 1, "loss": loss, "accuracy": acc, "num_clients": None, "round_s": None}
+            )
+
+
+def _train_config(cfg: FlConfig, spec: dict[str, Any]) -> dict[str, Any]:
+    # What every ClientApp needs to train (see client_app / local.train_round).
+    return {
         "local-epochs": cfg.local_epochs,
         "batch-size": cfg.batch_size,
         "lr": cfg.lr,
@@ -151,73 +308,13 @@ def run_rounds(grid: Grid, run: RunDir, cfg: FlConfig) -> dict[str, Any]:
         "model-spec": json.dumps(spec),
         "dataset": cfg.dataset,
         "dataset-options": json.dumps(cfg.dataset_options),
-        "partition": cfg.partition,
+        "partition": str(cfg.partition),
     }
-    done_rounds = {int(r["round"]) for r in run.read_metrics() if "round" in r}
-    if start_round > 1 and start_round - 1 not in done_rounds:  # killed between checkpoint and metrics line
-        loss, acc = evaluate(model, x_test, y_test)
-        run.append_metrics({"round": start_round - 1, "loss": loss, "accuracy": acc, "num_clients": None, "round_s": None})
 
-    quarantine = NodeQuarantine(poll_s=_POLL_S)
-    for server_round in range(start_round, cfg.rounds + 1):
-        t0 = time.perf_counter()
-        if server_round == start_round:  # the clients start cold: wait for them to come up
-            node_ids = _wait_for_nodes(grid, cfg.required_clients, cfg.startup_timeout_s)
-        else:  # later rounds take the nodes Flower lists as online; one that went away is not waited for
-            node_ids = _wait_for_nodes(grid, 1, cfg.round_timeout_s)
-        snapshot = _NodeSnapshot(node_ids)
-        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(train_config), snapshot))  # type: ignore[arg-type]
-        t_sent = time.perf_counter()
-        # The first round also waits for the clients' cold start (processes, imports, data loading).
-        reply_timeout = max(cfg.round_timeout_s, cfg.startup_timeout_s) if server_round == start_round else cfg.round_timeout_s
-        got = quarantine.send_and_receive(grid, messages, timeout_s=reply_timeout)
-        t_replies = time.perf_counter()
-        good, rejected = screen_replies(got.replies, reference)
-        for r in rejected:
-            logger.warning("round %d: rejected update from node %d: %s", server_round, r.node_id, r.reason)
-        new_arrays = None
-        if good:
-            metric_values = [next(iter(m.content.metric_records.values())) for m in good]
-            new_arrays, _ = strategy.aggregate_train(server_round, good)
-        else:
-            metric_values = []
-        if new_arrays is not None and all(np.isfinite(a.numpy()).all() for a in new_arrays.values()):
-            arrays = new_arrays
-        elif new_arrays is not None:
-            rejected.append(Rejection(0, "aggregate was non-finite; global model kept"))
-            logger.warning("round %d: the aggregate was non-finite; the global model is unchanged", server_round)
-        model.load_state_dict({k: torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()})
-        loss, acc = evaluate(model, x_test, y_test)
-        checkpoint = run.path / "checkpoints" / f"round-{server_round:04d}.pt"
-        _save_strategy_state(strategy_state_file(checkpoint), strategy)
-        with atomic_path(checkpoint) as tmp:  # last: the round's checkpoint is complete once this file exists
-            torch.save(model.state_dict(), tmp)
-        record = {
-            "round": server_round,
-            "loss": round(loss, 6),
-            "accuracy": round(acc, 6),
-            "num_clients": len(good),
-            "round_s": round(time.perf_counter() - t0, 3),
-            "sampled": len(messages),
-            "rejected": len(rejected),
-            "timed_out": len(got.timed_out),
-            "offline": len(got.offline),
-            "quarantined": len(got.quarantined),
-            "train_loss": _mean([float(m.get("train-loss", np.nan)) for m in metric_values]),
-            "client_compute_s": _mean([float(m.get("compute-s", np.nan)) for m in metric_values]),
-            "client_process_s": _mean([float(m.get("process-s", np.nan)) for m in metric_values]),
-            "wait_s": round(t_replies - t_sent, 3),
-        }
-        run.append_metrics(record)
-        if rejected:
-            with open(run.file("rejected.jsonl"), "a", encoding="utf-8") as f:
-                for r in rejected:
-                    f.write(json.dumps({"round": server_round, **r.to_json()}) + "\n")
-        logger.warning("round %d/%d: accuracy %.4f loss %.4f clients %d", server_round, cfg.rounds, acc, loss, len(good))
 
-    save_model(model, run.path, extra={"dataset": cfg.dataset, "dataset_options": dict(cfg.dataset_options)})
-    loss, acc = evaluate(model, x_test, y_test)
-    return {"status": "completed", "rounds": cfg.rounds, "loss": loss, "accuracy": acc}
+def run_rounds(grid: Grid, run: RunDir, cfg: FlConfig) -> dict[str, Any]:
+    """The federated round loop; returns the final record written to ``result.json``."""
+    return ServerLoop(grid, run, cfg).run_all()
 
 
 def _test_data(run: RunDir, cfg: FlConfig) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -237,13 +334,8 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls in the ``flwr-serverapp`` process."""
     run = RunDir(Path(str(context.run_config["run-dir"])))
     try:
-        cfg = load_config(run.file("config.toml"))
-        result = run_rounds(grid, run, cfg)
-    except FedgeError as err:
-        run.write_json("result.json", {"status": "failed", "error": str(err)})
-        raise
+        result = run_rounds(grid, run, load_config(run.file("config.toml")))
     except Exception as err:
-        run.write_json("result.json", {"status": "failed", "error": f"{type(err).__name__}: {err}"})
-        run.write_text("server-traceback.txt", traceback.format_exc())
+        record_failure(run.file(FAILURE_FILE), err, where="the ServerApp")
         raise
     run.write_json("result.json", result)

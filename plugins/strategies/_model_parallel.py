@@ -7,6 +7,7 @@ import abc
 from typing import TYPE_CHECKING, Protocol, cast
 
 from fedge.errors import ConfigError
+from fedge.plugins.strategies._host_staging import needs_host_staging
 from fedge.plugins.strategies._pipeline_groups import sum_across_world
 from fedge.plugins.strategies._pipeline_stage import StageRunner
 from fedge.plugins.train.base import DistContext, Strategy, StrategyConfig
@@ -53,6 +54,11 @@ class ModelParallel(Strategy):
 
     @classmethod
     def check_world_size(cls, config: StrategyConfig, world_size: int, batch_size: int) -> None:
+        if config.precision != "fp32":
+            raise ConfigError(
+                f"precision = {config.precision!r} is not supported by the model-parallel strategies yet (their stages "
+                "run their own forward); use a data-parallel strategy or precision = 'fp32'"
+            )
         dims = cls.layout(config, world_size)
         microbatches = cast(_Pipelined, config).microbatches
         check_pipeline(dp=dims.dp, pp=dims.pp, microbatches=microbatches, batch_size=batch_size)
@@ -65,6 +71,11 @@ class ModelParallel(Strategy):
     def make_runner(self, module: nn.Module, *, stage_index: int, group: dist.ProcessGroup | None) -> StageRunner:
         """This rank's pipeline stage of ``module`` on the configured schedule."""
         c = cast(_Pipelined, self.config)
+        if self.dims.pp > 1 and needs_host_staging(self.ctx.backend, self.ctx.device):
+            raise ConfigError(
+                f"{self.dims.pp} pipeline stages pass activations with send/recv, which gloo does on CPU tensors only, "
+                f"not on {self.ctx.device.type}; give each stage its own GPU with --backend nccl, or use --device cpu"
+            )
         return StageRunner(
             module,
             stage_index=stage_index,

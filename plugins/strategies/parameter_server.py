@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from fedge.errors import ConfigError
 from fedge.plugins.strategies._data_parallel import flat_grad_buffer
+from fedge.plugins.strategies._host_staging import HostStage, needs_host_staging
 from fedge.plugins.train.base import ParityCase, Strategy, StrategyConfig, batch_rows, set_lr
 from fedge.registry import plugin
 
@@ -103,6 +104,7 @@ class ParameterServer(Strategy):
         "2-servers": ParityCase(options={"mode": "sync", "num_servers": 2}, world_sizes=(4,)),
     }
     replicated: ClassVar[bool] = False
+    resizable: ClassVar[bool] = True
 
     @classmethod
     def check_world_size(cls, config: StrategyConfig, world_size: int, batch_size: int) -> None:
@@ -126,7 +128,10 @@ class ParameterServer(Strategy):
         self.num_workers = self.ctx.world_size - self.config.num_servers
         self.is_server = self.ctx.rank >= self.num_workers
         self.pg = dist.group.WORLD
-        self.model = model.to(self.ctx.device)
+        self.staged = needs_host_staging(self.ctx.backend, self.ctx.device)
+        self._gstage, self._pstage = HostStage(), HostStage()
+        # Under staging a server keeps its shard on the CPU: it only adds and sends, and gloo's p2p is host-only.
+        self.model = model if self.is_server and self.staged else model.to(self.ctx.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         n = sum(p.numel() for p in params)
         # One trailing slot travels with the last shard: the loss (push) and the mean loss (pull).
@@ -134,7 +139,7 @@ class ParameterServer(Strategy):
         self.bounds[-1] += 1
         if self.is_server:
             j = self.ctx.rank - self.num_workers
-            full = torch.cat([p.detach().reshape(-1) for p in params] + [torch.zeros(1, device=self.ctx.device)])
+            full = torch.cat([p.detach().reshape(-1) for p in params] + [torch.zeros(1, device=params[0].device)])
             self.shard = nn.Parameter(full[self.bounds[j] : self.bounds[j + 1]].clone())
             self.optimizer = self.make_optimizer([self.shard])
             self.inbox = [torch.empty_like(self.shard) for _ in range(self.num_workers)]
@@ -163,16 +168,20 @@ class ParameterServer(Strategy):
         xb, yb = batch_rows(x, y, self.ctx.rank, self.num_workers)
         self.gflat.zero_()
         self.model.train()
-        loss = F.cross_entropy(self.model(xb.to(self.ctx.device)), yb.to(self.ctx.device))
+        with self.autocast():
+            loss = F.cross_entropy(self.model(xb.to(self.ctx.device)), yb.to(self.ctx.device))
         loss.backward()
         self.gflat[-1] = loss.detach()
+        push, pull = (self._gstage.out(self.gflat), self._pstage.mirror(self.pflat)) if self.staged else (self.gflat, self.pflat)
         works = []
         for j in range(self.config.num_servers):
             a, b = self.bounds[j], self.bounds[j + 1]
             server = self.num_workers + j
-            works += [self.pg.send([self.gflat[a:b]], server, _PUSH), self.pg.recv([self.pflat[a:b]], server, _PULL)]
+            works += [self.pg.send([push[a:b]], server, _PUSH), self.pg.recv([pull[a:b]], server, _PULL)]
         for work in works:
             work.wait()
+        if self.staged:
+            self._pstage.back(self.pflat)
         return float(self.pflat[-1])  # the server's mean over the pushes since our previous pull
 
     def _holds_loss(self) -> bool:
@@ -238,9 +247,12 @@ class ParameterServer(Strategy):
             return None
         if self.ctx.rank != 0:
             return None
+        pull = self._pstage.mirror(self.pflat) if self.staged else self.pflat
         for j in range(self.config.num_servers):
             a, b = self.bounds[j], self.bounds[j + 1]
-            self.pg.recv([self.pflat[a:b]], self.num_workers + j, _GATHER).wait()
+            self.pg.recv([pull[a:b]], self.num_workers + j, _GATHER).wait()
+        if self.staged:
+            self._pstage.back(self.pflat)
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def state_for_checkpoint(self) -> dict[str, Any]:
@@ -264,3 +276,44 @@ class ParameterServer(Strategy):
             self.loss_count = list(state.get("loss_count", self.loss_count))
         else:
             self.pflat.copy_(state["params"])
+
+    def _trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+
+    def global_state(self) -> dict[str, Any]:
+        """The servers' shards (parameters and momentum) put together on every rank with two all-reduces."""
+        n = self.bounds[-1] - 1  # without the loss slot
+        flat = torch.zeros(2, n + 1, device=self.ctx.device)
+        if self.is_server:
+            j = self.ctx.rank - self.num_workers
+            a, b = self.bounds[j], self.bounds[j + 1]
+            flat[0, a:b] = self.shard.data
+            buf = self.optimizer.state.get(self.shard, {}).get("momentum_buffer")
+            if buf is not None:
+                flat[1, a:b] = buf
+        dist.all_reduce(flat)
+        model, momentum, offset = dict(self.model.state_dict()), {}, 0
+        for name, p in self._trainable():
+            model[name] = flat[0, offset : offset + p.numel()].view_as(p)
+            momentum[name] = flat[1, offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        return {"model": model, "momentum": momentum}
+
+    def load_global_state(self, state: dict[str, Any], *, step: int) -> None:
+        trainable = self._trainable()
+        params = torch.cat([state["model"][name].reshape(-1).to(self.ctx.device) for name, _ in trainable])
+        if not self.is_server:
+            self.pflat[:-1].copy_(params)
+            return
+        momentum = torch.cat([state["momentum"][name].reshape(-1).to(self.ctx.device) for name, _ in trainable])
+        j = self.ctx.rank - self.num_workers
+        a, b = self.bounds[j], self.bounds[j + 1]
+        end = min(b, params.numel())  # the last shard's loss slot is not a parameter
+        self.shard.data.zero_()
+        self.shard.data[: end - a].copy_(params[a:end])
+        buf = torch.zeros_like(self.shard.data)
+        buf[: end - a].copy_(momentum[a:end])
+        self.optimizer.state[self.shard]["momentum_buffer"] = buf
+        # Workers may differ in number now: every one has pushed for each step done so far.
+        self.received = [step] * self.num_workers
+        self.loss_sum, self.loss_count = [0.0] * self.num_workers, [0] * self.num_workers

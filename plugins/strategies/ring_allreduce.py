@@ -111,6 +111,7 @@ class RingAllReduce(DataParallel):
                 raise ValueError(f"chunk_bytes must be >= 64, got {self.chunk_bytes}")
 
     config: Config
+    point_to_point = True
     parity_cases: ClassVar[Mapping[str, ParityCase]] = {"chunks": ParityCase(options={"chunk_bytes": 256})}
     _scratch: Tensor | None = None
 

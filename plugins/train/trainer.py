@@ -68,18 +68,20 @@ class BatchOrder:
         return self._perm[i * self.batch_size : (i + 1) * self.batch_size]
 
 
-def _backend(choice: str, local_world_size: int) -> str:
+def _backend(choice: str, local_world_size: int, device: str = "auto") -> str:
     if choice != "auto":
         return choice
+    if device == "cpu":  # NCCL takes CUDA tensors only
+        return "gloo"
     return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world_size else "gloo"
 
 
-def _profiler(run_dir: Path, rank: int, num_steps: int) -> torch.profiler.profile:
+def _profiler(run_dir: Path, rank: int, num_steps: int, device: torch.device) -> torch.profiler.profile:
     wait = 1 if num_steps >= 5 else 0
     warmup = 1 if num_steps >= 2 else 0
     active = max(1, min(3, num_steps - wait - warmup))
     activities = [torch.profiler.ProfilerActivity.CPU]
-    if torch.cuda.is_available():
+    if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     return torch.profiler.profile(
         activities=activities,
@@ -128,9 +130,20 @@ class RankEnv:
         )  # fmt: skip
 
 
-def device_for(backend: str, local_rank: int) -> torch.device:
-    """Where a rank's tensors live: the one place device placement is decided."""
-    return torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+def device_for(backend: str, local_rank: int, choice: str = "auto") -> torch.device:
+    """Where a rank's tensors live: the one place device placement is decided.
+
+    ``auto``: CUDA with NCCL, else the CPU; ``cuda``: a GPU whatever the backend, ranks beyond the GPU count
+    sharing GPUs round-robin (gloo only: NCCL refuses two ranks on one GPU).
+    """
+    if choice == "cpu" or (choice == "auto" and backend != "nccl"):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"device cuda (backend {backend}) needs a CUDA GPU, but torch {torch.__version__} sees none; "
+            "use --device cpu and --backend gloo"
+        )
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 class Trainer:
@@ -151,7 +164,8 @@ class Trainer:
         self.cls = resolve_strategy(self.cfg.strategy)
         self.strategy_config = strategy_config(self.cls, self.cfg.strategy_options, self.cfg.strategy)
         self.cls.check_world_size(self.strategy_config, env.world_size, self.cfg.batch_size)
-        self.backend = _backend(self.cfg.backend, env.local_world_size)
+        self.backend = _backend(self.cfg.backend, env.local_world_size, self.cfg.device)
+        self.device = torch.device("cpu")
         self.checkpointer = Checkpointer(
             run.path, strategy_name=self.cfg.strategy, every=self.cfg.checkpoint_every, keep=self.cfg.keep_checkpoints,
             replicated=self.cls.replicated, rank=env.rank, world_size=env.world_size,
@@ -160,10 +174,13 @@ class Trainer:
 
     def run_job(self) -> None:
         """Join the process group, train, and leave it (also on error)."""
-        device = device_for(self.backend, self.env.local_rank)
-        if self.backend == "nccl":
+        self.device = device = device_for(self.backend, self.env.local_rank, self.cfg.device)
+        if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(self.backend, timeout=timedelta(seconds=self.cfg.timeout_s))
+        # device_id binds NCCL's communicator to this rank's GPU up front (no guessing at the first barrier).
+        dist.init_process_group(
+            self.backend, timeout=timedelta(seconds=self.cfg.timeout_s), device_id=device if self.backend == "nccl" else None
+        )
         try:
             ctx = DistContext(
                 rank=self.env.rank, world_size=self.env.world_size, local_rank=self.env.local_rank,
@@ -231,7 +248,7 @@ class Trainer:
         traced = any(self.run.file("traces").glob(f"rank{self.env.rank}.*.pt.trace.json*"))
         if not self.cfg.profile or traced or steps_left <= 0:
             return None
-        prof = _profiler(self.run.path, self.env.rank, steps_left)
+        prof = _profiler(self.run.path, self.env.rank, steps_left, self.device)
         prof.start()
         return prof
 
@@ -254,9 +271,19 @@ class Trainer:
         summary = {
             "strategy": cfg.strategy, "world_size": self.env.world_size, "backend": self.backend, "steps": num_steps,
             "resumed_from_step": start or None, "restarts": self.env.restart, "final_loss": loss,
-            "test_loss": test_loss, "test_accuracy": accuracy,
+            "test_loss": test_loss, "test_accuracy": accuracy, "device": self.device.type, **_cuda_memory(self.device),
         }  # fmt: skip
         self.run.write_json("summary.json", summary)
+
+
+def _cuda_memory(device: torch.device) -> dict[str, int]:
+    """Rank 0's peak CUDA memory (torch's caching allocator), for summary.json; nothing on the CPU."""
+    if device.type != "cuda":
+        return {}
+    return {
+        "cuda_max_memory_allocated_bytes": int(torch.cuda.max_memory_allocated(device)),
+        "cuda_max_memory_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
+    }
 
 
 def run(run_dir: Path, node_tag: str = "") -> None:
