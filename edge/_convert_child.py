@@ -6,7 +6,7 @@ at once (while the caller is still loading its model), then converts one job per
 answers each with a line on its stdout, until stdin closes. A line is a JOB_DIR holding ``job.json`` (source
 kind, quantization), ``samples.npy`` (calibration inputs, batch first) and the model (``program.pt2``, a saved
 ``torch.export`` program, or a Keras path named in job.json). The child writes ``model.tflite``, or
-``error.json`` with a one-line message.
+``failure.json`` (a :mod:`fedge.failure` record) with the one-line message.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import json
 import os
 import re
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+FAILURE_FILE = "failure.json"
+"""The core failure record (:mod:`fedge.failure`) the child leaves in the job directory."""
 
 
 def _torch_float(module: Any, sample: Any) -> bytes:
@@ -146,15 +148,20 @@ def _preload(source: str) -> None:
         import tensorflow  # noqa: F401
 
 
-def _record_failure(job_dir: Path, err: Exception) -> None:
+def _record_failure(job_dir: Path, job: dict[str, Any], err: Exception) -> None:
+    from fedge.errors import DataError
+    from fedge.failure import record_failure
+
     text = str(err).strip() or type(err).__name__
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), text)
     layer = _layer_of(job_dir, text)
-    (job_dir / "error.json").write_text(
-        json.dumps(
-            {"message": f"{type(err).__name__}: {first[:300]}", "layer": layer, "traceback": traceback.format_exc()}
-        )
-    )
+    where = f" at {layer}" if layer else ""
+    tool = "litert-torch" if job["source"] == "torch" else "the TFLite converter"
+    message = f"{tool} cannot convert the model ({job['quantization']}){where}: {type(err).__name__}: {first[:300]}"
+    try:  # raised, so the record's traceback runs down to the converter's own
+        raise DataError(message) from err
+    except DataError as failure:
+        record_failure(job_dir / FAILURE_FILE, failure)
 
 
 def convert_job(job_dir: Path) -> None:
@@ -167,7 +174,7 @@ def convert_job(job_dir: Path) -> None:
         else:
             data = _convert_keras(job["path"], job["quantization"], samples)
     except Exception as err:  # noqa: BLE001 - any converter failure becomes error.json
-        _record_failure(job_dir, err)
+        _record_failure(job_dir, job, err)
         return
     (job_dir / "model.tflite").write_bytes(data)
 

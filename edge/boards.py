@@ -28,10 +28,22 @@ class Board:
     """RAM the tensor arena may occupy, in KiB."""
     notes: str = ""
     """Chip, clock, kernels: what a user should know."""
+    reserved_flash_kb: int = 0
+    """Flash the rest of the firmware takes (bootloader, TFLite Micro and its kernels, the application)."""
+    reserved_ram_kb: int = 0
+    """RAM the rest of the firmware takes (stack, heap, the core's globals)."""
 
     def __post_init__(self) -> None:
         if self.flash_kb < 0 or self.ram_kb < 0:
             raise ValueError(f"board {self.name!r}: flash_kb and ram_kb must be >= 0")
+        for what, reserved, total in (
+            ("flash", self.reserved_flash_kb, self.flash_kb),
+            ("ram", self.reserved_ram_kb, self.ram_kb),
+        ):
+            if reserved < 0 or (reserved and reserved >= total):
+                raise ValueError(
+                    f"board {self.name!r}: reserved_{what}_kb must be >= 0 and below {what}_kb ({total}), got {reserved}"
+                )
 
     @property
     def flash_bytes(self) -> int:
@@ -40,6 +52,16 @@ class Board:
     @property
     def ram_bytes(self) -> int:
         return self.ram_kb * 1024
+
+    @property
+    def model_flash_bytes(self) -> int:
+        """Flash left for the model once the reserve is taken."""
+        return (self.flash_kb - self.reserved_flash_kb) * 1024
+
+    @property
+    def arena_ram_bytes(self) -> int:
+        """RAM left for the tensor arena once the reserve is taken."""
+        return (self.ram_kb - self.reserved_ram_kb) * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,12 +82,15 @@ class Fit:
 
     def message(self) -> str:
         """One line: what does not fit, with the sizes."""
+        b = self.board
         parts = []
         if not self.flash_ok:
-            parts.append(f"the model needs {self.size_bytes:,} B of flash, the board has {self.board.flash_bytes:,} B")
+            left = f" ({b.model_flash_bytes:,} B left by the firmware)" if b.reserved_flash_kb else ""
+            parts.append(f"the model needs {self.size_bytes:,} B of flash, the board has {b.flash_bytes:,} B{left}")
         if not self.ram_ok:
+            left = f" ({b.arena_ram_bytes:,} B left by the firmware)" if b.reserved_ram_kb else ""
             parts.append(
-                f"the tensor arena needs {self.arena_bytes or 0:,} B of RAM, the board has {self.board.ram_bytes:,} B"
+                f"the tensor arena needs {self.arena_bytes or 0:,} B of RAM, the board has {b.ram_bytes:,} B{left}"
             )
         if not parts:
             return f"fits {self.board.name}"
@@ -111,8 +136,8 @@ def load_boards(extra: str | Path | Mapping[str, Any] | None = None) -> dict[str
 
 def check_fit(board: Board, size_bytes: int, arena_bytes: int | None, *, quantization: str | None = None) -> Fit:
     """Compare a model's size and arena with the board's flash and RAM (limits of 0 are not checked)."""
-    flash_ok = board.flash_kb == 0 or size_bytes <= board.flash_bytes
-    ram_ok = board.ram_kb == 0 or (arena_bytes is not None and arena_bytes <= board.ram_bytes)
+    flash_ok = board.flash_kb == 0 or size_bytes <= board.model_flash_bytes
+    ram_ok = board.ram_kb == 0 or (arena_bytes is not None and arena_bytes <= board.arena_ram_bytes)
     return Fit(
         board=board,
         size_bytes=size_bytes,

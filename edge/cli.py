@@ -23,6 +23,12 @@ app = typer.Typer(
 )
 
 
+def _limit(total_kb: int, reserved_kb: int) -> str:
+    if not total_kb:
+        return "-"
+    return f"{total_kb} KB" + (f" ({total_kb - reserved_kb} KB left by the firmware)" if reserved_kb else "")
+
+
 def _kb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1024:.1f} KB ({n:,} B)"
 
@@ -72,8 +78,8 @@ def _print_report(r: dict[str, Any]) -> None:
         verdict = "fits" if r["fits"] else "DOES NOT FIT"
         table.add_row(
             "board",
-            f"{b['name']}: {verdict} (flash {_kb(r['size_bytes'])} of {_kb(b['flash_bytes'] or None)}, "
-            f"arena {_kb(r['arena_bytes'])} of {_kb(b['ram_bytes'] or None)} RAM)",
+            f"{b['name']}: {verdict} (flash {_kb(r['size_bytes'])} of {_kb(b['model_flash_bytes'] or None)}, "
+            f"arena {_kb(r['arena_bytes'])} of {_kb(b['arena_ram_bytes'] or None)} RAM, after the firmware's share)",
         )
     table.add_row("time", f"convert {r['convert_s']:.1f} s, verify {r['verify_s']:.1f} s")
     table.add_row("written", f"{r['run_dir']}/ {' '.join(r['files'])} edge-report.json")
@@ -195,14 +201,24 @@ def inspect(
 def list_boards(
     boards: Annotated[Path | None, typer.Option(help="TOML file with your own [boards.NAME] tables.")] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print a JSON list of {name, flash_kb, ram_kb, notes}.")
+        bool,
+        typer.Option(
+            "--json", help="Print a JSON list of {name, flash_kb, ram_kb, reserved_flash_kb, reserved_ram_kb, notes}."
+        ),
     ] = False,
 ) -> None:
     """The boards --target knows: flash, RAM and notes."""
     from fedge.edge.boards import load_boards
 
     rows = [
-        {"name": b.name, "flash_kb": b.flash_kb, "ram_kb": b.ram_kb, "notes": b.notes}
+        {
+            "name": b.name,
+            "flash_kb": b.flash_kb,
+            "ram_kb": b.ram_kb,
+            "reserved_flash_kb": b.reserved_flash_kb,
+            "reserved_ram_kb": b.reserved_ram_kb,
+            "notes": b.notes,
+        }
         for b in load_boards(boards).values()
     ]
     if as_json:
@@ -215,8 +231,8 @@ def list_boards(
     for r in rows:
         table.add_row(
             r["name"],
-            f"{r['flash_kb']} KB" if r["flash_kb"] else "-",
-            f"{r['ram_kb']} KB" if r["ram_kb"] else "-",
+            _limit(r["flash_kb"], r["reserved_flash_kb"]),
+            _limit(r["ram_kb"], r["reserved_ram_kb"]),
             r["notes"],
         )
     Console().print(table)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from fedge.edge.csource import c_source
 from fedge.errors import ConfigError, DataError, RuntimeFailure
+from fedge.failure import read_failure
 from fedge.rundir import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ __all__ = ["ConversionWorker", "EdgeModel", "Quantization", "export_tflite", "lo
 
 CONVERT_TIMEOUT_S = 600
 _CHILD_CODE = "from fedge.edge._convert_child import main; main()"
+FAILURE_FILE = "failure.json"  # = fedge.edge._convert_child.FAILURE_FILE (that module imports numpy at once)
 
 
 class Quantization(StrEnum):
@@ -385,17 +387,9 @@ def export_tflite(
                 f"the TFLite converter crashed ({err.how}) converting the model to {quant.value}: {err.log_tail[:200]}; "
                 "try another --quantize, or simplify the layer named in the log"
             ) from err
-        error = _read_failure(tmp)
-        if error is not None:
-            where = f" at {error['layer']}" if error.get("layer") else ""
-            tool = "litert-torch" if source == "torch" else "the TFLite converter"
-            raise DataError(f"{tool} cannot convert the model ({quant.value}){where}: {error['message']}")
+        failure = read_failure(tmp / FAILURE_FILE)
+        if failure is not None:
+            raise failure.to_error()
         if not (tmp / "model.tflite").is_file():
             raise RuntimeFailure(f"the TFLite converter wrote no model converting to {quant.value}")
         return EdgeModel(data=(tmp / "model.tflite").read_bytes(), quantization=quant)
-
-
-def _read_failure(job_dir: Path) -> dict[str, Any] | None:
-    # TODO(#11): read the child's failure through fedge.failure.read_failure once it lands in the core.
-    path = job_dir / "error.json"
-    return json.loads(path.read_text()) if path.is_file() else None

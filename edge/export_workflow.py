@@ -10,22 +10,21 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedge.config import from_mapping, to_mapping
+from fedge.config import to_mapping
 from fedge.edge.boards import Board, Fit, check_fit, load_boards
 from fedge.edge.convert import ConversionWorker, Quantization
 from fedge.edge.exporters.base import Artefacts, ExporterPlugin, ExportSource, exporter_registry
 from fedge.edge.source import SourceModel, load_source, run_source, source_kind, to_layout
 from fedge.edge.verify import Verification, verify
-from fedge.errors import ConfigError, FedgeError, PluginNotFoundError
+from fedge.errors import ConfigError, Interrupted
+from fedge.registry import Chosen
 from fedge.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -52,41 +51,29 @@ class ExportConfig:
     """Board to check flash and RAM against (see ``fedge edge boards``)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ChosenExporter:
-    """An exporter plugin by name, with its Config built from the user's options."""
-
-    # TODO(#11): the core's Registry.choose returns this (Chosen[ExporterPlugin]) once it lands.
-    name: str
-    plugin: ExporterPlugin
-    config: Any
-
-    @property
-    def quantization(self) -> Quantization | None:
-        q = getattr(self.config, "quantization", None)
-        return q if isinstance(q, Quantization) else None
+def quantization_of(chosen: Chosen[ExporterPlugin]) -> Quantization | None:
+    """The quantization an exporter's Config asks for, if it has the option."""
+    q = getattr(chosen.config, "quantization", None)
+    return q if isinstance(q, Quantization) else None
 
 
-def choose_exporter(cfg: ExportConfig) -> ChosenExporter:
+def choose_exporter(cfg: ExportConfig) -> Chosen[ExporterPlugin]:
     """The exporter ``cfg`` names, its options validated (``--quantize`` folded in).
 
     Raises:
         ConfigError: unknown exporter, an option its Config lacks or refuses.
     """
     registry = exporter_registry()
-    try:
-        plugin = registry.get(cfg.exporter)
-    except PluginNotFoundError as err:
-        raise ConfigError(f"{err} (--exporter; see: fedge plugins --kind exporter)") from err
-    if not isinstance(plugin, ExporterPlugin):
-        raise ConfigError(f"exporter {cfg.exporter!r} has no Config and export(source, config); fix the plugin")
+    if cfg.exporter not in registry:
+        raise ConfigError(
+            f"unknown exporter {cfg.exporter!r}; valid: {', '.join(registry.names())} (see: fedge plugins --kind exporter)"
+        )
     options = dict(cfg.options)
     if cfg.quantize is not None:
-        if "quantization" not in getattr(plugin.Config, "__dataclass_fields__", {}):
+        if "quantization" not in getattr(registry.get(cfg.exporter).Config, "__dataclass_fields__", {}):
             raise ConfigError(f"exporter {cfg.exporter!r} has no quantization option; leave out --quantize")
         options["quantization"] = cfg.quantize
-    config = from_mapping(plugin.Config, options, where=f"exporter.{cfg.exporter}")
-    return ChosenExporter(name=cfg.exporter, plugin=plugin, config=config)
+    return registry.choose(cfg.exporter, options, where=f"exporter.{cfg.exporter}")
 
 
 def resolve_board(target: str | None, boards: str | Path | Mapping[str, Any] | None) -> Board | None:
@@ -105,75 +92,22 @@ def resolve_board(target: str | None, boards: str | Path | Mapping[str, Any] | N
     return known[target]
 
 
-def _interrupted(message: str) -> FedgeError:
-    # TODO(#12): fedge.errors.Interrupted (exit 130) once it lands in the core.
-    err = FedgeError(message)
-    err.exit_code = 130
-    return err
-
-
-_MIN_FREE_BYTES = 4 * 2**20
-_RUN_MARKERS = (".fedge-run", "config.toml", "metrics.jsonl", "model.pt", "edge-report.json", "ca.crt")
-
-
-def _check_writable(out: Path) -> None:
-    """One line, before any work, if ``out`` cannot take a run: a file, read-only, or on a full disk."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is a file; pass a directory (new or empty)")
-    parent = out if out.is_dir() else next(p for p in out.parents if p.exists())
-    try:
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".fedge-write-check-"):
-            pass
-    except OSError as err:
-        raise ConfigError(
-            f"--out {str(out)!r} cannot be written ({parent}: {err.strerror or err}); choose another --out"
-        ) from err
-    if shutil.disk_usage(parent).free < _MIN_FREE_BYTES:
-        raise ConfigError(
-            f"--out {str(out)!r}: the disk holding {parent} is full ({shutil.disk_usage(parent).free:,} B free, an "
-            f"export needs about {_MIN_FREE_BYTES // 2**20} MiB); free some space or choose another --out"
-        )
-
-
 @contextlib.contextmanager
 def _run_dir(out: str | Path | None, *, overwrite: bool) -> Iterator[RunDir]:
-    """The run directory, refused up front if it cannot take a new run; replaced whole with ``overwrite``.
-
-    A directory this made is removed again if the export fails before writing.
-    TODO(#12): the core's ``RunDir.create("edge", out, overwrite=...)`` context manager does this once it lands.
-    """
-    out = Path(out) if out is not None else None
-    _check_writable(out if out is not None else Path.cwd() / "runs")
-    held = [m for m in _RUN_MARKERS if (out / m).exists()] if out is not None and out.is_dir() else []
-    if held and not overwrite:
-        raise ConfigError(
-            f"--out {str(out)!r} already holds a run ({held[0]}); choose another --out, or pass --overwrite to "
-            "replace it"
-        )
-    if out is None or not held:
-        root_made = out is None and not Path("runs").exists()
-        out_made = out is not None and not out.exists()
-        run = RunDir.create("edge", out)
+    """The core's run directory (a previous run refused, or replaced whole with ``overwrite``); one this made
+    is removed again if the export fails before writing, so the same ``--out`` can be used for the retry."""
+    fresh = out is None or not Path(out).is_dir() or not any(Path(out).iterdir())
+    root_made = out is None and not Path("runs").exists()
+    with RunDir.create("edge", out, overwrite=overwrite) as run:
         try:
             yield run
-        except BaseException:  # nothing of a failed export stays behind in a directory this made
-            if out is None or out_made:
+        except BaseException:
+            if fresh:
                 shutil.rmtree(run.path, ignore_errors=True)
             if root_made:
                 with contextlib.suppress(OSError):
                     Path("runs").rmdir()
             raise
-        return
-    # The new run is written beside the old one and swapped in only once it is complete.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield RunDir(staging)
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 class ExportWorkflow:
@@ -204,7 +138,7 @@ class ExportWorkflow:
         self.overwrite = overwrite
         self.board = resolve_board(self.config.target, boards)
         self.exporter = choose_exporter(self.config)
-        quant = self.exporter.quantization
+        quant = quantization_of(self.exporter)
         if self.board is not None and quant is not None and not quant.runs_on_tflm:
             raise ConfigError(
                 f"TFLite Micro on {self.board.name} cannot run {quant.value} models (no float16 or hybrid kernels); "
@@ -229,7 +163,7 @@ class ExportWorkflow:
             try:
                 report, check, fit = self._export(run)
             except KeyboardInterrupt:
-                raise _interrupted(f"interrupted during the export of {self.source_path}; no run was written") from None
+                raise Interrupted(f"interrupted during the export of {self.source_path}; no run was written") from None
         if check.problem is not None:
             raise type(check.problem)(f"{check.problem} (report in {report['run_dir']})") from check.problem
         if fit is not None and not fit.fits:
@@ -327,7 +261,14 @@ class ExportWorkflow:
         }
         if self.board is not None and fit is not None:
             b = self.board
-            report["board"] = {"name": b.name, "flash_bytes": b.flash_bytes, "ram_bytes": b.ram_bytes, "notes": b.notes}
+            report["board"] = {
+                "name": b.name,
+                "flash_bytes": b.flash_bytes,
+                "ram_bytes": b.ram_bytes,
+                "model_flash_bytes": b.model_flash_bytes,
+                "arena_ram_bytes": b.arena_ram_bytes,
+                "notes": b.notes,
+            }
             report["fits"] = fit.fits
         return report
 

@@ -100,5 +100,5 @@ class ExporterPlugin(Protocol):
 
 
 def exporter_registry() -> Registry[ExporterPlugin]:
-    """The installed exporters (fedge's own and third-party ones, found the same way)."""
-    return Registry(Kind.EXPORTER)
+    """The installed exporters (fedge's own and third-party ones, found and checked the same way)."""
+    return Registry(Kind.EXPORTER, ExporterPlugin)

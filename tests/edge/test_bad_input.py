@@ -41,8 +41,8 @@ EXPORT = [
     (["{run}", "--dataset", "mnist"], "model.json names dataset 'digits'"),
     (["{tmp}/nodataset", "--dataset", "mnist"], "unknown dataset 'mnist'"),
     (["{run}", "--out", "{tmp}/notes.txt"], "is a file"),
-    (["{run}", "--out", "{tmp}/previous"], "already holds a run (edge-report.json)"),
-    (["{run}", "--out", "{tmp}/fl-run"], "already holds a run (config.toml)"),
+    (["{run}", "--out", "{tmp}/previous"], "already holds a run; choose a new directory"),
+    (["{run}", "--out", "{tmp}/fl-run"], "already holds a fl run"),
 ]
 INSPECT = [
     (["{tmp}/missing.tflite"], "no TFLite model at"),
@@ -86,7 +86,7 @@ def _inputs(tmp: Path, trained_run: Path, tflite: bytes) -> None:
     (tmp / "previous").mkdir()
     (tmp / "previous" / "edge-report.json").write_text("{}\n")
     (tmp / "fl-run").mkdir()
-    (tmp / "fl-run" / "config.toml").write_text("rounds = 5\n")
+    (tmp / "fl-run" / ".fedge-run").write_text('{"kind": "fl"}\n')
     (tmp / "empty.tflite").write_bytes(b"")
     (tmp / "truncated.tflite").write_bytes(tflite[:200])
     (tmp / "boards_empty.toml").write_text("[other]\nx = 1\n")
@@ -146,7 +146,8 @@ def test_a_second_export_into_the_same_out_is_refused_and_the_first_is_untouched
     # Assert
     err = capsys.readouterr().err
     assert code == 0 and again == 1
-    assert "already holds a run" in err and "--overwrite" in err
+    assert "already holds an edge run" in err or "already holds a edge run" in err
+    assert "--overwrite" in err
     assert _tree(run_dir) == before
 
 
@@ -177,7 +178,13 @@ def test_overwrite_replaces_a_previous_run_whole(export_run, trained_run: Path, 
 
     # Assert: nothing of the old run is left; exactly one export's metrics
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.toml", "edge-report.json", "metrics.jsonl", "model.tflite"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".fedge-run",
+        "config.toml",
+        "edge-report.json",
+        "metrics.jsonl",
+        "model.tflite",
+    ]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert json.loads((out / "edge-report.json").read_text())["exporter"] == "tflite"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
@@ -189,7 +196,7 @@ def mounted(tmp_path: Path) -> Iterator[dict[str, Path]]:
     ro, full = tmp_path / "ro", tmp_path / "full"
     ro.mkdir(), full.mkdir()
     try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], check=True, capture_output=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64m", "tmpfs", str(ro)], check=True, capture_output=True)
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("needs root to mount a read-only tmpfs")
     try:
@@ -202,7 +209,7 @@ def mounted(tmp_path: Path) -> Iterator[dict[str, Path]]:
 
 
 @pytest.mark.parametrize(
-    ("where", "expected"), [("ro", "cannot be written"), ("ro/sub", "Read-only file system"), ("full", "is full")]
+    ("where", "expected"), [("ro", "Read-only file system"), ("ro/sub", "Read-only file system"), ("full", "MiB free")]
 )
 def test_a_read_only_or_full_out_is_one_line_before_the_conversion(
     where: str,

@@ -18,6 +18,23 @@ def test_shipped_boards_have_the_documented_flash_and_ram() -> None:
     assert (boards["stm32f746"].flash_kb, boards["stm32f746"].ram_kb) == (1024, 320)
     assert (boards["rpi-pico"].flash_kb, boards["rpi-pico"].ram_kb) == (2048, 264)
     assert "generic" in boards
+    # Small boards where fit matters, with what the rest of the firmware takes.
+    assert (boards["nucleo-l432kc"].flash_kb, boards["nucleo-l432kc"].ram_kb) == (256, 64)
+    assert (boards["xiao-samd21"].flash_kb, boards["xiao-samd21"].ram_kb) == (256, 32)
+    nano = boards["arduino-nano-33-ble-sense"]
+    assert nano.flash_bytes - nano.model_flash_bytes >= 64 * 1024  # the Mbed bootloader's share at least
+    assert all(b.model_flash_bytes < b.flash_bytes for b in boards.values() if b.reserved_flash_kb)
+
+
+def test_the_firmwares_reserve_counts_against_the_model() -> None:
+    board = load_boards()["xiao-samd21"]
+
+    fit = check_fit(board, size_bytes=200 * 1024, arena_bytes=28 * 1024, quantization="int8")
+
+    # 200 KB is below the 256 KB of flash but above the 176 KB the firmware leaves; likewise the arena.
+    assert not fit.flash_ok and not fit.ram_ok
+    assert "the board has 262,144 B (180,224 B left by the firmware)" in fit.message()
+    assert "the board has 32,768 B (26,624 B left by the firmware)" in fit.message()
 
 
 def test_user_boards_from_toml_add_to_and_override_the_shipped_ones(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,6 @@ from fedge.edge.exporters.base import Artefacts, ExporterPlugin, ExportSource, e
 
 pytestmark = pytest.mark.edge
 
-ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
@@ -79,41 +77,16 @@ def test_exporter_options_and_the_quantize_shortcut_build_its_config() -> None:
     chosen = choose_exporter(ExportConfig(exporter="c-array", options={"symbol": "g_digits"}, quantize="none"))
 
     assert chosen.name == "c-array" and chosen.config.symbol == "g_digits"
-    assert chosen.quantization is Quantization.NONE and chosen.config.calibration_samples == 200
-
-
-@pytest.fixture(scope="session")
-def example_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """examples/custom_plugin installed into a private --target directory (the shared venv is left untouched)."""
-    tmp = tmp_path_factory.mktemp("example-plugin")
-    target, source = tmp / "site", tmp / "src"
-    shutil.copytree(ROOT / "examples" / "custom_plugin", source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(source),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return target
+    assert chosen.config.quantization is Quantization.NONE and chosen.config.calibration_samples == 200
 
 
 def test_a_third_party_exporter_is_chosen_by_name_from_the_cli(
-    example_site: Path, trained_run: Path, tmp_path: Path
+    example_plugin_site: Path, trained_run: Path, tmp_path: Path
 ) -> None:
     from fedge.plugins.models import load_model
 
     # Prepare
-    env = {**os.environ, "PYTHONPATH": str(example_site)}
+    env = {**os.environ, "PYTHONPATH": str(example_plugin_site)}
     out = tmp_path / "weights"
 
     def fedge(*args: str) -> subprocess.CompletedProcess[str]:

@@ -168,7 +168,7 @@ def test_bench_strategies_times_the_sync_parameter_server_against_ddp(capsys: py
     assert code == 0, out.err
     rows = {r["impl"]: r for r in json.loads(out.out)}
     # Every installed strategy that trains an MLP data-parallel is timed, with nothing listed by hand.
-    assert set(rows) == {"ddp", "allreduce", "ring-allreduce", "tree-allreduce", "parameter-server"}
+    assert set(rows) == {"ddp", "allreduce", "ring-allreduce", "tree-allreduce", "parameter-server", "fsdp"}
     assert rows["ddp"]["throughput_vs_ddp"] == 1.0
     assert rows["parameter-server"]["throughput_vs_ddp"] > 0
 

@@ -1,6 +1,7 @@
 """World-size independent checkpoints (torch.distributed.checkpoint): a job checkpointed at one world size
 resumes at another, 2 -> 4 -> 2 processes, and ends with the parameters of an uninterrupted single-process
-run at the same global batch (fp32, rtol 1e-5) - the parameter server's shards and momentum included."""
+run at the same global batch (fp32, rtol 1e-5) - the parameter server's shards and momentum, and fsdp's
+DTensor shards, included."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def _assert_same(state: dict, ref: dict) -> None:
 
 @pytest.mark.parametrize(
     ("strategy", "worlds"),
-    [("allreduce", (2, 4, 2)), ("parameter-server", (3, 4, 3))],  # one server: 2 -> 3 -> 2 workers
+    # parameter-server: one server, 2 -> 3 -> 2 workers; fsdp: DTensor shards resharded by DCP
+    [("allreduce", (2, 4, 2)), ("parameter-server", (3, 4, 3)), ("fsdp", (2, 4, 2))],
 )
 def test_resized_resume_matches_an_uninterrupted_run(
     tmp_path: Path, write_run, run_workers, reference_state, strategy: str, worlds: tuple[int, ...]
