@@ -15,7 +15,9 @@ from typing import Annotated, Any
 
 import typer
 
+from fedge.cli.options import config_options
 from fedge.errors import ConfigError
+from fedge.plugins.fl.privacy import PrivacyConfig
 
 __all__ = ["app"]
 
@@ -61,6 +63,10 @@ def _print_result(result: Any, as_json: bool) -> None:
         f"done: {len(result.metrics)} rounds, held-out accuracy {result.accuracy:.4f} (loss {result.loss:.4f}), "
         f"{result.wall_s:.0f} s; rejected updates {result.rejected}; run directory {result.run_dir}"
     )
+    if spent := result.extra.get("privacy"):
+        from fedge.plugins.fl.privacy import describe_spent
+
+        typer.echo(describe_spent(spent))
 
 
 def _run_with_progress(as_json: bool, rounds: int | None, **kwargs: Any) -> Any:
@@ -108,6 +114,7 @@ def _run_with_progress(as_json: bool, rounds: int | None, **kwargs: Any) -> Any:
 
 
 @app.command("run")
+@config_options(PrivacyConfig, panel="Privacy (differential privacy, secure aggregation)")
 def run_command(
     config: Annotated[Path | None, typer.Argument(help="TOML file with run settings (top level or an [fl] table).")] = None,
     clients: Annotated[int | None, typer.Option("--clients", "-n", help="Number of SuperNodes (clients).")] = None,
@@ -127,12 +134,15 @@ def run_command(
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue an interrupted run directory after its last checkpoint.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default runs/fl-<timestamp>).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (no progress display).")] = False,
+    *,
+    settings: dict[str, Any],
 ) -> int:
     """Run a federation on this machine: a SuperLink and N SuperNodes over gRPC on 127.0.0.1."""
     from fedge.plugins.fl.config import load_config
 
     if resume is not None:
         given = [f for f, v in (("CONFIG", config), ("--out", out)) if v is not None]
+        given += [f"--{k.replace('_', '-')}" for k in settings]
         if given:
             raise ConfigError(f"--resume uses the run directory's own config.toml; drop {', '.join(given)}")
         if not (resume / "config.toml").is_file():
@@ -144,7 +154,7 @@ def run_command(
             "clients": clients, "rounds": rounds, "aggregator": aggregator, "partition": partition,
             "dataset": dataset, "model": model, "local_epochs": local_epochs, "fraction_train": fraction_train,
             "min_clients": min_clients, "round_timeout_s": round_timeout, "tls": tls, "auth": auth,
-            "faults": _parse_faults(fault), "seed": seed,
+            "faults": _parse_faults(fault), "seed": seed, "privacy": settings or None,
         }  # fmt: skip
         cfg = load_config(config, flags)
         _check_plugins(cfg, "fedge fl run")

@@ -5,7 +5,8 @@ The SuperNode's ``--node-config`` says where its data is (see :func:`.local.load
 or ``partition-id`` / ``num-partitions``) and, with ``worker="<socket>"``, which warm worker trains for it
 (:mod:`.worker`), so this process need not import torch.
 
-``fault=nan|inf|shape|noise`` makes the node send a corrupted update (robustness tests and demos).
+``fault=nan|inf|shape|noise`` makes the node send a corrupted update, and ``fault=crash`` kills its SuperNode
+when it is asked to train (robustness tests and demos).
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedge.plugins.fl import privacy, secagg
+
 __all__ = ["app"]
 
-app = ClientApp()
+# SecAgg+ first: it turns its legacy fit messages into fedge's train message, which the DP mods then see.
+app = ClientApp(mods=[secagg.client_mod, privacy.client_mod])
 
 
 def _process_age_s() -> float:
@@ -49,6 +53,16 @@ def _inject_fault(arrays: dict[str, np.ndarray], fault: str, seed: int) -> dict[
     return arrays
 
 
+def _crash() -> None:
+    import psutil
+
+    for parent in psutil.Process().parents():
+        if any("flower-supernode" in part for part in parent.cmdline()):
+            parent.kill()
+            break
+    os._exit(1)
+
+
 def _train(config: dict[str, Any], node: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, float], bool]:
     if worker := str(node.get("worker", "")):
         from fedge.plugins.fl.worker import call_worker
@@ -68,6 +82,8 @@ def _train(config: dict[str, Any], node: dict[str, Any], arrays: dict[str, np.nd
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model for ``local-epochs`` on local data; reply with new weights and metrics."""
     config, node = dict(msg.content["config"]), dict(context.node_config)
+    if str(node.get("fault", "")) == "crash":
+        _crash()
     arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     arrays, metrics, warm = _train(config, node, arrays)
     if fault := str(node.get("fault", "")):

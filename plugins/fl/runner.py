@@ -81,6 +81,7 @@ class RunResult:
             "wall_s": round(self.wall_s, 2),
             "rejected": self.rejected,
             "metrics": self.metrics,
+            **self.extra,
         }
 
 
@@ -216,6 +217,8 @@ def run(
             cfg = config
         else:
             cfg = load_config(None, config or {})
+        for note in _check_privacy(cfg):
+            status(note)
         # Read and split the data before the run directory exists: a missing option or file, a malformed
         # file or too many clients fails here and leaves nothing behind.
         split = _load_and_split(cfg, num_clients=cfg.clients if remote is None else 0)
@@ -272,7 +275,19 @@ def run(
         loss=float(result["loss"]),
         wall_s=time.monotonic() - started,
         rejected=rejected,
+        extra={"privacy": result["privacy"]} if "privacy" in result else {},
     )
+
+
+def _check_privacy(cfg: FlConfig) -> list[str]:
+    """Refuse DP / SecAgg+ settings that cannot work with this aggregator or budget, before anything starts."""
+    if not cfg.privacy.enabled:
+        return []
+    from fedge.plugins.aggregators import Sampling, build_strategy
+    from fedge.plugins.fl.privacy import check_privacy
+
+    strategy = build_strategy(cfg.aggregator, cfg.aggregator_options, Sampling(fraction_train=cfg.fraction_train))
+    return check_privacy(cfg, strategy)
 
 
 def _wait_for_workers(fed: Federation, timeout_s: float) -> None:

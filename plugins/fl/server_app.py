@@ -24,6 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedge.errors import FedgeError, RuntimeFailure
+from fedge.plugins.fl import privacy, secagg
 from fedge.plugins.fl.config import FlConfig, load_config
 from fedge.plugins.fl.guard import Rejection, screen_replies
 from fedge.plugins.fl.liveness import NodeQuarantine
@@ -37,6 +38,8 @@ app = ServerApp()
 
 _POLL_S = 0.1
 _CKPT = re.compile(r"^round-(\d+)\.pt$")
+LEDGER_FILE = "privacy-ledger.json"
+"""The privacy accountant's state (Flower's RdpAccountant.state_dict), rewritten after each round."""
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
@@ -130,15 +133,7 @@ def run_rounds(grid: Grid, run: RunDir, cfg: FlConfig) -> dict[str, Any]:
     spec = dict(model.fedge_spec)  # type: ignore[arg-type]
     sampling = Sampling(fraction_train=cfg.fraction_train, min_train_nodes=1)
     strategy = build_strategy(cfg.aggregator, cfg.aggregator_options, sampling)
-    if cfg.dp_noise_multiplier > 0:
-        from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
-
-        strategy = DifferentialPrivacyServerSideFixedClipping(
-            strategy,
-            noise_multiplier=cfg.dp_noise_multiplier,
-            clipping_norm=cfg.dp_clipping_norm,
-            num_sampled_clients=max(1, int(cfg.clients * cfg.fraction_train)),
-        )
+    strategy, ledger = _privacy(run, cfg, strategy, resumed=ckpt is not None)
     arrays = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in model.state_dict().items()})
     reference = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if ckpt is not None:
@@ -152,6 +147,7 @@ def run_rounds(grid: Grid, run: RunDir, cfg: FlConfig) -> dict[str, Any]:
         "dataset": cfg.dataset,
         "dataset-options": json.dumps(cfg.dataset_options),
         "partition": cfg.partition,
+        **privacy.train_config(cfg.privacy),
     }
     done_rounds = {int(r["round"]) for r in run.read_metrics() if "round" in r}
     if start_round > 1 and start_round - 1 not in done_rounds:  # killed between checkpoint and metrics line
@@ -159,7 +155,13 @@ def run_rounds(grid: Grid, run: RunDir, cfg: FlConfig) -> dict[str, Any]:
         run.append_metrics({"round": start_round - 1, "loss": loss, "accuracy": acc, "num_clients": None, "round_s": None})
 
     quarantine = NodeQuarantine(poll_s=_POLL_S)
+    stopped: str | None = None
+    last_round = start_round - 1
     for server_round in range(start_round, cfg.rounds + 1):
+        if ledger is not None and ledger.would_exceed():
+            stopped = f"stopped before round {server_round}: it would spend more than target_epsilon {cfg.privacy.target_epsilon:g}"
+            logger.warning("privacy budget: %s", stopped)
+            break
         t0 = time.perf_counter()
         if server_round == start_round:  # the clients start cold: wait for them to come up
             node_ids = _wait_for_nodes(grid, cfg.required_clients, cfg.startup_timeout_s)
@@ -170,7 +172,10 @@ def run_rounds(grid: Grid, run: RunDir, cfg: FlConfig) -> dict[str, Any]:
         t_sent = time.perf_counter()
         # The first round also waits for the clients' cold start (processes, imports, data loading).
         reply_timeout = max(cfg.round_timeout_s, cfg.startup_timeout_s) if server_round == start_round else cfg.round_timeout_s
-        got = quarantine.send_and_receive(grid, messages, timeout_s=reply_timeout)
+        if cfg.privacy.secagg:  # SecAgg+: every reply holds only the unmasked mean of the updates
+            got = secagg.secure_round(grid, server_round, messages, cfg.privacy, timeout_s=reply_timeout)
+        else:
+            got = quarantine.send_and_receive(grid, messages, timeout_s=reply_timeout)
         t_replies = time.perf_counter()
         good, rejected = screen_replies(got.replies, reference)
         for r in rejected:
@@ -183,6 +188,8 @@ def run_rounds(grid: Grid, run: RunDir, cfg: FlConfig) -> dict[str, Any]:
             metric_values = []
         if new_arrays is not None and all(np.isfinite(a.numpy()).all() for a in new_arrays.values()):
             arrays = new_arrays
+            if ledger is not None:
+                ledger.compose(num_replies=len(good), num_sampled=len(messages))
         elif new_arrays is not None:
             rejected.append(Rejection(0, "aggregate was non-finite; global model kept"))
             logger.warning("round %d: the aggregate was non-finite; the global model is unchanged", server_round)
@@ -190,6 +197,8 @@ def run_rounds(grid: Grid, run: RunDir, cfg: FlConfig) -> dict[str, Any]:
         loss, acc = evaluate(model, x_test, y_test)
         checkpoint = run.path / "checkpoints" / f"round-{server_round:04d}.pt"
         _save_strategy_state(strategy_state_file(checkpoint), strategy)
+        if ledger is not None:  # before the checkpoint: a resumed run never forgets a release
+            ledger.save(run.file(LEDGER_FILE))
         with atomic_path(checkpoint) as tmp:  # last: the round's checkpoint is complete once this file exists
             torch.save(model.state_dict(), tmp)
         record = {
@@ -207,6 +216,7 @@ def run_rounds(grid: Grid, run: RunDir, cfg: FlConfig) -> dict[str, Any]:
             "client_compute_s": _mean([float(m.get("compute-s", np.nan)) for m in metric_values]),
             "client_process_s": _mean([float(m.get("process-s", np.nan)) for m in metric_values]),
             "wait_s": round(t_replies - t_sent, 3),
+            **_privacy_metrics(cfg, ledger),
         }
         run.append_metrics(record)
         if rejected:
@@ -214,10 +224,37 @@ def run_rounds(grid: Grid, run: RunDir, cfg: FlConfig) -> dict[str, Any]:
                 for r in rejected:
                     f.write(json.dumps({"round": server_round, **r.to_json()}) + "\n")
         logger.warning("round %d/%d: accuracy %.4f loss %.4f clients %d", server_round, cfg.rounds, acc, loss, len(good))
+        last_round = server_round
 
     save_model(model, run.path, extra={"dataset": cfg.dataset, "dataset_options": dict(cfg.dataset_options)})
     loss, acc = evaluate(model, x_test, y_test)
-    return {"status": "completed", "rounds": cfg.rounds, "loss": loss, "accuracy": acc}
+    result: dict[str, Any] = {"status": "completed", "rounds": last_round, "loss": loss, "accuracy": acc}
+    if cfg.privacy.dp != "off":
+        result["privacy"] = {**_privacy_metrics(cfg, ledger), **({"stopped": stopped} if stopped else {})}
+    return result
+
+
+def _privacy(run: RunDir, cfg: FlConfig, strategy: Any, *, resumed: bool) -> tuple[Any, privacy.PrivacyLedger | None]:
+    """The strategy inside its DP wrapper, and the ledger of (ε, δ) (None when DP is off or ε cannot be told)."""
+    num_sampled = max(1, int(cfg.clients * cfg.fraction_train))
+    reason = privacy.PrivacyLedger.unaccounted_reason(cfg.privacy, cfg.aggregator, strategy)
+    wrapped = privacy.wrap_strategy(strategy, cfg.privacy, num_sampled_clients=num_sampled)
+    if cfg.privacy.dp == "off" or reason is not None:
+        if reason:
+            logger.warning("%s", reason)
+        return wrapped, None
+    ledger = privacy.PrivacyLedger(cfg.privacy, population_size=cfg.clients)
+    if resumed and run.file(LEDGER_FILE).is_file():
+        ledger.load(run.file(LEDGER_FILE))
+    return wrapped, ledger
+
+
+def _privacy_metrics(cfg: FlConfig, ledger: privacy.PrivacyLedger | None) -> dict[str, Any]:
+    if cfg.privacy.dp == "off":
+        return {}
+    if ledger is None:  # the accountant's assumptions do not hold: no ε rather than a wrong one
+        return {"epsilon": None, "delta": cfg.privacy.delta}
+    return ledger.spent()
 
 
 def _test_data(run: RunDir, cfg: FlConfig) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
