@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     args = parser.parse_args()
 
-    from fedge.edge.pipeline import ExportConfig, export_model
+    from fedge.edge.export_workflow import ExportConfig, export_model
     from fedge.edge.tflite_info import inspect_tflite
     from fedge.plugins.data import load_dataset
     from fedge.plugins.models import build_model, save_model

@@ -81,7 +81,7 @@ def _worker(rank: int, args: argparse.Namespace, store_path: str, out_path: str)
         native = SCHEDULES[schedule](stage, m, loss_fn=F.cross_entropy)
 
         def fedge_step(strategy=strategy) -> None:
-            strategy.train_step(x, y)
+            strategy.train_step(x, y, step=0)
 
         def torch_step(native=native) -> None:
             if rank == 0:

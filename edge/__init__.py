@@ -31,7 +31,7 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # export_model pulls in the dataset and model plugins (torch): load it only when asked for.
     if name == "export_model":
-        from fedge.edge.pipeline import export_model
+        from fedge.edge.export_workflow import export_model
 
         return export_model
     raise AttributeError(f"module 'fedge.edge' has no attribute {name!r}")

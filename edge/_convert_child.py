@@ -1,14 +1,18 @@
 """The conversion itself, run in a child process so a converter crash (segfault) becomes a clear error.
 
-Invoked by :mod:`fedge.edge.convert` as ``python -c 'from fedge.edge._convert_child import main; main()' JOB_DIR``.
-JOB_DIR holds ``job.json`` (source kind, quantization), ``samples.npy`` (calibration inputs, batch first) and
-the model (``program.pt2``, a saved ``torch.export`` program, or a Keras path named in job.json). The child
-writes ``model.tflite``, or ``error.json`` with a one-line message.
+Started by :class:`fedge.edge.convert.ConversionWorker` as
+``python -c 'from fedge.edge._convert_child import main; main()' [torch|keras]``: it imports that converter
+at once (while the caller is still loading its model), then converts one job per line it reads on stdin and
+answers each with a line on its stdout, until stdin closes. A line is a JOB_DIR holding ``job.json`` (source
+kind, quantization), ``samples.npy`` (calibration inputs, batch first) and the model (``program.pt2``, a saved
+``torch.export`` program, or a Keras path named in job.json). The child writes ``model.tflite``, or
+``error.json`` with a one-line message.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import traceback
@@ -133,8 +137,28 @@ def _layer_of(job_dir: Path, message: str) -> str:
     return ""
 
 
-def main() -> None:
-    job_dir = Path(sys.argv[1])
+def _preload(source: str) -> None:
+    """Import the converter a job of ``source`` needs, before the first job arrives."""
+    if source == "torch":
+        import litert_torch  # noqa: F401
+        from torchao.quantization.pt2e import quantize_pt2e  # noqa: F401
+    elif source == "keras":
+        import tensorflow  # noqa: F401
+
+
+def _record_failure(job_dir: Path, err: Exception) -> None:
+    text = str(err).strip() or type(err).__name__
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), text)
+    layer = _layer_of(job_dir, text)
+    (job_dir / "error.json").write_text(
+        json.dumps(
+            {"message": f"{type(err).__name__}: {first[:300]}", "layer": layer, "traceback": traceback.format_exc()}
+        )
+    )
+
+
+def convert_job(job_dir: Path) -> None:
+    """Convert the job in ``job_dir``: ``model.tflite`` on success, ``error.json`` if the converter raised."""
     job = json.loads((job_dir / "job.json").read_text())
     samples = np.load(job_dir / "samples.npy")
     try:
@@ -143,16 +167,22 @@ def main() -> None:
         else:
             data = _convert_keras(job["path"], job["quantization"], samples)
     except Exception as err:  # noqa: BLE001 - any converter failure becomes error.json
-        text = str(err).strip() or type(err).__name__
-        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), text)
-        layer = _layer_of(job_dir, text)
-        (job_dir / "error.json").write_text(
-            json.dumps(
-                {"message": f"{type(err).__name__}: {first[:300]}", "layer": layer, "traceback": traceback.format_exc()}
-            )
-        )
-        sys.exit(1)
+        _record_failure(job_dir, err)
+        return
     (job_dir / "model.tflite").write_bytes(data)
+
+
+def main() -> None:
+    # Answers go to the real stdout; the converters' own progress lines (litert-torch prints to stdout) go to
+    # stderr, so they never mix with the protocol.
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    _preload(sys.argv[1] if len(sys.argv) > 1 else "")
+    answers.write("ready\n")
+    for line in sys.stdin:
+        job_dir = Path(line.strip())
+        convert_job(job_dir)
+        answers.write(f"done {job_dir}\n")
 
 
 if __name__ == "__main__":

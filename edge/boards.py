@@ -51,6 +51,8 @@ class Fit:
     arena_bytes: int | None
     flash_ok: bool
     ram_ok: bool
+    quantization: str | None = None
+    """The model's quantization: the advice for a model already int8 is not "quantize to int8"."""
 
     @property
     def fits(self) -> bool:
@@ -67,7 +69,11 @@ class Fit:
             )
         if not parts:
             return f"fits {self.board.name}"
-        return f"model does not fit {self.board.name}: " + "; ".join(parts) + "; try --quantize int8 or a smaller model"
+        if self.quantization == "int8":
+            advice = f"it is int8 already: make it smaller with fedge edge fit MODEL --target {self.board.name}"
+        else:
+            advice = f"try --quantize int8, or fedge edge fit MODEL --target {self.board.name} for a smaller model"
+        return f"model does not fit {self.board.name}: " + "; ".join(parts) + "; " + advice
 
 
 def _parse(tables: Mapping[str, Any], where: str) -> dict[str, Board]:
@@ -103,8 +109,15 @@ def load_boards(extra: str | Path | Mapping[str, Any] | None = None) -> dict[str
     return boards
 
 
-def check_fit(board: Board, size_bytes: int, arena_bytes: int | None) -> Fit:
+def check_fit(board: Board, size_bytes: int, arena_bytes: int | None, *, quantization: str | None = None) -> Fit:
     """Compare a model's size and arena with the board's flash and RAM (limits of 0 are not checked)."""
     flash_ok = board.flash_kb == 0 or size_bytes <= board.flash_bytes
     ram_ok = board.ram_kb == 0 or (arena_bytes is not None and arena_bytes <= board.ram_bytes)
-    return Fit(board=board, size_bytes=size_bytes, arena_bytes=arena_bytes, flash_ok=flash_ok, ram_ok=ram_ok)
+    return Fit(
+        board=board,
+        size_bytes=size_bytes,
+        arena_bytes=arena_bytes,
+        flash_ok=flash_ok,
+        ram_ok=ram_ok,
+        quantization=None if quantization is None else str(quantization),
+    )

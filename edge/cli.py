@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from fedge.config import from_mapping, load_toml, merge
+from fedge.errors import ConfigError
 
 app = typer.Typer(
     name="edge",
@@ -75,8 +76,18 @@ def _print_report(r: dict[str, Any]) -> None:
             f"arena {_kb(r['arena_bytes'])} of {_kb(b['ram_bytes'] or None)} RAM)",
         )
     table.add_row("time", f"convert {r['convert_s']:.1f} s, verify {r['verify_s']:.1f} s")
-    table.add_row("written", f"{r['run_dir']}/ model.tflite model_data.cc model_data.h edge-report.json")
+    table.add_row("written", f"{r['run_dir']}/ {' '.join(r['files'])} edge-report.json")
     Console().print(table)
+
+
+def _options(pairs: list[str] | None) -> dict[str, str]:
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--option takes KEY=VALUE (e.g. -o calibration_samples=100), got {pair!r}")
+        options[key.strip()] = value.strip()
+    return options
 
 
 @app.command(no_args_is_help=True)
@@ -87,11 +98,19 @@ def export(
             help="fedge run directory (model.pt + model.json), a .pt beside model.json, a .keras file or a SavedModel directory."
         ),
     ],
-    quantize: Annotated[
-        str | None, typer.Option("--quantize", "-q", help="none, float16, dynamic or int8 (default int8).")
+    exporter: Annotated[
+        str | None,
+        typer.Option("--exporter", "-e", help="Exporter plugin (default c-array; see: fedge plugins --kind exporter)."),
     ] = None,
-    calibration_samples: Annotated[
-        int | None, typer.Option(help="Training samples that calibrate int8 (default 200).")
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", "-o", help="An exporter Config field, KEY=VALUE (repeatable), e.g. symbol=g_digits."),
+    ] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            "--quantize", "-q", help="none, float16, dynamic or int8 (default int8): -o quantization=... for short."
+        ),
     ] = None,
     dataset: Annotated[
         str | None,
@@ -107,30 +126,32 @@ def export(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="TOML file with these settings (flags win).")
     ] = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Run directory (default runs/edge-<timestamp>).")
-    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/edge-<timestamp>).")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the run already in --out (whole, once the new one is written).")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print edge-report.json instead of the summary.")] = False,
 ) -> None:
-    """Convert a trained model to TFLite (+ C array), verify it on LiteRT and TFLite Micro, check a board."""
-    from fedge.edge.pipeline import ExportConfig, export_model
+    """Convert a trained model with an exporter (TFLite + C array by default), verify it on LiteRT and TFLite
+    Micro, check a board."""
+    from fedge.edge.export_workflow import ExportConfig, ExportWorkflow
 
     raw = load_toml(config) if config else {}
     raw = merge(
-        raw, {"quantize": quantize, "calibration_samples": calibration_samples, "dataset": dataset, "target": target}
+        raw,
+        {"exporter": exporter, "options": _options(option), "quantize": quantize, "dataset": dataset, "target": target},
     )
     cfg = from_mapping(ExportConfig, raw, where="edge export")
+    workflow = ExportWorkflow(model, cfg, out=out, boards=boards, overwrite=overwrite)
     if as_json:
-        report = export_model(model, cfg, out=out, boards=boards)
-    else:
-        from rich.console import Console
-
-        with Console(stderr=True).status(f"exporting {model} ({cfg.quantize.value}): convert, then run on LiteRT/TFLM"):
-            report = export_model(model, cfg, out=out, boards=boards)
-    if as_json:
+        report = workflow.run()
         typer.echo(json.dumps(report, indent=2))
-    else:
-        _print_report(report)
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"exporting {model} ({cfg.exporter}): convert, then run on LiteRT/TFLM"):
+        report = workflow.run()
+    _print_report(report)
 
 
 @app.command(no_args_is_help=True)

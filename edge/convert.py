@@ -7,15 +7,17 @@ process so a converter crash becomes a clear error instead of taking the caller 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from fedge.edge.csource import c_source
 from fedge.errors import ConfigError, DataError, RuntimeFailure
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
 
     from fedge.edge.tflite_info import ModelInfo
 
-__all__ = ["EdgeModel", "Quantization", "export_tflite", "load_edge_model"]
+__all__ = ["ConversionWorker", "EdgeModel", "Quantization", "export_tflite", "load_edge_model"]
 
 CONVERT_TIMEOUT_S = 600
 _CHILD_CODE = "from fedge.edge._convert_child import main; main()"
@@ -187,6 +189,140 @@ def _export_torch_program(model: Any, sample: Any, path: Path) -> None:
     torch.export.save(program, path)
 
 
+class ConverterCrashed(RuntimeFailure):
+    """The conversion child died: how (signal or exit code), and the last line it logged."""
+
+    def __init__(self, how: str, log_tail: str) -> None:
+        super().__init__(f"the TFLite converter crashed ({how}): {log_tail[:200]}")
+        self.how = how
+        self.log_tail = log_tail
+
+
+class ConversionWorker:
+    """The conversion child process: started ahead, reused for several conversions, restarted after a crash.
+
+    The child imports its converter (litert-torch takes seconds) as soon as it starts, so a caller that starts
+    the worker first and then loads its model and data pays for the import in parallel. Each conversion is a
+    job directory handed over on the child's stdin.
+
+    Args:
+        source: ``torch`` or ``keras``: which converter the child imports ahead.
+        timeout_s: a conversion that takes longer stops the child (the next one starts a fresh child).
+
+    Example::
+
+        with ConversionWorker("torch") as worker:
+            int8 = export_tflite(model, x_train, quantization="int8", worker=worker)
+            fp32 = export_tflite(model, x_train, quantization="none", worker=worker)
+    """
+
+    def __init__(self, source: str = "torch", *, timeout_s: float = CONVERT_TIMEOUT_S) -> None:
+        self.source = source
+        self.timeout_s = timeout_s
+        self._proc: subprocess.Popen[str] | None = None
+        self._log: Any = None
+        self._ready = False
+        self._jobs = 0
+        self.start()
+
+    def start(self) -> None:
+        """Start the child if none is running (it begins importing its converter at once)."""
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        self._close_log()
+        self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the child
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD_CODE, self.source],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env=_child_env(),
+        )
+        self._ready = False
+
+    def run(self, job_dir: Path) -> None:
+        """Hand ``job_dir`` to the child and wait for its answer.
+
+        Raises:
+            RuntimeFailure: the child crashed (its last log line is quoted) or did not finish in time.
+        """
+        self.start()
+        self._jobs += 1
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None
+        try:
+            proc.stdin.write(f"{job_dir}\n")
+            proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # the child died while starting: its exit status says how, below
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            line = self._read_line(deadline)
+            if line is None or line == "" or line.startswith("done "):
+                break
+            self._ready = self._ready or line == "ready"
+        if line is None:
+            self._stop()
+            raise RuntimeFailure(f"the TFLite conversion did not finish within {self.timeout_s:.0f} s")
+        if line == "":
+            code = proc.wait()
+            raise ConverterCrashed(f"signal {-code}" if code < 0 else f"exit code {code}", self._last_log_line())
+
+    def _read_line(self, deadline: float) -> str | None:
+        """The child's next line ('' at end of output), or None at the deadline."""
+        import selectors
+
+        assert self._proc is not None and self._proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._proc.stdout, selectors.EVENT_READ)
+            if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                return None
+        return self._proc.stdout.readline().strip() or ("" if self._proc.poll() is not None else "?")
+
+    def _last_log_line(self) -> str:
+        if self._log is None:
+            return "no output"
+        self._log.seek(0)
+        return next((ln for ln in reversed(self._log.read().splitlines()) if ln.strip()), "no output")
+
+    def _stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def close(self) -> None:
+        """End the child: closing its stdin lets it exit; one that does not, or never got a job, is killed."""
+        proc = self._proc
+        if self._jobs == 0:  # still importing its converter for nothing (the export failed first)
+            self._stop()
+        if proc is not None and proc.poll() is None:
+            assert proc.stdin is not None
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._stop()
+        if proc is not None:
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+        self._close_log()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def export_tflite(
     model: object,
     sample_inputs: np.ndarray,
@@ -194,6 +330,7 @@ def export_tflite(
     quantization: Quantization | str = Quantization.NONE,
     calibration_samples: int = 200,
     timeout_s: float = CONVERT_TIMEOUT_S,
+    worker: ConversionWorker | None = None,
 ) -> EdgeModel:
     """Convert ``model`` to TFLite with a fixed batch of 1.
 
@@ -204,7 +341,9 @@ def export_tflite(
             shape; the first ``calibration_samples`` calibrate int8 quantization (use real training samples).
         quantization: ``none``, ``float16``, ``dynamic`` or ``int8``.
         calibration_samples: how many samples calibrate int8 activations.
-        timeout_s: the conversion child process is stopped after this long.
+        timeout_s: the conversion child process is stopped after this long (when no ``worker`` is given).
+        worker: a started :class:`ConversionWorker` to convert in (reused across calls); else a child is
+            started for this one conversion.
 
     Returns:
         The converted model; call it to compare with the source model.
@@ -225,40 +364,38 @@ def export_tflite(
         raise ConfigError(f"sample_inputs must be a batch of at least one sample; got shape {samples.shape}")
     if calibration_samples < 1:
         raise ConfigError(f"calibration_samples must be >= 1, got {calibration_samples}")
-    with tempfile.TemporaryDirectory(prefix="fedge-edge-") as tmp_name:
-        tmp = Path(tmp_name)
-        job: dict[str, Any] = {"quantization": quant.value}
-        if _is_torch_module(model):
+    source = "torch" if _is_torch_module(model) else "keras"
+    with contextlib.ExitStack() as stack:
+        if worker is None:
+            worker = stack.enter_context(ConversionWorker(source, timeout_s=timeout_s))
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedge-edge-")))
+        job: dict[str, Any] = {"quantization": quant.value, "source": source}
+        if source == "torch":
             import torch
 
             _export_torch_program(model, torch.as_tensor(samples[:1]), tmp / "program.pt2")
-            job["source"] = "torch"
         else:
-            job["source"] = "keras"
             job["path"] = _keras_path(model, tmp)
         np.save(tmp / "samples.npy", samples[:calibration_samples])
         (tmp / "job.json").write_text(json.dumps(job))
         try:
-            proc = subprocess.run(
-                [sys.executable, "-c", _CHILD_CODE, str(tmp)],
-                check=False,
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-                env=_child_env(),
-            )
-        except subprocess.TimeoutExpired as err:
-            raise RuntimeFailure(f"the TFLite conversion did not finish within {timeout_s:.0f} s") from err
-        if (tmp / "error.json").is_file():
-            error = json.loads((tmp / "error.json").read_text())
-            where = f" at {error['layer']}" if error.get("layer") else ""
-            tool = "litert-torch" if job["source"] == "torch" else "the TFLite converter"
-            raise DataError(f"{tool} cannot convert the model ({quant.value}){where}: {error['message']}")
-        if proc.returncode != 0 or not (tmp / "model.tflite").is_file():
-            how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-            tail = next((ln for ln in reversed(proc.stderr.splitlines()) if ln.strip()), "no output")
+            worker.run(tmp)
+        except ConverterCrashed as err:
             raise RuntimeFailure(
-                f"the TFLite converter crashed ({how}) converting the model to {quant.value}: {tail[:200]}; "
+                f"the TFLite converter crashed ({err.how}) converting the model to {quant.value}: {err.log_tail[:200]}; "
                 "try another --quantize, or simplify the layer named in the log"
-            )
+            ) from err
+        error = _read_failure(tmp)
+        if error is not None:
+            where = f" at {error['layer']}" if error.get("layer") else ""
+            tool = "litert-torch" if source == "torch" else "the TFLite converter"
+            raise DataError(f"{tool} cannot convert the model ({quant.value}){where}: {error['message']}")
+        if not (tmp / "model.tflite").is_file():
+            raise RuntimeFailure(f"the TFLite converter wrote no model converting to {quant.value}")
         return EdgeModel(data=(tmp / "model.tflite").read_bytes(), quantization=quant)
+
+
+def _read_failure(job_dir: Path) -> dict[str, Any] | None:
+    # TODO(#11): read the child's failure through fedge.failure.read_failure once it lands in the core.
+    path = job_dir / "error.json"
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -26,22 +26,26 @@ def train_epochs(
     momentum: float = 0.9,
     seed: int = 0,
     proximal_mu: float = 0.0,
+    device: torch.device | str = "cpu",
 ) -> float:
     """Train ``model`` in place with SGD for ``epochs`` passes over (x, y); returns the mean loss.
 
     ``proximal_mu`` > 0 adds FedProx's (mu/2)·||w - w_start||² term, w_start being the weights on entry.
+    ``device``: where to train; the model is moved there (and stays), the data travels there once.
     """
     if len(x) == 0:
         raise ValueError("cannot train on an empty partition")
+    model.to(device)
     dtype = _param_dtype(model)
-    xt, yt = torch.as_tensor(x, dtype=dtype), torch.as_tensor(y, dtype=torch.long)
+    xt = torch.as_tensor(x, dtype=dtype).to(device)
+    yt = torch.as_tensor(y, dtype=torch.long).to(device)
     start = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     total, count = 0.0, 0
     for _ in range(epochs):
-        order = torch.randperm(len(xt), generator=gen)
+        order = torch.randperm(len(xt), generator=gen).to(device)
         for i in range(0, len(xt), batch_size):
             idx = order[i : i + batch_size]
             opt.zero_grad(set_to_none=True)

@@ -6,12 +6,15 @@ if __name__ != "fedge.profiler":
         "(pip install -e .) and keep the repository root off sys.path"
     )
 
-# The public API is imported on first use, so that ``fedge profile --help`` (which imports the CLI module of
-# this package) does not pull in numpy and orjson.
+# The public API lives in fedge.profiler.api and is imported on first use, so that ``fedge profile --help``
+# (which imports the CLI module of this package) does not pull in numpy and orjson.
 __all__ = [
+    "AnalysisPlugin",
     "Job",
+    "JobView",
     "KernelKind",
     "Mode",
+    "Report",
     "Trace",
     "build_report",
     "collectives",
@@ -21,31 +24,15 @@ __all__ = [
     "load_job",
     "load_trace",
     "recommend",
+    "run_report",
     "stragglers",
     "temporal_breakdown",
 ]
 
-_WHERE = {
-    "Job": "trace",
-    "Trace": "trace",
-    "load_job": "trace",
-    "load_trace": "trace",
-    "KernelKind": "kinds",
-    "Mode": "kinds",
-    "build_report": "report",
-    "collectives": "analyses.collectives",
-    "comm_comp_overlap": "analyses.overlap",
-    "idle_time": "analyses.idle",
-    "kernel_breakdown": "analyses.kernel_breakdown",
-    "recommend": "analyses.recommendations",
-    "stragglers": "analyses.stragglers",
-    "temporal_breakdown": "analyses.temporal",
-}
-
 
 def __getattr__(name: str) -> object:
-    if name not in _WHERE:
+    if name not in __all__:
         raise AttributeError(f"module 'fedge.profiler' has no attribute {name!r}")
-    import importlib
+    from fedge.profiler import api
 
-    return getattr(importlib.import_module(f"fedge.profiler.{_WHERE[name]}"), name)
+    return getattr(api, name)

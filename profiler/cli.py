@@ -6,14 +6,16 @@ Run ``fedge profile report TRACE_DIR`` (or a single ``.json``/``.json.gz`` file)
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
-from fedge.errors import ConfigError, DataError
+from fedge.errors import ConfigError, DataError, Interrupted, StorageError
 from fedge.profiler.kinds import Mode
 
 __all__ = ["app"]
@@ -35,7 +37,86 @@ def _writing(option: str, target: str) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        raise ConfigError(f"{option} {target}: cannot write ({err.strerror or err}); give a writable path") from err
+        cause = err.strerror or getattr(err.__cause__, "strerror", None)
+        if cause is None and isinstance(err, StorageError):  # already one line naming the path and what to do
+            raise
+        raise ConfigError(f"{option} {target}: cannot write ({cause or err}); give a writable path") from err
+
+
+def _options(pairs: list[str]) -> dict[str, dict[str, str]]:
+    """``-o stragglers.min_delay_us=20`` -> ``{"stragglers": {"min_delay_us": "20"}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        name, dot, setting = key.strip().partition(".")
+        if not (sep and dot and name and setting):
+            raise ConfigError(f"-o expects ANALYSIS.SETTING=VALUE (e.g. stragglers.min_delay_us=20), got {pair!r}")
+        out.setdefault(name, {})[setting] = value.strip()
+    return out
+
+
+@contextmanager
+def _interruptible(what: str) -> Iterator[None]:
+    """Ctrl-C / SIGTERM as one line."""
+    from fedge.supervisor import sigterm_as_interrupt
+
+    try:
+        with sigterm_as_interrupt():
+            yield
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted while {what}; nothing was written (the traces are only read): run it again") from None
+
+
+@contextmanager
+def _output_dir(out: str | None, overwrite: bool) -> Iterator[Any]:
+    """The ``--out`` run directory (None without ``--out``), opened before any work and removed again when
+    the command fails before writing it, so a retry is not refused."""
+    if out is None:
+        yield None
+        return
+    from fedge.rundir import RunDir
+
+    fresh = not Path(out).exists()
+    with _writing("--out", out):
+        run = RunDir.create("profile", out, overwrite=overwrite)
+    try:
+        with run:
+            yield run
+    except BaseException:
+        if fresh and not (Path(out) / "report.json").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _load(path: str) -> Any:
+    from fedge.profiler.trace import load_job
+
+    job = load_job(path)
+    if not job.traces:
+        first = job.errors[0].message if job.errors else "no trace files"
+        more = f" (and {len(job.errors) - 1} more unreadable files)" if len(job.errors) > 1 else ""
+        raise DataError(f"no trace could be read: {first}{more}")
+    return job
+
+
+def _emit(report: Any, *, as_json: bool, html_file: str | None, run: Any, settings: dict[str, Any]) -> None:
+    from fedge.profiler.report import render_html, render_terminal
+
+    page = render_html(report) if html_file or run is not None else ""
+    if html_file:
+        from fedge.rundir import atomic_write_text
+
+        with _writing("--html", html_file):
+            atomic_write_text(html_file, page)
+    if run is not None:
+        with _writing("--out", str(run.path)):
+            run.write_config(settings)
+            run.write_text("report.html", page)
+            run.write_json("report.json", report.data)
+    if as_json:
+        typer.echo(json.dumps(report.data, indent=2))
+    else:
+        render_terminal(report)
 
 
 @app.callback()
@@ -50,12 +131,18 @@ def report(
     html_file: Annotated[str | None, typer.Option("--html", help="Also write a self-contained HTML report to FILE.")] = None,
     mode: Annotated[str, typer.Option("--mode", help="Definitions: fedge (default) or hta (reproduces HTA 0.5.0).")] = "fedge",
     out: Annotated[str | None, typer.Option("--out", help="Also write config.toml, report.json and report.html to DIR.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --out, whole.")] = False,
     include_last_step: Annotated[
         bool, typer.Option("--include-last-step", help="Keep the last ProfilerStep (dropped by default, as HTA does).")
     ] = False,
     top: Annotated[int, typer.Option("--top", help="Kernels listed per rank, by total time.")] = 10,
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", "-o", help="An analysis setting, ANALYSIS.SETTING=VALUE (fedge plugins --kind analysis --name NAME lists them)."),
+    ] = None,
 ) -> int:
-    """Report computation, communication (hidden and exposed), idle time, collectives and stragglers per rank.
+    """Report computation, communication (hidden and exposed), idle time, collectives and stragglers per rank,
+    and what every other installed analysis finds.
 
     Exit code 0: every file read; 2: some files could not be read (the report covers the others); 1: nothing read.
     """
@@ -63,33 +150,17 @@ def report(
         raise ConfigError(f"unknown --mode {mode!r}; valid: {', '.join(_MODES)}")
     if top < 0:
         raise ConfigError(f"--top must be >= 0, got {top}")
-    from fedge.profiler.report import build_report, render_html, render_terminal
-    from fedge.profiler.trace import load_job
+    from fedge.profiler.report import choose_analyses, run_report
+    from fedge.profiler.trace import find_trace_files
 
-    job = load_job(path)
-    if not job.traces:
-        first = job.errors[0].message if job.errors else "no trace files"
-        more = f" (and {len(job.errors) - 1} more unreadable files)" if len(job.errors) > 1 else ""
-        raise DataError(f"no trace could be read: {first}{more}")
-    result = build_report(job, mode=mode, include_last_step=include_last_step, top=top)
-    page = render_html(result) if html_file or out else None
-    if html_file:
-        from fedge.rundir import atomic_write_text
-
-        with _writing("--html", html_file):
-            atomic_write_text(html_file, page or "")
-    if out:
-        from fedge.rundir import RunDir
-
-        with _writing("--out", out):
-            run = RunDir.create("profile", out)
-            run.write_config({"path": str(path), "mode": mode, "include_last_step": include_last_step, "top": top})
-            run.write_json("report.json", result)
-            run.write_text("report.html", page or "")
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-    else:
-        render_terminal(result)
+    options = _options(option or [])
+    choose_analyses({"mode": Mode(mode), "include_last_step": include_last_step, "top": top}, options)  # bad settings: before any work
+    find_trace_files(path)
+    settings = {"path": str(path), "mode": mode, "include_last_step": include_last_step, "top": top, "options": options}
+    with _output_dir(out, overwrite) as run, _interruptible("reading the traces"):
+        job = _load(path)
+        result = run_report(job, mode=mode, include_last_step=include_last_step, top=top, options=options)
+        _emit(result, as_json=as_json, html_file=html_file, run=run, settings=settings)
     for err in job.errors:
         print(f"fedge: warning: skipped unreadable trace: {err.message}", file=sys.stderr)
     return 2 if job.errors else 0

@@ -12,18 +12,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedge.profiler.kinds import KernelKind, Mode, classify_kernel, is_collective_op
-from fedge.profiler.trace import ANNOTATION, CPU_OP, MEMCPY, MEMSET, RUNTIME, Trace
+from fedge.profiler.kinds import KernelKind, Mode, classify_kernel
+from fedge.profiler.trace import ANNOTATION, CPU_OP, MEMCPY, MEMSET, Trace
 
 __all__ = [
     "Kernels",
-    "collective_op_mask",
     "cpu_intervals",
     "exclusive_kinds",
     "has_last_step",
     "intersection_us",
     "kernels",
-    "launch_index",
     "launch_rows",
     "merge",
     "union_us",
@@ -102,20 +100,9 @@ def exclusive_kinds(k: Kernels) -> dict[str, float]:
     return out
 
 
-def launch_index(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
-    """``(sorted correlation ids, cpu row of each)`` for the runtime calls that launch GPU work."""
-    cached: tuple[np.ndarray, np.ndarray] | None = trace._cache.get("launches")
-    if cached is None:
-        rows = np.flatnonzero((trace.cpu.cat == RUNTIME) & (trace.cpu.corr >= 0))
-        corr = trace.cpu.corr[rows]
-        order = np.argsort(corr, kind="stable")
-        cached = trace._cache["launches"] = (corr[order], rows[order])
-    return cached
-
-
 def launch_rows(trace: Trace, corr: np.ndarray) -> np.ndarray:
     """The cpu row of the launch of each correlation id, -1 where none was recorded."""
-    keys, rows = launch_index(trace)
+    keys, rows = trace.launch_corr, trace.launch_row
     if len(keys) == 0:
         return np.full(len(corr), -1, dtype=np.int64)
     pos = np.clip(np.searchsorted(keys, corr), 0, len(keys) - 1)
@@ -150,9 +137,6 @@ def kernels(trace: Trace, mode: Mode | str = Mode.FEDGE, *, include_last_step: b
     launch was not recorded is kept when it starts before the last step.
     """
     mode = Mode(mode)
-    key = ("kernels", mode, include_last_step)
-    if key in trace._cache:
-        return trace._cache[key]  # type: ignore[no-any-return]
     gpu, cpu = trace.gpu, trace.cpu
     if mode is Mode.HTA:
         ts, end = np.ceil(gpu.ts), np.floor(gpu.ts + gpu.dur)
@@ -177,21 +161,16 @@ def kernels(trace: Trace, mode: Mode | str = Mode.FEDGE, *, include_last_step: b
             keep |= ~has & (gpu.ts < limit)
     rows = np.flatnonzero(keep)
     kind = _kinds_of_names(trace, mode)
-    result = Kernels(ts=ts[rows], end=end[rows], kind=kind[rows], stream=gpu.tid[rows], name=gpu.name[rows], row=rows)
-    trace._cache[key] = result
-    return result
+    return Kernels(ts=ts[rows], end=end[rows], kind=kind[rows], stream=gpu.tid[rows], name=gpu.name[rows], row=rows)
 
 
 def cpu_intervals(trace: Trace, *, include_last_step: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """For traces without GPU activity: CPU ``compute`` (ops that are not collectives) and ``comm``
     (collective ops such as ``gloo:all_reduce``, ``c10d::allreduce_``) intervals, last step dropped as for
     kernels."""
-    key = ("cpu", include_last_step)
-    if key in trace._cache:
-        return trace._cache[key]  # type: ignore[no-any-return]
     cpu = trace.cpu
     is_op = (cpu.cat == CPU_OP) | (cpu.cat == ANNOTATION)
-    coll = collective_op_mask(trace)[cpu.name] & is_op
+    coll = trace.collective_names[cpu.name] & is_op
     step_name = np.array([n.startswith("ProfilerStep") for n in trace.names], dtype=bool)[cpu.name]
     keep = is_op & ~step_name
     steps = trace.steps
@@ -201,17 +180,4 @@ def cpu_intervals(trace: Trace, *, include_last_step: bool = False) -> dict[str,
     end = cpu.ts + cpu.dur
     comp = keep & ~coll & (cpu.cat == CPU_OP)
     comm = keep & coll
-    result = {"compute": (cpu.ts[comp], end[comp]), "comm": (cpu.ts[comm], end[comm])}
-    trace._cache[key] = result
-    return result
-
-
-def collective_op_mask(trace: Trace) -> np.ndarray:
-    """Per entry of ``trace.names``: whether it names a collective CPU op (see ``is_collective_op``); index it
-    with ``trace.cpu.name``."""
-    cached: np.ndarray | None = trace._cache.get("collective_names")
-    if cached is None:
-        cached = trace._cache["collective_names"] = np.array(
-            [is_collective_op(n) for n in trace.names] or [False], dtype=bool
-        )
-    return cached
+    return {"compute": (cpu.ts[comp], end[comp]), "comm": (cpu.ts[comm], end[comm])}

@@ -19,11 +19,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, Self
 
@@ -166,6 +167,9 @@ class Trace:
             from the event's args (``In msg nelems``, ``dtype``, ``Input Dims``...).
         metadata: top-level keys other than ``traceEvents`` (``distributedInfo`` without ``pg_config`` lists).
         base_us: ``baseTimeNanoseconds / 1000`` (0 if absent): absolute time = ts + base_us.
+        launch_corr, launch_row: the correlation ids of the runtime calls that launch GPU work, sorted, and
+            the ``cpu`` row of each (how a GPU event finds its launch).
+        collective_names: per entry of ``names``, whether it names a collective CPU op (``is_collective_op``).
         notes: things the loader had to guess, for the report.
     """
 
@@ -182,8 +186,10 @@ class Trace:
     comm_args: dict[tuple[str, int], dict[str, Any]]
     metadata: dict[str, Any]
     base_us: float
+    launch_corr: np.ndarray
+    launch_row: np.ndarray
+    collective_names: np.ndarray
     notes: tuple[str, ...] = ()
-    _cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def has_gpu(self) -> bool:
@@ -259,8 +265,7 @@ class _Inflate:
 
 def _open(path: Path) -> Any:
     f = open(path, "rb")  # noqa: SIM115 -- returned to the caller, who closes it
-    magic = f.read(2)
-    f.seek(0)
+    magic = f.peek(2)[:2]  # peek, not seek: a pipe (``<(zcat ...)``) is read the same way
     return _Inflate(f) if magic == b"\x1f\x8b" else f
 
 
@@ -350,12 +355,20 @@ def _iter_chunks(f: Any, chunk: int) -> Iterator[list[Any] | dict[str, Any]]:
         found = _split_events(buf, k) if k < n else None
         if found is None:
             if eof:
-                raise DataError("truncated or invalid JSON: the traceEvents array does not end properly")
+                raise DataError(_why_no_events(buf[k:]))
             chunk *= 2  # one event larger than a chunk, or a cut we could not resolve: read more
             continue
         events, end = found
         buf = buf[end:]
         yield events
+
+
+def _why_no_events(rest: bytes) -> str:
+    try:
+        orjson.loads(b"[" + rest)
+    except orjson.JSONDecodeError:
+        return "truncated or invalid JSON: the traceEvents array does not end properly"
+    return "traceEvents holds values that are not events (expected objects with ph, name, ts)"
 
 
 _DTYPES = (np.float64, np.float64, np.int32, np.int8, np.int64, np.int32, np.int64)
@@ -528,9 +541,21 @@ def load_trace(path: str | os.PathLike[str], *, rank: int | None = None, chunk_b
         raise DataError(f"{p}: not a valid trace ({type(err).__name__}: {err})") from err
 
 
+def _not_readable(p: Path) -> str | None:
+    """Why ``p`` cannot be a trace file (a dangling link, a directory, nothing there), or None."""
+    if p.is_symlink() and not p.exists():
+        return f"a symbolic link to {os.readlink(p)}, which does not exist"
+    if p.is_dir():
+        return "a directory, not a trace file"
+    if not p.exists():
+        return "no such file"
+    return None
+
+
 def _load(p: Path, rank: int | None, chunk_bytes: int) -> Trace:
-    if not p.is_file():
-        raise DataError("no such file")
+    problem = _not_readable(p)
+    if problem:
+        raise DataError(problem)
     gpu, cpu = _Columns(), _Columns()
     names: dict[str, int] = {}
     flags: list[int] = []
@@ -563,6 +588,9 @@ def _load(p: Path, rank: int | None, chunk_bytes: int) -> Trace:
     step_arr = np.array(sorted((s[0], s[1], s[2]) for s in steps if not s[3]), dtype=np.float64).reshape(-1, 3)
     gpu_step_arr = np.array(sorted((s[0], s[1], s[2]) for s in steps if s[3]), dtype=np.float64).reshape(-1, 3)
     ordered = sorted(names, key=names.__getitem__)
+    cpu_table = cpu.table()
+    launch = np.flatnonzero((cpu_table.cat == RUNTIME) & (cpu_table.corr >= 0))
+    by_corr = np.argsort(cpu_table.corr[launch], kind="stable")
     return Trace(
         path=str(p),
         rank=found_rank,
@@ -570,13 +598,16 @@ def _load(p: Path, rank: int | None, chunk_bytes: int) -> Trace:
         world_size=info.get("world_size") if isinstance(info.get("world_size"), int) else None,
         backend=info.get("backend") if isinstance(info.get("backend"), str) else None,
         gpu=gpu.table(),
-        cpu=cpu.table(),
+        cpu=cpu_table,
         names=tuple(ordered),
         steps=step_arr,
         gpu_steps=gpu_step_arr,
         comm_args=comm_args,
         metadata=_small_metadata(meta),
         base_us=float(base_ns) / 1000.0 if isinstance(base_ns, (int, float)) else 0.0,
+        launch_corr=cpu_table.corr[launch][by_corr],
+        launch_row=launch[by_corr],
+        collective_names=np.array([f == 2 for f in flags] or [False], dtype=bool),
         notes=tuple(notes),
     )
 
@@ -593,12 +624,17 @@ def find_trace_files(path: str | os.PathLike[str]) -> list[Path]:
         DataError: the path does not exist, or the directory holds no trace file.
     """
     p = Path(path)
-    if p.is_file():
+    if p.exists() and not p.is_dir():
         return [p]
     if not p.is_dir():
         raise DataError(f"{p}: no such file or directory; give a trace file or a directory of per-rank traces")
-    files = sorted(f for f in p.iterdir() if f.is_file() and (f.name.endswith(".json") or f.name.endswith(".json.gz")))
-    files = [f for f in files if _looks_like_trace(f)]
+    try:
+        named = sorted(f for f in p.iterdir() if f.name.endswith((".json", ".json.gz")))
+    except OSError as err:
+        raise DataError(f"{p}: cannot list the directory ({err.strerror or err})") from err
+    # What is named like a trace but cannot be read (a dangling link, a directory) is kept, so that the loader
+    # reports it in ``errors`` instead of the rank silently missing.
+    files = [f for f in named if _not_readable(f) or _looks_like_trace(f)]
     if not files and (p / "traces").is_dir():  # a run directory of `fedge train --profile`
         return find_trace_files(p / "traces")
     if not files:
@@ -617,6 +653,20 @@ def _looks_like_trace(f: Path) -> bool:
     except (OSError, EOFError, zlib.error):
         return True
     return not (head.lstrip().startswith(b"{") and b'"traceEvents"' not in head and b'"ph"' not in head)
+
+
+def _ignore_interrupts() -> None:
+    # Workers leave Ctrl-C to the parent, which stops them: one line on the terminal, not one traceback each.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14+
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
 
 
 def _load_one(args: tuple[str, int, int]) -> Trace | FileError:
@@ -656,13 +706,19 @@ def load_job(
     else:
         workers = max_workers or min(len(work), os.cpu_count() or 1)
         results = []
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_interrupts)
+        try:
             futures = [pool.submit(_load_one, w) for w in work]
             for w, future in zip(work, futures):
                 try:
                     results.append(future.result())
                 except BrokenProcessPool:  # a worker was killed (out of memory...): report, keep the others
                     results.append(FileError(path=w[0], message=f"{w[0]}: the worker reading it died (out of memory?)"))
+        except BaseException:  # Ctrl-C: do not wait for the workers to finish their files
+            _stop_workers(pool)
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     traces = [r for r in results if isinstance(r, Trace)]
     errors = [r for r in results if isinstance(r, FileError)]
     seen: set[int] = set()
@@ -671,7 +727,7 @@ def load_job(
         if t.rank in seen:  # two files claim one rank: keep both, renumber the later by file order
             new = max(seen | {t.rank}) + 1
             note = f"{Path(t.path).name}: rank {t.rank} already taken by another file; using rank {new}"
-            t = replace(t, rank=new, rank_source="file order", notes=(*t.notes, note), _cache={})
+            t = replace(t, rank=new, rank_source="file order", notes=(*t.notes, note))
         seen.add(t.rank)
         fixed.append(t)
     return Job(traces=tuple(sorted(fixed, key=lambda t: t.rank)), errors=tuple(errors))

@@ -1,6 +1,6 @@
-"""Exporter plugins: one module per artefact (TFLite at each quantization, C array), each advertised under the
+"""Exporter plugins: one module per artefact (``tflite``, ``c-array``), each advertised under the
 ``fedge.exporters`` entry-point group like a third-party plugin would be."""
 
-from fedge.edge.exporters.base import ExporterPlugin, TfliteExporterConfig
+from fedge.edge.exporters.base import Artefacts, ExporterPlugin, ExportSource, TfliteConfig, exporter_registry
 
-__all__ = ["ExporterPlugin", "TfliteExporterConfig"]
+__all__ = ["Artefacts", "ExportSource", "ExporterPlugin", "TfliteConfig", "exporter_registry"]

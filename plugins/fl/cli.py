@@ -236,6 +236,7 @@ def supernode_command(
     auth_key: Annotated[Path | None, typer.Option("--auth-key", help="This node's private key (node-<i>.key) for SuperNode authentication.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Plaintext to a non-loopback SuperLink.")] = False,
     workdir: Annotated[Path, typer.Option("--workdir", help="Where logs, Flower state and the node's data file go.")] = Path("runs/supernode"),
+    device: Annotated[str, typer.Option("--device", help="Where this node trains: auto (the GPU if torch sees one), cpu or cuda.")] = "auto",
 ) -> int:
     """Join a SuperLink as one client (a SuperNode in the foreground until Ctrl-C or the SuperLink goes away)."""
     import time
@@ -254,6 +255,8 @@ def supernode_command(
             raise ConfigError(f"file {str(path)!r} not found")
     if (data is None) == (partition is None):
         raise ConfigError("give exactly one of --data FILE.npz or --partition I/N")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
     workdir.mkdir(parents=True, exist_ok=True)
     node_config: dict[str, str | int | float] = {}
     if partition is not None:
@@ -261,6 +264,7 @@ def supernode_command(
         node_config["partition-id"], node_config["num-partitions"] = (int(v) for v in partition.split("/"))
     assert data is not None
     node_config["data-path"] = str(data.resolve())
+    node_config["device"] = device
     tls = TlsFiles(ca_cert=root_certificates.resolve()) if root_certificates else None
     fed = Federation(workdir / "flower", tls=tls, host=host)
     fed.fleet_port = int(port)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["load_local_data", "train_round"]
+__all__ = ["load_local_data", "node_device", "train_round"]
 
 
 @lru_cache(maxsize=4)
@@ -38,6 +38,18 @@ def load_local_data(config: Mapping[str, Any], node: Mapping[str, Any]) -> tuple
     split = parse_partition(str(config["partition"]), seed=int(config["seed"]))
     idx = partition(dataset.y_train, int(node["num-partitions"]), split)[int(node["partition-id"])]
     return dataset.x_train[idx], dataset.y_train[idx]
+
+
+def node_device(node: Mapping[str, Any]) -> str:
+    """Where this node trains: its node config's ``device`` (``cpu``/``cuda``), else CUDA when it has a GPU."""
+    import torch
+
+    choice = str(node.get("device", "auto"))
+    if choice not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"node config device must be auto, cpu or cuda, got {choice!r}")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("node config device=cuda, but this node's torch sees no CUDA GPU; use device=cpu")
+    return "cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 def train_round(
@@ -77,6 +89,7 @@ def train_round(
         lr=float(config["lr"]),
         seed=seed,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
+        device=node_device(node),
     )
     metrics = {"num-examples": len(x), "train-loss": float(loss), "compute-s": time.perf_counter() - start}
     return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, metrics

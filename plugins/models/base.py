@@ -65,8 +65,10 @@ def build_model(
     registry = registry or Registry(Kind.MODEL)
     plugin = registry.get(name)
     config = from_mapping(plugin.Config, options or {}, where=f"model.{name}")
-    torch.manual_seed(getattr(config, "seed", 0))
-    model = plugin.build(config, input_shape=tuple(input_shape), num_classes=num_classes)
+    # The weights come from the config's seed alone; the caller's global RNG stream is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(getattr(config, "seed", 0))
+        model = plugin.build(config, input_shape=tuple(input_shape), num_classes=num_classes)
     model.to(getattr(config, "torch_dtype", torch.float32))
     model.fedge_spec = {  # type: ignore[assignment]
         "model": name,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import torch.nn.functional as F
 
+from fedge.plugins.strategies._host_staging import HostStage, needs_host_staging
 from fedge.plugins.train.base import Strategy, batch_rows, set_lr
 
 if TYPE_CHECKING:
@@ -36,20 +37,30 @@ class DataParallel(Strategy):
     """Replicated model; a subclass sums one flat gradient buffer across ranks in :meth:`all_reduce_`."""
 
     replicated: ClassVar[bool] = True
+    point_to_point: ClassVar[bool] = False
+    """True when :meth:`all_reduce_` uses send/recv (then CUDA tensors over gloo travel via host memory)."""
 
     def setup(self, model: nn.Module) -> None:
         self.model = model.to(self.ctx.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self.make_optimizer(self.params)
         self.flat = flat_grad_buffer(self.params, extra=1)
+        self._stage = HostStage()
 
     def all_reduce_(self, flat: Tensor) -> None:
         """Sum ``flat`` over all ranks, in place."""
         raise NotImplementedError
 
-    def train_step(self, x: Tensor, y: Tensor) -> float:
+    def _sum_(self, flat: Tensor) -> None:
+        if not (self.point_to_point and needs_host_staging(self.ctx.backend, flat.device)):
+            self.all_reduce_(flat)
+            return
+        self.all_reduce_(self._stage.out(flat))
+        self._stage.back(flat)
+
+    def train_step(self, x: Tensor, y: Tensor, *, step: int) -> float:
         w, r = self.ctx.world_size, self.ctx.rank
-        set_lr(self.optimizer, self.lr_at(self.step, x.shape[0]))
+        set_lr(self.optimizer, self.lr_at(step, x.shape[0]))
         xb, yb = batch_rows(x, y, r, w)
         self.flat.zero_()
         self.model.train()
@@ -57,7 +68,7 @@ class DataParallel(Strategy):
         loss.backward()
         self.flat[-1] = loss.detach()
         if w > 1:
-            self.all_reduce_(self.flat)
+            self._sum_(self.flat)
             self.flat.div_(w)  # mean of equal-sized local means = the global-batch mean
         self.optimizer.step()
         return float(self.flat[-1])

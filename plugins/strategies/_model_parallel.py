@@ -7,6 +7,7 @@ import abc
 from typing import TYPE_CHECKING, Protocol, cast
 
 from fedge.errors import ConfigError
+from fedge.plugins.strategies._host_staging import needs_host_staging
 from fedge.plugins.strategies._pipeline_groups import sum_across_world
 from fedge.plugins.strategies._pipeline_stage import StageRunner
 from fedge.plugins.train.base import DistContext, Strategy, StrategyConfig
@@ -65,6 +66,11 @@ class ModelParallel(Strategy):
     def make_runner(self, module: nn.Module, *, stage_index: int, group: dist.ProcessGroup | None) -> StageRunner:
         """This rank's pipeline stage of ``module`` on the configured schedule."""
         c = cast(_Pipelined, self.config)
+        if self.dims.pp > 1 and needs_host_staging(self.ctx.backend, self.ctx.device):
+            raise ConfigError(
+                f"{self.dims.pp} pipeline stages pass activations with send/recv, which gloo does on CPU tensors only, "
+                f"not on {self.ctx.device.type}; give each stage its own GPU with --backend nccl, or use --device cpu"
+            )
         return StageRunner(
             module,
             stage_index=stage_index,

@@ -14,9 +14,9 @@ gradients) and returns a ``torch.futures.Future`` whose value is the bucket summ
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedge.plugins.strategies._data_parallel import DataParallel, flat_grad_buffer
-from fedge.plugins.train.base import StrategyConfig, batch_rows, set_lr
+from fedge.plugins.train.base import ParityCase, StrategyConfig, batch_rows, set_lr
 from fedge.registry import plugin
 
 __all__ = ["AllReduce", "CommHook", "allreduce_hook", "fp16_compress_hook"]
@@ -77,6 +77,11 @@ class AllReduce(DataParallel):
                 raise ValueError(f"bucket sizes must be > 0 MiB, got {self.bucket_mb} and {self.first_bucket_mb}")
 
     config: Config
+    parity_cases: ClassVar[Mapping[str, ParityCase]] = {
+        "default": ParityCase(),
+        # Small buckets so the multi-bucket path runs.
+        "buckets": ParityCase(options={"bucket_mb": 0.002, "first_bucket_mb": 0.001}),
+    }
 
     def setup(self, model: nn.Module) -> None:
         self.model = model.to(self.ctx.device)
@@ -117,9 +122,9 @@ class AllReduce(DataParallel):
             bucket.future = self.comm_hook(bucket.flat)
             self._next += 1
 
-    def train_step(self, x: Tensor, y: Tensor) -> float:
+    def train_step(self, x: Tensor, y: Tensor, *, step: int) -> float:
         w, r = self.ctx.world_size, self.ctx.rank
-        set_lr(self.optimizer, self.lr_at(self.step, x.shape[0]))
+        set_lr(self.optimizer, self.lr_at(step, x.shape[0]))
         xb, yb = batch_rows(x, y, r, w)
         for bucket in self.buckets:
             bucket.flat.zero_()

@@ -13,8 +13,9 @@ Ranks are laid out by :class:`fedge.parallel.ParallelDims` (tp innermost). Examp
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,7 +26,7 @@ from fedge.plugins.strategies._megatron_layers import gather_tp_state, paralleli
 from fedge.plugins.strategies._model_parallel import ModelParallel
 from fedge.plugins.strategies._pipeline_groups import allreduce_grads, gather_to_rank0, make_groups
 from fedge.plugins.strategies._pipeline_stage import StageModule, StageRunner, resolve_split
-from fedge.plugins.train.base import StrategyConfig, batch_rows, set_lr
+from fedge.plugins.train.base import ParityCase, StrategyConfig, batch_rows, set_lr
 from fedge.registry import plugin
 
 __all__ = ["Megatron"]
@@ -56,6 +57,7 @@ class Megatron(ModelParallel):
                 raise ValueError("tp, pp and microbatches must be >= 1, dp >= 0 (0: world size / (tp x pp))")
 
     config: Config
+    parity_cases: ClassVar[Mapping[str, ParityCase]] = {"tp2": ParityCase(options={"tp": 2}, model="tiny-gpt")}
 
     @classmethod
     def layout(cls, config: StrategyConfig, world_size: int) -> ParallelDims:
@@ -89,12 +91,12 @@ class Megatron(ModelParallel):
             self.runner = self.make_runner(self.model, stage_index=self.stage_index, group=groups[MeshAxis.PP])
         self.optimizer = self.make_optimizer(self.model.parameters())
 
-    def train_step(self, x: Tensor, y: Tensor) -> float:
+    def train_step(self, x: Tensor, y: Tensor, *, step: int) -> float:
         dims = self.dims
         self.check_batch(len(x))
         x, y = batch_rows(x, y, self.dp_index, dims.dp)
         x, y = x.to(self.ctx.device), y.to(self.ctx.device)
-        set_lr(self.optimizer, self.lr_at(self.step, len(x) * dims.dp))
+        set_lr(self.optimizer, self.lr_at(step, len(x) * dims.dp))
         self.optimizer.zero_grad(set_to_none=True)
         if self.runner is not None:
             loss, idle = self.runner.step(x, y)

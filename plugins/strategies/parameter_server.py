@@ -19,6 +19,7 @@ worker's own.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -29,7 +30,8 @@ from torch import Tensor, nn
 
 from fedge.errors import ConfigError
 from fedge.plugins.strategies._data_parallel import flat_grad_buffer
-from fedge.plugins.train.base import Strategy, StrategyConfig, batch_rows, set_lr
+from fedge.plugins.strategies._host_staging import HostStage, needs_host_staging
+from fedge.plugins.train.base import ParityCase, Strategy, StrategyConfig, batch_rows, set_lr
 from fedge.registry import plugin
 
 __all__ = ["ParameterServer", "ps_exchange"]
@@ -97,6 +99,10 @@ class ParameterServer(Strategy):
                 raise ValueError(f"staleness must be >= 0, got {self.staleness}")
 
     config: Config
+    parity_cases: ClassVar[Mapping[str, ParityCase]] = {
+        "sync": ParityCase(options={"mode": "sync"}),
+        "2-servers": ParityCase(options={"mode": "sync", "num_servers": 2}, world_sizes=(4,)),
+    }
     replicated: ClassVar[bool] = False
 
     @classmethod
@@ -121,7 +127,10 @@ class ParameterServer(Strategy):
         self.num_workers = self.ctx.world_size - self.config.num_servers
         self.is_server = self.ctx.rank >= self.num_workers
         self.pg = dist.group.WORLD
-        self.model = model.to(self.ctx.device)
+        self.staged = needs_host_staging(self.ctx.backend, self.ctx.device)
+        self._gstage, self._pstage = HostStage(), HostStage()
+        # Under staging a server keeps its shard on the CPU: it only adds and sends, and gloo's p2p is host-only.
+        self.model = model if self.is_server and self.staged else model.to(self.ctx.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         n = sum(p.numel() for p in params)
         # One trailing slot travels with the last shard: the loss (push) and the mean loss (pull).
@@ -129,7 +138,7 @@ class ParameterServer(Strategy):
         self.bounds[-1] += 1
         if self.is_server:
             j = self.ctx.rank - self.num_workers
-            full = torch.cat([p.detach().reshape(-1) for p in params] + [torch.zeros(1, device=self.ctx.device)])
+            full = torch.cat([p.detach().reshape(-1) for p in params] + [torch.zeros(1, device=params[0].device)])
             self.shard = nn.Parameter(full[self.bounds[j] : self.bounds[j + 1]].clone())
             self.optimizer = self.make_optimizer([self.shard])
             self.inbox = [torch.empty_like(self.shard) for _ in range(self.num_workers)]
@@ -151,23 +160,26 @@ class ParameterServer(Strategy):
     def _last(self, j: int) -> bool:
         return j == self.config.num_servers - 1
 
-    def train_step(self, x: Tensor, y: Tensor) -> float:
+    def train_step(self, x: Tensor, y: Tensor, *, step: int) -> float:
         if self.is_server:
-            set_lr(self.optimizer, self.lr_at(self.step, x.shape[0]))
-            return self._serve_sync() if self.config.mode == "sync" else self._serve_async()
+            set_lr(self.optimizer, self.lr_at(step, x.shape[0]))
+            return self._serve_sync() if self.config.mode == "sync" else self._serve_async(step)
         xb, yb = batch_rows(x, y, self.ctx.rank, self.num_workers)
         self.gflat.zero_()
         self.model.train()
         loss = F.cross_entropy(self.model(xb.to(self.ctx.device)), yb.to(self.ctx.device))
         loss.backward()
         self.gflat[-1] = loss.detach()
+        push, pull = (self._gstage.out(self.gflat), self._pstage.mirror(self.pflat)) if self.staged else (self.gflat, self.pflat)
         works = []
         for j in range(self.config.num_servers):
             a, b = self.bounds[j], self.bounds[j + 1]
             server = self.num_workers + j
-            works += [self.pg.send([self.gflat[a:b]], server, _PUSH), self.pg.recv([self.pflat[a:b]], server, _PULL)]
+            works += [self.pg.send([push[a:b]], server, _PUSH), self.pg.recv([pull[a:b]], server, _PULL)]
         for work in works:
             work.wait()
+        if self.staged:
+            self._pstage.back(self.pflat)
         return float(self.pflat[-1])  # the server's mean over the pushes since our previous pull
 
     def _holds_loss(self) -> bool:
@@ -208,10 +220,10 @@ class ParameterServer(Strategy):
             work.wait()
         return means[0]
 
-    def _serve_async(self) -> float:
+    def _serve_async(self, step: int) -> float:
         """Apply pushes as they come until every worker has pushed for this step; reply within the staleness bound."""
         buf = self.inbox[0]
-        while min(self.received) < self.step + 1:
+        while min(self.received) < step + 1:
             work = self.pg.recv_anysource([buf], _PUSH)
             work.wait()
             k = work._source_rank()
@@ -233,9 +245,12 @@ class ParameterServer(Strategy):
             return None
         if self.ctx.rank != 0:
             return None
+        pull = self._pstage.mirror(self.pflat) if self.staged else self.pflat
         for j in range(self.config.num_servers):
             a, b = self.bounds[j], self.bounds[j + 1]
-            self.pg.recv([self.pflat[a:b]], self.num_workers + j, _GATHER).wait()
+            self.pg.recv([pull[a:b]], self.num_workers + j, _GATHER).wait()
+        if self.staged:
+            self._pstage.back(self.pflat)
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def state_for_checkpoint(self) -> dict[str, Any]:

@@ -13,8 +13,9 @@ Example::
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,7 @@ from fedge.parallel import MeshAxis, ParallelDims
 from fedge.plugins.strategies._model_parallel import ModelParallel, check_pipeline
 from fedge.plugins.strategies._pipeline_groups import allreduce_grads, gather_to_rank0, make_groups
 from fedge.plugins.strategies._pipeline_stage import StageModule, resolve_split
-from fedge.plugins.train.base import StrategyConfig, batch_rows, set_lr
+from fedge.plugins.train.base import ParityCase, StrategyConfig, batch_rows, set_lr
 from fedge.registry import plugin
 
 __all__ = ["Pipeline", "check_pipeline", "sample_input"]
@@ -85,6 +86,9 @@ class Pipeline(ModelParallel):
                 raise ValueError(f"split gives {len(self.split)} stages but stages = {self.stages}")
 
     config: Config
+    parity_cases: ClassVar[Mapping[str, ParityCase]] = {
+        "1f1b": ParityCase(options={"stages": 2, "microbatches": 4}, model="tiny-gpt"),
+    }
 
     @classmethod
     def layout(cls, config: StrategyConfig, world_size: int) -> ParallelDims:
@@ -170,10 +174,10 @@ class Pipeline(ModelParallel):
             return sizes
         return resolve_split(layers, num_stages=self.dims.pp, split=c.split, balance=c.balance, sample=None)
 
-    def train_step(self, x: Tensor, y: Tensor) -> float:
+    def train_step(self, x: Tensor, y: Tensor, *, step: int) -> float:
         self.check_batch(len(x))
         x, y = batch_rows(x, y, self.dp_index, self.dims.dp)
-        set_lr(self.optimizer, self.lr_at(self.step, len(x) * self.dims.dp))
+        set_lr(self.optimizer, self.lr_at(step, len(x) * self.dims.dp))
         self.optimizer.zero_grad(set_to_none=True)
         loss, idle = self.runner.step(x.to(self.ctx.device), y.to(self.ctx.device))
         allreduce_grads(list(self.model.parameters()), group=self.dp_group, size=self.dims.dp)

@@ -9,14 +9,16 @@ Bandwidth-optimal: each rank sends 2(W-1)/W of the buffer whatever W is.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from fedge.plugins.strategies._data_parallel import DataParallel
-from fedge.plugins.train.base import StrategyConfig
+from fedge.plugins.train.base import ParityCase, StrategyConfig
 from fedge.registry import plugin
 
 __all__ = ["RingAllReduce", "ring_all_reduce"]
@@ -109,6 +111,8 @@ class RingAllReduce(DataParallel):
                 raise ValueError(f"chunk_bytes must be >= 64, got {self.chunk_bytes}")
 
     config: Config
+    point_to_point = True
+    parity_cases: ClassVar[Mapping[str, ParityCase]] = {"chunks": ParityCase(options={"chunk_bytes": 256})}
     _scratch: Tensor | None = None
 
     def all_reduce_(self, flat: Tensor) -> None:

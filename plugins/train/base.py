@@ -2,13 +2,12 @@
 
 A strategy turns "one optimizer step on a global batch" into whatever its processes must do: slice the
 batch and all-reduce gradients (data parallel), push to and pull from parameter servers, run pipeline
-stages or tensor shards. The worker loop (``fedge.plugins.train.worker``, run under torchrun) drives it::
+stages or tensor shards. The :class:`~fedge.plugins.train.trainer.Trainer` (run under torchrun) drives it::
 
     strategy = StrategyClass(config, ctx)          # config: StrategyClass.Config, ctx: DistContext
     strategy.setup(model)                          # the full model, built identically on every rank
     for step in range(start, steps):
-        strategy.step = step                       # 0-based index of the step about to run
-        loss = strategy.train_step(x, y)           # x, y: the GLOBAL batch, identical on every rank
+        loss = strategy.train_step(x, y, step=step)  # x, y: the GLOBAL batch; step: 0-based index
         if checkpoint due: save strategy.state_for_checkpoint() per rank
     state = strategy.full_state_dict()             # collective: every rank calls it; rank 0 gets the dict
     strategy.close()
@@ -29,28 +28,44 @@ What a strategy plugin looks like::
             \"\"\"Docstring under every field.\"\"\"
 
         def setup(self, model): ...
-        def train_step(self, x, y): ...
+        def train_step(self, x, y, *, step): ...
         def full_state_dict(self): ...
 
 Shared helpers: :meth:`Strategy.lr_at` (linear lr scaling + warm-up), :meth:`Strategy.make_optimizer`,
 :func:`set_lr`, :func:`batch_rows` (this rank's rows of the global batch), :meth:`Strategy.check_world_size`
-(called by the launcher before anything starts, and by the worker).
+(called by the launcher before anything starts, and by the trainer).
+
+Strategies are found through :func:`strategy_registry`, typed by :class:`StrategyPlugin`; the parity
+test trains every registered strategy's :attr:`Strategy.parity_cases` and compares with single-process SGD.
 """
 
 from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
-from fedge.errors import ConfigError
+from fedge.errors import ConfigError, FedgeError
+from fedge.registry import Kind, Registry
 
 if TYPE_CHECKING:
     import torch
     from torch import Tensor, nn
 
-__all__ = ["DistContext", "Strategy", "StrategyConfig", "batch_rows", "set_lr"]
+__all__ = [
+    "DistContext",
+    "ParityCase",
+    "Strategy",
+    "StrategyConfig",
+    "StrategyPlugin",
+    "batch_rows",
+    "resolve_strategy",
+    "set_lr",
+    "strategy_config",
+    "strategy_registry",
+]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -94,6 +109,72 @@ class DistContext:
     """Where this rank's tensors live: ``cuda:<local_rank>`` with NCCL, else ``cpu``."""
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ParityCase:
+    """A setting under which a strategy must train exactly like single-process SGD (fp32, rtol 1e-5)."""
+
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """The strategy's Config fields for this case."""
+    world_sizes: tuple[int, ...] = (2, 4)
+    """Process counts the parity test runs it at."""
+    model: str = "mlp"
+    """Model plugin of the case (``tiny-gpt`` for strategies that split attention blocks)."""
+
+
+@runtime_checkable
+class StrategyPlugin(Protocol):
+    """What a ``strategy`` plugin is: a class with a typed ``Config`` that builds a :class:`Strategy`."""
+
+    Config: type[StrategyConfig]
+    replicated: bool
+    parity_cases: Mapping[str, ParityCase]
+
+    def __call__(self, config: Any, ctx: DistContext) -> Strategy: ...
+
+    def check_world_size(self, config: Any, world_size: int, batch_size: int) -> None: ...
+
+
+def strategy_registry() -> Registry[StrategyPlugin]:
+    """The installed strategies (built-ins and third-party alike)."""
+    return Registry(Kind.STRATEGY, StrategyPlugin)
+
+
+def _is_strategy(obj: object) -> bool:
+    return isinstance(obj, type) and issubclass(obj, Strategy) and isinstance(obj, StrategyPlugin)
+
+
+def resolve_strategy(name: str, registry: Registry[StrategyPlugin] | None = None) -> type[Strategy]:
+    """The strategy plugin ``name``, checked to be a torch.distributed :class:`Strategy`.
+
+    Raises:
+        PluginNotFoundError: no such strategy (the message lists the valid names).
+        ConfigError: the plugin exists but is not a cluster-training strategy.
+    """
+    registry = registry or strategy_registry()
+    cls = registry.get(name)
+    if not _is_strategy(cls):
+        usable = [n for n in registry.names() if _loads_as_strategy(registry, n)]
+        raise ConfigError(
+            f"strategy {name!r} is not a torch.distributed strategy and cannot run under fedge train; "
+            f"use one of: {', '.join(usable)}"
+        )
+    return cls  # type: ignore[return-value]
+
+
+def _loads_as_strategy(registry: Registry[StrategyPlugin], name: str) -> bool:
+    try:
+        return _is_strategy(registry.get(name))
+    except FedgeError:
+        return False
+
+
+def strategy_config(cls: type[Strategy], options: Mapping[str, Any], name: str) -> StrategyConfig:
+    """Build ``cls.Config`` from the ``[strategy_options]`` table (the one place strategy options are typed)."""
+    from fedge.config import from_mapping
+
+    return from_mapping(cls.Config, dict(options), where=f"strategy_options ({name})")
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set the learning rate of every parameter group."""
     for group in optimizer.param_groups:
@@ -113,19 +194,18 @@ class Strategy(abc.ABC):
     Attributes:
         config: this strategy's ``Config``.
         ctx: the process's :class:`DistContext`.
-        step: 0-based index of the step about to run; the worker sets it before each ``train_step``
-            (and on resume), so lr schedules read it instead of counting calls.
     """
 
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
     replicated: ClassVar[bool] = False
     """True when every rank's checkpoint state is identical (plain data parallel): only rank 0 writes it,
     and a job restarted with a different world size (``--nnodes MIN:MAX``) can still resume from it."""
+    parity_cases: ClassVar[Mapping[str, ParityCase]] = {"default": ParityCase()}
+    """Settings that must match single-process SGD; empty for a strategy that is not synchronous."""
 
     def __init__(self, config: StrategyConfig, ctx: DistContext) -> None:
         self.config = config
         self.ctx = ctx
-        self.step = 0
 
     @classmethod
     def check_world_size(cls, config: StrategyConfig, world_size: int, batch_size: int) -> None:
@@ -147,8 +227,9 @@ class Strategy(abc.ABC):
         what this rank needs; build the optimizer."""
 
     @abc.abstractmethod
-    def train_step(self, x: Tensor, y: Tensor) -> float:
-        """One optimizer step on the GLOBAL batch (x, y are identical on every rank).
+    def train_step(self, x: Tensor, y: Tensor, *, step: int) -> float:
+        """One optimizer step on the GLOBAL batch (x, y are identical on every rank); ``step`` is its 0-based
+        index (lr schedules read it, and a resumed run passes the step it resumes at).
 
         The strategy takes the slice its rank needs (data parallel: rows ``[r*B/dp, (r+1)*B/dp)``; pipeline:
         micro-batches of the whole batch; megatron: its dp group's rows). Returns the global-batch mean loss,

@@ -9,14 +9,14 @@ Example::
 from __future__ import annotations
 
 import json
-import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from fedge.errors import ConfigError
+from fedge.errors import ConfigError, Interrupted
 from fedge.rundir import RunDir
 
 __all__ = ["app", "parse_size", "run_bench"]
@@ -51,17 +51,53 @@ def _check_nproc(nproc: int) -> None:
         raise ConfigError(f"--nproc must be >= 2 (one process has nothing to exchange), got {nproc}")
 
 
-def run_bench(what: str, nproc: int, spec: dict[str, Any], out: Path | None = None) -> list[dict[str, Any]]:
-    """Run the bench worker (``collectives`` or ``strategies``) on ``nproc`` processes; rank 0's result rows."""
+def run_bench(
+    what: str, nproc: int, spec: dict[str, Any], out: Path | None = None, *, show: Callable[[list[dict[str, Any]]], None] | None = None
+) -> list[dict[str, Any]]:
+    """Run the bench worker (``collectives`` or ``strategies``) on ``nproc`` processes; rank 0's result rows.
+
+    On Ctrl-C or SIGTERM, ``show`` gets the rows measured so far, then :class:`~fedge.errors.Interrupted` is raised.
+    """
     from fedge.plugins.train.config import TrainConfig
     from fedge.plugins.train.launcher import launch
 
     _check_nproc(nproc)
-    with tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp:
-        run = RunDir(out) if out is not None else RunDir(tmp)
+    with (
+        tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp,
+        RunDir.create("bench", out) if out is not None else RunDir(tmp) as run,
+    ):
         run.write_json("bench.json", {"what": what, **spec})
-        launch(TrainConfig(nproc=nproc), run, module="fedge.plugins.train.bench_worker")
-        return json.loads(run.file("results.json").read_text(encoding="utf-8"))
+        try:
+            launch(TrainConfig(nproc=nproc), run, module="fedge.plugins.train.bench_worker")
+        except KeyboardInterrupt:
+            raise Interrupted(_interrupted_line(run, spec, show, kept=out is not None)) from None
+        return list(json.loads(run.file("results.json").read_text(encoding="utf-8")))
+
+
+def _interrupted_line(
+    run: RunDir, spec: dict[str, Any], show: Callable[[list[dict[str, Any]]], None] | None, *, kept: bool
+) -> str:
+    try:
+        partial = json.loads(run.file("partial.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        partial = None
+    if not partial or not partial.get("rows"):
+        return "interrupted before the first measurement finished; nothing measured"
+    if show is not None:
+        show(partial["rows"])
+    where = f"; kept them in {run.file('partial.json')}" if kept else ""
+    return (
+        f"interrupted: printed the {len(partial['rows'])} rows measured so far "
+        f"(medians of {partial['reps_done']} of {spec['reps']} repetitions){where}"
+    )
+
+
+def _at_least_one(flag: str, value: int, least: int = 1) -> int:
+    """A repetition count below ``least`` cannot be timed: say so and use ``least``."""
+    if value < least:
+        typer.echo(f"fedge bench: warning: {flag} {value} is below {least}; using {flag} {least}", err=True)
+        return least
+    return value
 
 
 def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
@@ -95,45 +131,57 @@ def collectives(
     """algbw/busbw of native all_reduce vs ring vs tree vs parameter-server exchange, 4 KB .. 64 MB."""
     spec = {
         "sizes": [parse_size(s) for s in sizes.split(",") if s.strip()],
-        "reps": max(1, reps),
-        "max_iters": max(2, max_iters),
+        "reps": _at_least_one("--reps", reps),
+        "max_iters": _at_least_one("--max-iters", max_iters, 2),
         "ring_chunk_bytes": parse_size(ring_chunk),
         "tree_chunk_bytes": parse_size(tree_chunk),
     }
-    rows = run_bench("collectives", nproc, spec, out)
-    if as_json:
-        keys = ("impl", "bytes", "algbw_gbps", "busbw_gbps", "ratio_to_native")
-        typer.echo(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2))
-    else:
-        for r in rows:
-            r["size"] = _human(r["bytes"])
-        _table(
-            rows,
-            [("size", "size", ""), ("impl", "impl", ""), ("time_us", "time (us)", ".1f"),
-             ("algbw_gbps", "algbw (GB/s)", ".3f"), ("busbw_gbps", "busbw (GB/s)", ".3f"),
-             ("ratio_to_native", "x native", ".2f")],
-        )
+    show = _show_collectives_json if as_json else _show_collectives
+    show(run_bench("collectives", nproc, spec, out, show=show))
     return 0
 
 
-def _parameter_server_row(nproc: int, batch_size: int) -> dict[str, dict[str, Any]]:
-    """``{"parameter-server": options}`` for sync mode with one server, or ``{}`` (and a note) when the batch
-    does not split over its ``nproc - 1`` workers: every row must time the same global batch."""
-    from fedge.plugins.train.worker import resolve_strategy, strategy_config
+def _show_collectives_json(rows: list[dict[str, Any]]) -> None:
+    keys = ("impl", "bytes", "algbw_gbps", "busbw_gbps", "ratio_to_native")
+    typer.echo(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2))
 
-    name, options = "parameter-server", {"mode": "sync", "num_servers": 1}
-    cls = resolve_strategy(name)
-    try:
-        cls.check_world_size(strategy_config(cls, options, name), nproc, batch_size)
-    except ConfigError:
-        typer.echo(
-            f"fedge bench: parameter-server left out: --batch-size {batch_size} does not split over its "
-            f"{nproc - 1} workers (--nproc {nproc} - 1 server); to time it too, use a --batch-size that is a "
-            f"multiple of {math.lcm(nproc, nproc - 1)}",
-            err=True,
-        )
-        return {}
-    return {name: options}
+
+def _show_collectives(rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        r["size"] = _human(r["bytes"])
+    _table(
+        rows,
+        [("size", "size", ""), ("impl", "impl", ""), ("time_us", "time (us)", ".1f"),
+         ("algbw_gbps", "algbw (GB/s)", ".3f"), ("busbw_gbps", "busbw (GB/s)", ".3f"),
+         ("ratio_to_native", "x native", ".2f")],
+    )  # fmt: skip
+
+
+def _timed_strategies(nproc: int, batch_size: int, bucket_mb: float) -> dict[str, dict[str, Any]]:
+    """``{name: options}`` of every registered strategy to time: its first synchronous parity setting on the
+    bench's MLP. One that cannot take this batch on ``nproc`` processes is left out with a note, so every row
+    times the same global batch; strategies that split the model (their parity setting names another model)
+    are timed by their own benchmarks."""
+    import dataclasses
+
+    from fedge.plugins.train.base import resolve_strategy, strategy_config, strategy_registry
+
+    timed: dict[str, dict[str, Any]] = {}
+    for name in strategy_registry().names():
+        cls = resolve_strategy(name)
+        case = next((c for c in cls.parity_cases.values() if c.model == "mlp"), None)
+        if case is None:
+            continue
+        options = dict(case.options)
+        if "bucket_mb" in {f.name for f in dataclasses.fields(cls.Config)}:
+            options["bucket_mb"] = bucket_mb  # the bucket size DDP gets too
+        try:
+            cls.check_world_size(strategy_config(cls, options, name), nproc, batch_size)
+        except ConfigError as err:
+            typer.echo(f"fedge bench: {name} left out: {err}", err=True)
+            continue
+        timed[name] = options
+    return timed
 
 
 @app.command()
@@ -147,18 +195,19 @@ def strategies(
     out: Annotated[Path | None, typer.Option("--out", help="Keep bench.json and results.json in this directory.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of {impl, step_ms, samples_per_s, throughput_vs_ddp}.")] = False,
 ) -> int:
-    """Step time of each data-parallel strategy and the sync parameter server against DDP.
+    """Step time of each installed data-parallel strategy (its synchronous setting) against DDP.
 
     Every row does the same work per step on the same --nproc processes: one
     SGD step on the same global batch, the update of single-process training.
     parameter-server runs mode=sync with one server, so --nproc - 1 workers
-    share the batch and its ratio includes the process given to serving (it is
-    left out, with a note, when the batch does not split over those workers).
+    share the batch and its ratio includes the process given to serving. A
+    strategy that cannot take the batch on --nproc processes is left out with
+    a note; strategies that split the model have their own benchmarks.
 
     Async mode is not timed: a step there is one worker's push, applied on
     arrival to weights up to staleness steps old, not a global-batch SGD step,
     so a ratio to DDP would compare different training. Judge it by time to
-    accuracy with fedge train --async instead.
+    accuracy with fedge train -o mode=async instead.
     """
     try:
         widths = [int(h) for h in hidden.split(",") if h.strip()]
@@ -171,28 +220,28 @@ def strategies(
         raise ConfigError(f"--batch-size {batch_size} must be divisible by --nproc {nproc}")
     if not bucket_mb > 0:  # else every worker fails, and their train.log goes with the temporary directory
         raise ConfigError(f"--bucket-mb must be > 0 MiB, got {bucket_mb:g}")
-    timed: dict[str, dict[str, Any]] = {
-        "allreduce": {"bucket_mb": bucket_mb},
-        "ring-allreduce": {},
-        "tree-allreduce": {},
-        **_parameter_server_row(nproc, batch_size),
-    }
+    timed = _timed_strategies(nproc, batch_size, bucket_mb)
     spec = {
         "model": "mlp",
         "model_options": {"hidden": widths},
         "batch_size": batch_size,
         "bucket_mb": bucket_mb,
-        "reps": max(1, reps),
-        "iters": max(1, iters),
+        "reps": _at_least_one("--reps", reps),
+        "iters": _at_least_one("--iters", iters),
         "strategies": timed,
     }
-    rows = run_bench("strategies", nproc, spec, out)
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-    else:
-        _table(
-            rows,
-            [("impl", "impl", ""), ("step_ms", "step (ms)", ".2f"), ("samples_per_s", "samples/s", ".0f"),
-             ("throughput_vs_ddp", "x ddp", ".3f")],
-        )
+    show = _show_json if as_json else _show_strategies
+    show(run_bench("strategies", nproc, spec, out, show=show))
     return 0
+
+
+def _show_json(rows: list[dict[str, Any]]) -> None:
+    typer.echo(json.dumps(rows, indent=2))
+
+
+def _show_strategies(rows: list[dict[str, Any]]) -> None:
+    _table(
+        rows,
+        [("impl", "impl", ""), ("step_ms", "step (ms)", ".2f"), ("samples_per_s", "samples/s", ".0f"),
+         ("throughput_vs_ddp", "x ddp", ".3f")],
+    )  # fmt: skip

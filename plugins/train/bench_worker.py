@@ -15,6 +15,7 @@ alike; the figure reported is the median over repetitions of the slowest rank's 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
@@ -47,7 +48,16 @@ def _timed(fn: Callable[[], object], iters: int) -> float:
     return float(elapsed)
 
 
-def _interleaved(impls: dict[str, Callable[[], object]], *, reps: int, iters: int, warmup: int = 1) -> dict[str, float]:
+def _interleaved(
+    impls: dict[str, Callable[[], object]],
+    *,
+    reps: int,
+    iters: int,
+    warmup: int = 1,
+    after_rep: Callable[[dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+    """Median seconds per call of each impl over ``reps`` interleaved repetitions; ``after_rep`` gets the
+    medians so far after each one."""
     names = list(impls)
     for name in names:
         for _ in range(warmup):
@@ -57,7 +67,21 @@ def _interleaved(impls: dict[str, Callable[[], object]], *, reps: int, iters: in
         for i in range(len(names)):
             name = names[(rep + i) % len(names)]
             times[name].append(_timed(impls[name], iters))
+        if after_rep is not None:
+            after_rep({n: statistics.median(t) for n, t in times.items()})
     return {n: statistics.median(t) for n, t in times.items()}
+
+
+class _Partial:
+    """Rank 0 keeps what was measured so far in ``partial.json``, for a bench stopped by Ctrl-C to print."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run, self.done = run, []
+        self.enabled = dist.get_rank() == 0
+
+    def write(self, rows: list[dict[str, Any]], *, reps_done: int) -> None:
+        if self.enabled:
+            self.run.write_json("partial.json", {"reps_done": reps_done, "rows": [*self.done, *rows]})
 
 
 def _collective_impls(buf: torch.Tensor, spec: dict[str, Any], w: int) -> dict[str, Callable[[], object]]:
@@ -83,44 +107,50 @@ def _collective_impls(buf: torch.Tensor, spec: dict[str, Any], w: int) -> dict[s
     return impls
 
 
-def _collectives(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    w = dist.get_world_size()
+def _collective_rows(times: dict[str, float], size: int, w: int) -> list[dict[str, Any]]:
     rows = []
+    for name, t in times.items():
+        algbw = size / t / 1e9
+        rows.append(
+            {
+                "impl": name,
+                "bytes": size,
+                "algbw_gbps": algbw,
+                "busbw_gbps": algbw * 2 * (w - 1) / w if w > 1 else algbw,
+                "ratio_to_native": times["native"] / t,
+                "time_us": t * 1e6,
+            }
+        )
+    return rows
+
+
+def _collectives(spec: dict[str, Any], partial: _Partial) -> list[dict[str, Any]]:
+    w = dist.get_world_size()
+    rows: list[dict[str, Any]] = []
     for size in spec["sizes"]:
         buf = torch.zeros(size // 4, dtype=torch.float32)  # sums of zeros stay finite however often they run
         impls = _collective_impls(buf, spec, w)
         iters = max(2, min(spec["max_iters"], (8 << 20) // size))
         times = _interleaved(impls, reps=spec["reps"], iters=iters)
-        for name, t in times.items():
-            algbw = size / t / 1e9
-            rows.append(
-                {
-                    "impl": name,
-                    "bytes": size,
-                    "algbw_gbps": algbw,
-                    "busbw_gbps": algbw * 2 * (w - 1) / w if w > 1 else algbw,
-                    "ratio_to_native": times["native"] / t,
-                    "time_us": t * 1e6,
-                }
-            )
+        rows += _collective_rows(times, size, w)
+        partial.write(rows, reps_done=spec["reps"])
     return rows
 
 
-def _step(strategy: Strategy, x: torch.Tensor, y: torch.Tensor) -> float:
-    """One ``train_step``, then advance ``strategy.step`` as the worker loop does (lr schedules read it)."""
-    loss = strategy.train_step(x, y)
-    strategy.step += 1
-    return loss
+def _stepper(strategy: Strategy, x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
+    """Each call runs the next ``train_step``, numbered as the trainer numbers them (lr schedules read it)."""
+    steps = itertools.count()
+    return lambda: strategy.train_step(x, y, step=next(steps))
 
 
-def _strategies(spec: dict[str, Any]) -> list[dict[str, Any]]:
+def _strategies(spec: dict[str, Any], partial: _Partial) -> list[dict[str, Any]]:
     import torch.nn.functional as F
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
 
     from fedge.plugins.models import build_model
     from fedge.plugins.train.base import DistContext
-    from fedge.plugins.train.worker import resolve_strategy, strategy_config
+    from fedge.plugins.train.base import resolve_strategy, strategy_config
 
     w, r = dist.get_world_size(), dist.get_rank()
     ctx = DistContext(rank=r, world_size=w, local_rank=r, backend="gloo", device=torch.device("cpu"))
@@ -147,13 +177,21 @@ def _strategies(spec: dict[str, Any]) -> list[dict[str, Any]]:
         scfg = strategy_config(cls, {k: v for k, v in options.items() if k != "plugin"} | {"lr": 0.01}, name)
         strategy = cls(scfg, ctx)
         strategy.setup(model())
-        impls[name] = lambda s=strategy: _step(s, x, y)
-    times = _interleaved(impls, reps=spec["reps"], iters=spec["iters"], warmup=2)
+        impls[name] = _stepper(strategy, x, y)
     params = sum(p.numel() for p in ddp.parameters())
-    return [
-        {"impl": name, "step_ms": t * 1e3, "samples_per_s": batch / t, "throughput_vs_ddp": times["ddp"] / t, "params": params}
-        for name, t in times.items()
-    ]
+
+    def rows(times: dict[str, float]) -> list[dict[str, Any]]:
+        return [
+            {"impl": name, "step_ms": t * 1e3, "samples_per_s": batch / t, "throughput_vs_ddp": times["ddp"] / t, "params": params}
+            for name, t in times.items()
+        ]
+
+    reps_done = itertools.count(1)
+    times = _interleaved(
+        impls, reps=spec["reps"], iters=spec["iters"], warmup=2,
+        after_rep=lambda t: partial.write(rows(t), reps_done=next(reps_done)),
+    )  # fmt: skip
+    return rows(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=spec.get("timeout_s", 300)))
     try:
-        rows = _collectives(spec) if spec["what"] == "collectives" else _strategies(spec)
+        partial = _Partial(run)
+        rows = _collectives(spec, partial) if spec["what"] == "collectives" else _strategies(spec, partial)
         if int(os.environ["RANK"]) == 0:
             run.write_json("results.json", rows)
         dist.barrier()

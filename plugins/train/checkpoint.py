@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedge.errors import DataError
+from fedge.errors import ConfigError, DataError
 from fedge.rundir import atomic_path, atomic_write_text
 
-__all__ = ["latest", "load_rank", "rng_state", "save_rank", "set_rng_state", "write_latest"]
+__all__ = ["Checkpointer", "latest", "load_rank", "rng_state", "save_rank", "set_rng_state", "write_latest"]
 
 
 def _step_dir(run_dir: Path, step: int) -> Path:
@@ -83,3 +83,63 @@ def load_rank(run_dir: Path, step: int, rank: int) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError as err:
         raise DataError(f"checkpoint file {str(path)!r} is missing; the checkpoint is incomplete") from err
+
+
+class Checkpointer:
+    """Saves and restores one rank's part of a training run's checkpoints (see the module docstring).
+
+    Args:
+        run_dir: the run directory.
+        strategy_name: recorded in ``latest.json``; a resume with another strategy is refused.
+        every: checkpoint every this many steps (0: never).
+        keep: how many of the newest checkpoints to keep.
+        replicated: every rank holds the same state (only rank 0 writes it; any world size resumes).
+        rank, world_size: this process and its job.
+    """
+
+    def __init__(
+        self, run_dir: Path, *, strategy_name: str, every: int, keep: int, replicated: bool, rank: int, world_size: int
+    ) -> None:
+        self.run_dir, self.strategy_name, self.every, self.keep = run_dir, strategy_name, every, keep
+        self.replicated, self.rank, self.world_size = replicated, rank, world_size
+
+    def due(self, steps_done: int, num_steps: int) -> bool:
+        """Whether to checkpoint after ``steps_done`` steps of ``num_steps``."""
+        return bool(self.every) and (steps_done % self.every == 0 or steps_done == num_steps)
+
+    def restore(self, strategy: Any) -> int:
+        """Load the newest complete checkpoint into ``strategy`` (after its ``setup``); returns its step, 0 if none."""
+        meta = latest(self.run_dir)
+        if meta is None:
+            return 0
+        where = str(self.run_dir)
+        if meta.get("strategy") != self.strategy_name:
+            raise ConfigError(
+                f"the checkpoint in {where!r} was written by strategy {meta.get('strategy')!r}, not "
+                f"{self.strategy_name!r}; resume with the same strategy or use a new --out directory"
+            )
+        if not self.replicated and meta.get("world_size") != self.world_size:
+            raise ConfigError(
+                f"the checkpoint in {where!r} holds {meta.get('world_size')} ranks' shards but this job has "
+                f"{self.world_size} processes; {self.strategy_name} resumes only at the same world size"
+            )
+        step = int(meta["step"])
+        own = load_rank(self.run_dir, step, self.rank) if self.rank < int(meta["world_size"]) else None
+        payload = load_rank(self.run_dir, step, 0) if self.replicated else own
+        assert payload is not None
+        strategy.load_checkpoint_state(payload["strategy"])
+        set_rng_state((own or payload)["rng"])
+        return step
+
+    def save(self, strategy: Any, step: int) -> None:
+        """Write this rank's file of the checkpoint after ``step`` steps; rank 0 then points ``latest.json`` at it."""
+        import torch.distributed as dist
+
+        payload: dict[str, Any] = {"step": step, "rng": rng_state()}
+        if self.rank == 0 or not self.replicated:
+            payload["strategy"] = strategy.state_for_checkpoint()
+        save_rank(self.run_dir, step, self.rank, payload)
+        dist.barrier()  # latest.json may only name a checkpoint every rank has finished writing
+        if self.rank == 0:
+            meta = {"step": step, "world_size": self.world_size, "strategy": self.strategy_name, "replicated": self.replicated}
+            write_latest(self.run_dir, meta, keep=self.keep)

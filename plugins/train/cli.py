@@ -3,33 +3,43 @@
 Example::
 
     fedge train --strategy ring-allreduce --nproc 2 --steps 200 --checkpoint-every 50
-    fedge train --strategy parameter-server --nproc 3 --async -o staleness=4
+    fedge train --strategy parameter-server --nproc 3 -o mode=async -o staleness=4
+    fedge train --strategy parameter-server --help      # the strategy's options, with their docs
     fedge train --resume runs/train-20260101-120000 --steps 400
     fedge train --nproc 4 --nnodes 2 --rdzv-endpoint node0:29400    # the same command on each of 2 nodes
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
+from rich.markup import escape
 
-from fedge.config import from_mapping, load_toml, merge, to_mapping
-from fedge.errors import ConfigError, PluginNotFoundError
+from fedge.cli.options import config_options
+from fedge.config import describe, from_mapping, load_toml, merge, to_mapping
+from fedge.errors import ConfigError, FedgeError, Interrupted, PluginNotFoundError
 from fedge.plugins.train.config import TrainConfig, parse_nnodes
 from fedge.registry import Kind, Registry
-from fedge.rundir import RunDir
+from fedge.rundir import RunDir, run_kind
 
-__all__ = ["build_config", "parse_options", "train"]
+__all__ = ["build_config", "parse_options", "strategy_help", "train"]
 
 logger = logging.getLogger(__name__)
 
-_PANEL_JOB = "Job and launch"
 _PANEL_STRATEGY = "Strategy"
+_HELP = {d.name: d.doc for d in describe(TrainConfig)}
+# Flags that once existed; each names what replaced it.
+_GONE = {
+    "sync": "--sync/--async are parameter-server options now: use -o mode=sync or -o mode=async",
+    "lr_scaling": "--lr-scaling is a strategy option now: use -o lr_scaling=linear",
+    "warmup_steps": "--warmup-steps is a strategy option now: use -o warmup_steps=N",
+}
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -48,149 +58,195 @@ def build_config(base: dict[str, Any], flags: dict[str, Any]) -> TrainConfig:
     return from_mapping(TrainConfig, merge(base, flags))
 
 
-def _read_node(path: Path) -> dict[str, Any] | None:
-    try:
-        node: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return node
+def strategy_help(name: str) -> str:
+    """The options of strategy ``name``, one paragraph each (``-o KEY=VALUE``), from its Config's docs."""
+    from fedge.plugins.train.base import resolve_strategy
+
+    cls = resolve_strategy(name)
+    lines = [f"Options of strategy {name} (-o KEY=VALUE):"]
+    for d in describe(cls.Config):
+        default = f" (default {d.default})" if d.default else ""
+        lines.append(f"{d.name}: {d.type}{default}. {d.doc}")
+    return "\n\n".join(escape(line) for line in lines)
 
 
-def _node_line(node: dict[str, Any]) -> str:
-    """Which node of the job this is, and where rank 0's outputs are."""
-    lo, hi = node["ranks"]
-    ranks = f"rank {lo}" if lo == hi else f"ranks {lo}-{hi}"
-    where = (
-        "this node writes metrics.jsonl, model.pt and summary.json"
-        if node["node_rank"] == 0
-        else f"node 0 ({node['rank0_host']}) writes metrics.jsonl, model.pt and summary.json to its run directory"
-    )
-    return f"node {node['node_rank']} of {node['num_nodes']} ({ranks} of {node['world_size']}); {where}"
+def _show_strategy_options(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    # Eager, so it runs before --help: `fedge train --strategy X --help` lists X's options after the flags.
+    if value and not ctx.resilient_parsing and value in Registry(Kind.STRATEGY).names():
+        try:
+            ctx.command.epilog = strategy_help(value)
+        except FedgeError:
+            pass  # the command itself reports a broken strategy in one line
+    return value
 
 
-def _progress_printer(total_hint: int | None, node_path: Path | None = None) -> Any:
-    """A callback that prints which node this is (multi-node jobs: when the rendezvous places it, again after
-    a re-rendezvous) and the newest metrics line at most once a second (reads only new bytes)."""
-    state: dict[str, Any] = {"offset": 0, "last": 0.0, "record": None, "node": None}
-
-    def show(run: RunDir) -> None:
-        node = _read_node(node_path) if node_path is not None and node_path.is_file() else None
-        if node is not None and node != state["node"]:
-            state["node"] = node
-            typer.echo(f"fedge train: {_node_line(node)}", err=True)
-        path = run.file("metrics.jsonl")
-        if not path.is_file():
-            return
-        if path.stat().st_size < state["offset"]:  # rewritten on resume
-            state["offset"] = 0
-        with open(path, "rb") as f:
-            f.seek(state["offset"])
-            chunk = f.read()
-        complete = chunk[: chunk.rfind(b"\n") + 1]
-        state["offset"] += len(complete)
-        for line in complete.splitlines():
-            try:
-                state["record"] = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-        now = time.monotonic()
-        if state["record"] is None or now - state["last"] < 1.0:
-            return
-        state["last"], r, state["record"] = now, state["record"], None
-        of = f"/{total_hint}" if total_hint else ""
-        typer.echo(f"step {r['step']}{of}  loss {r['loss']:.4f}  {r['samples_per_s']:.0f} samples/s", err=True)
-
-    return show
-
-
+@config_options(
+    TrainConfig,
+    exclude=("strategy", "strategy_options", "model_options", "dataset_options", "fault_at"),
+    short={"timeout_s": "--timeout", "rdzv_timeout_s": "--rdzv-timeout", "rdzv_last_call_s": "--rdzv-last-call"},
+)
 def train(
     config_file: Annotated[Path | None, typer.Argument(help="TOML file of settings; flags override it.")] = None,
-    strategy: Annotated[str | None, typer.Option("--strategy", "-s", help="Strategy plugin, e.g. allreduce, ring-allreduce, tree-allreduce, parameter-server.", rich_help_panel=_PANEL_STRATEGY)] = None,
-    nproc: Annotated[int | None, typer.Option("--nproc", help="Processes per node.", rich_help_panel=_PANEL_JOB)] = None,
-    nnodes: Annotated[str | None, typer.Option("--nnodes", help="Nodes: N, or MIN:MAX for an elastic job.", rich_help_panel=_PANEL_JOB)] = None,
-    rdzv_endpoint: Annotated[str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT of the c10d rendezvous (multi-node).", rich_help_panel=_PANEL_JOB)] = None,
-    rdzv_id: Annotated[str | None, typer.Option("--rdzv-id", help="Rendezvous id, the same on every node.", rich_help_panel=_PANEL_JOB)] = None,
-    rdzv_timeout: Annotated[float | None, typer.Option("--rdzv-timeout", help="Seconds to wait for the endpoint and the other nodes.", rich_help_panel=_PANEL_JOB)] = None,
-    rdzv_last_call: Annotated[float | None, typer.Option("--rdzv-last-call", help="Elastic --nnodes MIN:MAX: seconds to wait for more nodes once MIN have joined (default 30).", rich_help_panel=_PANEL_JOB)] = None,
-    max_restarts: Annotated[int | None, typer.Option("--max-restarts", help="Restarts after a worker failure; each resumes from the last checkpoint.", rich_help_panel=_PANEL_JOB)] = None,
-    backend: Annotated[str | None, typer.Option("--backend", help="auto (NCCL if every rank has a GPU, else gloo), gloo or nccl.", rich_help_panel=_PANEL_JOB)] = None,
-    timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds before process-group creation or a collective gives up.", rich_help_panel=_PANEL_JOB)] = None,
-    model: Annotated[str | None, typer.Option("--model", help="Model plugin (mlp, cnn, tiny-gpt, ...).")] = None,
-    dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset plugin (digits, npz, csv, ...).")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the training set (instead of --steps).")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Global batch size (all ranks together).")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the initial weights and the batch order.")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.", rich_help_panel=_PANEL_STRATEGY)] = None,
-    lr_scaling: Annotated[str | None, typer.Option("--lr-scaling", help="none, or linear: lr x batch / base_batch_size.", rich_help_panel=_PANEL_STRATEGY)] = None,
-    warmup_steps: Annotated[int | None, typer.Option("--warmup-steps", help="Linear lr warm-up steps (with --lr-scaling linear).", rich_help_panel=_PANEL_STRATEGY)] = None,
-    sync: Annotated[bool | None, typer.Option("--sync/--async", help="parameter-server: synchronous or asynchronous updates.", rich_help_panel=_PANEL_STRATEGY)] = None,
-    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="A strategy Config field, KEY=VALUE (repeatable).", rich_help_panel=_PANEL_STRATEGY)] = None,
-    checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every", help="Checkpoint every N steps (0: never).")] = None,
+    strategy: Annotated[str | None, typer.Option("--strategy", "-s", help=f"{_HELP['strategy']} With --help: its options.", is_eager=True, callback=_show_strategy_options, rich_help_panel=_PANEL_STRATEGY)] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="A strategy Config field, KEY=VALUE (repeatable; see --strategy NAME --help).", rich_help_panel=_PANEL_STRATEGY)] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Shortcut for -o lr=LR (every strategy has it).", rich_help_panel=_PANEL_STRATEGY)] = None,
+    fault_at: Annotated[str | None, typer.Option("--fault-at", help=_HELP["fault_at"], hidden=True)] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this directory from its last checkpoint.")] = None,
-    profile: Annotated[bool | None, typer.Option("--profile", help="Write one torch.profiler trace per rank to RUN_DIR/traces/.")] = None,
-    fault_at: Annotated[str | None, typer.Option("--fault-at", help="Fault drill RANK:STEP: that rank SIGKILLs itself once.", hidden=True)] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/train-<timestamp>/).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --out (kept until the new one succeeds).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
+    sync: Annotated[bool | None, typer.Option("--sync/--async", hidden=True)] = None,
+    lr_scaling: Annotated[str | None, typer.Option("--lr-scaling", hidden=True)] = None,
+    warmup_steps: Annotated[str | None, typer.Option("--warmup-steps", hidden=True)] = None,
+    *,
+    settings: dict[str, Any],
 ) -> int:
     """Train one model across processes (and machines) with a strategy, launched by torchrun."""
-    from fedge.plugins.train.launcher import launch, node_file
-    from fedge.plugins.train.worker import resolve_strategy, strategy_config
+    for name, value in (("sync", sync), ("lr_scaling", lr_scaling), ("warmup_steps", warmup_steps)):
+        if value is not None:
+            raise ConfigError(_GONE[name])
+    strategy_flags = {"lr": lr, **parse_options(option or [])}
+    flags = {**settings, "strategy": strategy, "fault_at": fault_at}
+    flags["strategy_options"] = {k: v for k, v in strategy_flags.items() if v is not None}
+    base = _base_settings(config_file, resume, out, strategy)
+    cfg = build_config(base, {k: v for k, v in flags.items() if v is not None})
+    _check_before_start(cfg, last_call_given="rdzv_last_call_s" in settings)
+    with RunDir.create("train", resume or out, resume=resume is not None, overwrite=overwrite, resumable=True) as run:
+        run.write_config(to_mapping(cfg))
+        typer.echo(f"fedge train: {cfg.strategy} on {cfg.nnodes} x {cfg.nproc} processes -> {run.path}", err=True)
+        _launch(cfg, run)
+    _report(run, as_json)
+    return 0
 
+
+def _base_settings(config_file: Path | None, resume: Path | None, out: Path | None, strategy: str | None) -> dict[str, Any]:
+    """The settings flags are laid over: a resumed run's own config, then the TOML file."""
     base: dict[str, Any] = {}
     if resume is not None:
-        if not (resume / "config.toml").is_file():
-            raise ConfigError(f"--resume {str(resume)!r}: not a fedge train run directory (no config.toml)")
-        if not (resume / "checkpoints" / "latest.json").is_file():
-            raise ConfigError(f"--resume {str(resume)!r}: the run has no checkpoint yet; start it again instead")
-        if out is not None and out.resolve() != resume.resolve():
-            raise ConfigError("--resume continues in the run's own directory; leave --out out")
-        base = load_toml(resume / "config.toml")
-        out = resume
+        base = _resumed_settings(resume, out)
     if config_file is not None:
         base = merge(base, load_toml(config_file))
-    strategy_flags = {"lr": lr, "lr_scaling": lr_scaling, "warmup_steps": warmup_steps, **parse_options(option or [])}
-    if sync is not None:
-        strategy_flags["mode"] = "sync" if sync else "async"
-    flags = {
-        "strategy": strategy, "nproc": nproc, "nnodes": nnodes, "rdzv_endpoint": rdzv_endpoint, "rdzv_id": rdzv_id,
-        "rdzv_timeout_s": rdzv_timeout, "rdzv_last_call_s": rdzv_last_call, "max_restarts": max_restarts, "backend": backend, "timeout_s": timeout,
-        "model": model, "dataset": dataset, "steps": steps, "epochs": epochs, "batch_size": batch_size, "seed": seed,
-        "checkpoint_every": checkpoint_every, "profile": profile, "fault_at": fault_at,
-        "strategy_options": {k: v for k, v in strategy_flags.items() if v is not None},
-    }
     if strategy is not None and base.get("strategy") not in (None, strategy):
         base = {k: v for k, v in base.items() if k != "strategy_options"}  # another strategy's options do not apply
-    cfg = build_config(base, flags)
+    return base
 
-    # Fail before any process starts: unknown strategy, bad options, a world size it cannot use.
+
+def _resumed_settings(resume: Path, out: Path | None) -> dict[str, Any]:
+    held = run_kind(resume)
+    if held is None:
+        raise ConfigError(f"--resume {str(resume)!r}: nothing to resume there (it holds no run); start a run with --out")
+    if held not in ("train", "unknown"):
+        raise ConfigError(
+            f"--resume {str(resume)!r}: it holds a {held} run, not a train run; resume it with fedge's {held} command"
+        )
+    if not (resume / "config.toml").is_file():
+        raise ConfigError(f"--resume {str(resume)!r}: not a fedge train run directory (no config.toml)")
+    if not (resume / "checkpoints" / "latest.json").is_file():
+        raise ConfigError(
+            f"--resume {str(resume)!r}: the run has no checkpoint yet (it was started without --checkpoint-every, "
+            "or stopped before the first); start it again instead"
+        )
+    if out is not None and out.resolve() != resume.resolve():
+        raise ConfigError("--resume continues in the run's own directory; leave --out out")
+    return load_toml(resume / "config.toml")
+
+
+def _check_before_start(cfg: TrainConfig, *, last_call_given: bool) -> None:
+    """Fail before any process starts: unknown plugins, bad options, a world size or backend that cannot work."""
+    from fedge.plugins.data import dataset_config
+    from fedge.plugins.train.base import resolve_strategy, strategy_config
+
     for kind, name in ((Kind.DATASET, cfg.dataset), (Kind.MODEL, cfg.model)):
         names = Registry(kind).names()
         if name not in names:
             raise PluginNotFoundError(f"unknown {kind} {name!r}; valid: {', '.join(names) or 'none installed'}")
-    from fedge.plugins.data import dataset_config
-
-    dataset_config(cfg.dataset, cfg.dataset_options, command="fedge train")
+    _check_data(cfg, dataset_config(cfg.dataset, cfg.dataset_options, command="fedge train"))
     cls = resolve_strategy(cfg.strategy)
     scfg = strategy_config(cls, cfg.strategy_options, cfg.strategy)
     lo, hi = parse_nnodes(cfg.nnodes)
     for nodes in range(lo, hi + 1):
         cls.check_world_size(scfg, nodes * cfg.nproc, cfg.batch_size)
-    if rdzv_last_call is not None and lo == hi:
+    if last_call_given and lo == hi:
         logger.warning("--rdzv-last-call has no effect: only an elastic --nnodes MIN:MAX waits for more nodes")
+    if cfg.backend == "nccl":
+        _check_gpus(cfg.nproc)
 
-    run = RunDir.create("train", out, resume=resume is not None, resumable=True)
-    run.write_config(to_mapping(cfg))
-    typer.echo(f"fedge train: {cfg.strategy} on {cfg.nnodes} x {cfg.nproc} processes -> {run.path}", err=True)
+
+def _check_data(cfg: TrainConfig, dataset_cfg: Any) -> None:
+    """Read the training set once here, so a missing or malformed file, or a batch larger than the set, is one
+    line before the run directory is made (every rank reads it again)."""
+    from fedge.plugins.data import load_dataset
+
+    for f in dataclasses.fields(dataset_cfg):
+        value = getattr(dataset_cfg, f.name)
+        if isinstance(value, Path) and not value.exists():
+            raise ConfigError(
+                f"dataset {cfg.dataset}: {f.name} {str(value)!r} does not exist; set [dataset_options] {f.name} to an "
+                "existing file or folder"
+            )
+    n = len(load_dataset(cfg.dataset, cfg.dataset_options).x_train)
+    if cfg.batch_size > n:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} is larger than the training set of {cfg.dataset} ({n} samples); "
+            f"use at most {n}"
+        )
+
+
+def _check_gpus(nproc: int) -> None:
+    import torch
+
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if found < nproc:
+        seen = "no CUDA GPU" if not found else f"{found} CUDA GPU{'s' if found > 1 else ''}"
+        raise ConfigError(
+            f"--backend nccl needs one CUDA GPU per process (--nproc {nproc}), but torch {torch.__version__} sees "
+            f"{seen} here; use --backend gloo (or auto), or lower --nproc"
+        )
+
+
+def _launch(cfg: TrainConfig, run: RunDir) -> None:
+    from fedge.plugins.train.launcher import launch, node_file
+    from fedge.plugins.train.progress import TrainProgress
+
     node_path = None
     if cfg.rdzv_endpoint:
         node_path = node_file(run)
         node_path.unlink(missing_ok=True)  # from an earlier launch in this directory
+        lo, hi = parse_nnodes(cfg.nnodes)
         typer.echo(f"fedge train: {_waiting_line(cfg, lo, hi)}", err=True)
-    launch(cfg, run, on_progress=_progress_printer(None if cfg.epochs else cfg.steps, node_path))
+    with TrainProgress(None if cfg.epochs else cfg.steps, node_path) as progress:
+        try:
+            launch(cfg, run, on_progress=progress.update)
+        except KeyboardInterrupt:
+            raise Interrupted(_interrupted_line(cfg, run, progress.last_step)) from None
+
+
+def _interrupted_line(cfg: TrainConfig, run: RunDir, last_step: int) -> str:
+    from fedge.plugins.train.checkpoint import latest
+
+    try:
+        meta = latest(run.path)
+    except FedgeError:
+        meta = None
+    of = f" of {cfg.steps}" if not cfg.epochs else ""
+    if meta is None:
+        return (
+            f"interrupted after step {last_step}{of}; kept {run.path} (no checkpoint: it cannot be resumed; "
+            "start again with --checkpoint-every N to make a run resumable)"
+        )
+    return (
+        f"interrupted after step {last_step}{of}; kept {run.path} with its checkpoint after step {meta['step']}; "
+        f"resume with: fedge train --resume {run.path}"
+    )
+
+
+def _report(run: RunDir, as_json: bool) -> None:
+    from fedge.plugins.train.launcher import node_file
+    from fedge.plugins.train.progress import read_node
+
     summary_file = run.file("summary.json")
     summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
-    node = _read_node(node_path) if node_path is not None and node_path.is_file() else None
+    node = read_node(node_file(run))
     where = {k: node[k] for k in ("node_rank", "num_nodes", "rank0_host")} if node else {}
     if as_json:
         typer.echo(json.dumps({"run_dir": str(run.path), **where, **summary}, indent=2))
@@ -204,7 +260,6 @@ def train(
             f"done: node {node['node_rank']} of {node['num_nodes']} finished; metrics.jsonl, model.pt and "
             f"summary.json are in the run directory of node 0 ({node['rank0_host']})"
         )
-    return 0
 
 
 def _waiting_line(cfg: TrainConfig, lo: int, hi: int) -> str:

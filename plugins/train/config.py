@@ -47,6 +47,9 @@ class TrainConfig:
     """Write one torch.profiler trace per rank to ``traces/`` (tensorboard_trace_handler layout)."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """``auto``: NCCL when every local rank has a GPU, else gloo."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where tensors live: ``auto`` is CUDA with NCCL, else the CPU; ``cuda`` with gloo puts several ranks on
+    fewer GPUs (NCCL refuses two ranks on one GPU)."""
     timeout_s: float = 120.0
     """Timeout of process-group creation and of every collective, in seconds."""
     nproc: int = 1
@@ -93,5 +96,8 @@ class TrainConfig:
             raise ValueError(f"rdzv_endpoint's port must be 1-65535, got {self.rdzv_endpoint!r}")
         if not re.fullmatch(r"[\w.-]+", self.rdzv_id):
             raise ValueError(f"rdzv_id takes letters, digits, '.', '_' and '-', got {self.rdzv_id!r}")
+        if self.backend == "nccl" and self.device == "cpu":
+            raise ValueError("backend nccl works on CUDA tensors only; use --device cuda (or auto), or --backend gloo")
         if self.fault_at and not re.fullmatch(r"\d+:\d+", self.fault_at):
             raise ValueError(f"fault_at must be RANK:STEP, got {self.fault_at!r}")
+

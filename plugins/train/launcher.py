@@ -3,7 +3,8 @@
 fedge does not launch ranks itself: rendezvous, multi-node, ``--nnodes MIN:MAX`` and ``--max-restarts``
 are torchrun's. This module builds the torchrun command line, checks what can be checked before any
 process starts (strategy name, world size, a reachable rendezvous endpoint), streams progress from the
-run directory, and turns a failed job into one line. torchrun's own output goes to ``RUN_DIR/train.log``.
+run directory, and turns a failed job into one line. torchrun's own output goes to ``RUN_DIR/logs/train.log``;
+the process tree is the core supervisor's (:mod:`fedge.supervisor`), failures the core failure records.
 
 Multi-node: every node runs ``fedge train`` with the same settings and ``--rdzv-endpoint``; each is one
 torchrun agent in a c10d rendezvous, which numbers the nodes. The workers of each node report that number
@@ -17,19 +18,18 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
-from fedge.errors import ConfigError, FedgeError, RuntimeFailure
+from fedge.errors import FedgeError, RuntimeFailure
+from fedge.failure import read_failure
 from fedge.plugins.train.config import TrainConfig, parse_nnodes
 from fedge.rundir import RunDir
+from fedge.supervisor import Supervisor, sigterm_as_interrupt
 
-__all__ = ["check_rendezvous", "launch", "node_file", "torchrun_command"]
+__all__ = ["check_rendezvous", "launch", "log_file", "node_file", "torchrun_command"]
 
 _STOP_GRACE_S = 15.0
 
@@ -87,22 +87,15 @@ def check_rendezvous(endpoint: str, timeout_s: float) -> None:
 
 
 def _first_error(run: RunDir) -> FedgeError | None:
-    files = sorted(run.file("errors").glob("rank-*.txt"), key=lambda p: int(p.stem.split("-")[1]))
-    found: list[tuple[int, str]] = []
-    for path in files:
-        first_line = (path.read_text(encoding="utf-8").strip().splitlines() or [""])[0]
-        word, _, text = first_line.partition(" ")
-        found.append((int(word) if word.isdigit() else 70, text))
+    """The failure the ranks recorded that explains most: a user error before its fallout in other ranks."""
+    found = [f for path in sorted(run.file("errors").glob("rank-*.json")) if (f := read_failure(path)) is not None]
     if not found:
         return None
-    code, message = min(found, key=lambda f: (f[0] != 1, 0))  # a user error explains more than its fallout
-    err = ConfigError(message) if code == 1 else RuntimeFailure(message)
-    err.exit_code = code
-    return err
+    return min(found, key=lambda f: f.exit_code != 1).to_error()
 
 
 def _log_reason(text: str, cfg: TrainConfig) -> str:
-    """Why torchrun failed, from its output in ``train.log`` (this launch's part)."""
+    """Why torchrun failed, from its output in ``logs/train.log`` (this launch's part)."""
     if "RendezvousTimeoutError" in text:
         return (
             f"the rendezvous timed out before enough nodes joined (--nnodes {cfg.nnodes}, --rdzv-timeout "
@@ -138,42 +131,39 @@ def launch(
     cfg: TrainConfig,
     run: RunDir,
     *,
-    module: str = "fedge.plugins.train.worker",
+    module: str = "fedge.plugins.train.trainer",
     on_progress: Callable[[RunDir], None] | None = None,
 ) -> None:
     """Run ``module`` under torchrun for ``cfg`` with ``run`` as its run directory; return when it succeeds.
 
+    Ctrl-C or SIGTERM stops torchrun and every worker, then propagates as KeyboardInterrupt.
+
     Raises:
         ConfigError: a worker reported a user error.
-        RuntimeFailure: torchrun or a worker failed (the message points at ``train.log``).
+        RuntimeFailure: torchrun or a worker failed (the message points at ``logs/train.log``).
     """
     if cfg.rdzv_endpoint:
         check_rendezvous(cfg.rdzv_endpoint, cfg.rdzv_timeout_s)
-    for path in run.file("errors").glob("rank-*.txt"):
+    for path in run.file("errors").glob("rank-*.json"):
         path.unlink()
-    log = run.file("train.log")
+    log = log_file(run)
     log_start = log.stat().st_size if log.is_file() else 0
     # PYTHONSAFEPATH keeps the current directory off the workers' sys.path. Sharing torchrun's rendezvous
     # store with the process group hands restarted workers the dead group's addresses (pytorch#135712).
-    env = dict(os.environ, PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env = {"PYTHONSAFEPATH": "1", "PYTHONUNBUFFERED": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
     # A multi-node job's workers learn their node rank from the rendezvous; they tell this process in node_file.
-    args = [str(run.path), node_file(run).stem] if cfg.rdzv_endpoint else [str(run.path)]
-    cmd = torchrun_command(cfg, module, args)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        previous = _terminate_as_interrupt()
+    args = [str(run.path.resolve()), node_file(run).stem] if cfg.rdzv_endpoint else [str(run.path.resolve())]
+    with Supervisor(run.path) as supervisor, sigterm_as_interrupt():
+        proc = supervisor.start("train", torchrun_command(cfg, module, args), env=env, cwd=Path.cwd()).proc
         try:
             while proc.poll() is None:
                 time.sleep(0.3)
                 if on_progress is not None:
                     on_progress(run)
         except BaseException:
-            _stop(proc)
+            supervisor.stop(grace_s=_STOP_GRACE_S)  # torchrun stops its workers on SIGTERM; the rest is killed
             raise
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
     if on_progress is not None:
         on_progress(run)
     if proc.returncode != 0:
@@ -186,51 +176,6 @@ def launch(
         raise RuntimeFailure(f"training failed (torchrun exit code {proc.returncode}): {_log_reason(text, cfg)}; see {log}")
 
 
-def _terminate_as_interrupt() -> Any:
-    """While we wait on torchrun, SIGTERM (a scheduler stopping us) unwinds like Ctrl-C so the job is stopped.
-
-    Returns the previous handler, or None when not on the main thread (signals cannot be set there).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, interrupt)
-
-
-def _children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (Linux /proc; empty elsewhere)."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM torchrun (it stops its workers), SIGKILL after a grace period, and SIGKILL any worker left.
-
-    torchrun starts each worker in its own session, so killing torchrun's process group misses them.
-    """
-    workers = _children(proc.pid)
-    for sig, wait_s in ((signal.SIGTERM, _STOP_GRACE_S), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait_s)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    for pid in workers:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def log_file(run: RunDir) -> Path:
+    """torchrun's and the workers' output."""
+    return run.file("logs") / "train.log"

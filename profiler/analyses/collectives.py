@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fedge.profiler.analyses.base import AnalysisConfig, Result, as_job
+from fedge.profiler.analyses.base import AnalysisConfig, Column, JobView, Result, Section, as_view, jsonable
 from fedge.profiler.kinds import (
     KernelKind,
     Mode,
@@ -28,7 +28,7 @@ from fedge.profiler.kinds import (
     dtype_bytes,
     dtype_of_kernel,
 )
-from fedge.profiler.timeline import collective_op_mask, has_last_step, kernels, launch_rows
+from fedge.profiler.timeline import Kernels, has_last_step, launch_rows
 from fedge.profiler.trace import ANNOTATION, CPU_OP, Job, Trace
 from fedge.registry import plugin
 
@@ -86,6 +86,20 @@ class CollectiveStats(Result):
     rows: tuple[CollectiveStat, ...]
     wait: tuple[RankWait, ...]
 
+    def report_fields(self) -> dict[str, object]:
+        return {"collectives": self.to_rows(), "collective_wait": jsonable(self.wait)}
+
+    def sections(self) -> list[Section]:
+        stats = (Column("rank", "rank"), Column("collective", "collective"), Column("group", "group"),
+                 Column("count", "count"), Column("total_us", "total ms", "ms"), Column("mean_us", "mean us"),
+                 Column("mean_bytes", "mean bytes"), Column("algbw_gbps", "algbw GB/s"), Column("busbw_gbps", "busbw GB/s"))
+        wait = (Column("rank", "rank"), Column("matched", "matched"), Column("wait_us", "wait ms", "ms"),
+                Column("transfer_us", "transfer ms", "ms"))
+        out = [Section("Collectives", stats, tuple(self.to_rows()))] if self.rows else []
+        if self.wait:
+            out.append(Section("Collective wait vs transfer", wait, tuple(jsonable(self.wait))))
+        return out
+
 
 def _bus_factor(collective: str, n: int | None) -> float | None:
     if not n or n < 1:
@@ -128,7 +142,7 @@ class _Context:
 
     def __init__(self, trace: Trace) -> None:
         cpu = trace.cpu
-        coll = collective_op_mask(trace)[cpu.name]
+        coll = trace.collective_names[cpu.name]
         rows = np.flatnonzero(coll & ((cpu.cat == CPU_OP) | (cpu.cat == ANNOTATION)))
         self.by_tid: dict[int, tuple[list[float], list[float], list[int]]] = {}
         for tid in np.unique(cpu.tid[rows]):
@@ -183,20 +197,15 @@ def _describe(trace: Trace, kernel_name: str | None, sources: list[dict[str, Any
     return collective, group, group_size, size, source
 
 
-def collective_ops(trace: Trace, *, mode: Mode | str = Mode.FEDGE, include_last_step: bool = False) -> list[CollectiveOp]:
-    """Every collective of one rank, in start order: its communication kernels, or for a trace with no GPU
-    activity its CPU collective ops (``gloo:all_reduce``... where present, else ``c10d::*``)."""
-    mode = Mode(mode)
-    key = ("collective_ops", mode, include_last_step)
-    if key not in trace._cache:
-        trace._cache[key] = _collective_ops(trace, mode, include_last_step)
-    return list(trace._cache[key])
+def collective_ops(view: JobView, trace: Trace) -> list[CollectiveOp]:
+    """Every collective of one rank of ``view``, in start order: its communication kernels, or for a trace with
+    no GPU activity its CPU collective ops (``gloo:all_reduce``... where present, else ``c10d::*``)."""
+    return list(view.derive("collective_ops", trace, lambda: _collective_ops(trace, view.kernels(trace), view.include_last_step)))
 
 
-def _collective_ops(trace: Trace, mode: Mode, include_last_step: bool) -> list[CollectiveOp]:
+def _collective_ops(trace: Trace, k: Kernels, include_last_step: bool) -> list[CollectiveOp]:
     ops: list[CollectiveOp] = []
     ctx = _Context(trace)
-    k = kernels(trace, mode, include_last_step=include_last_step)
     cpu = trace.cpu
     if trace.has_gpu:
         comm = np.flatnonzero(k.kind == int(KernelKind.COMMUNICATION))
@@ -275,7 +284,9 @@ def match_collectives(per_rank: dict[int, list[CollectiveOp]]) -> list[Matched]:
     return out
 
 
-def collectives(data: Job | Trace, *, mode: Mode | str = Mode.FEDGE, include_last_step: bool = False) -> CollectiveStats:
+def collectives(
+    data: Job | Trace | JobView, *, mode: Mode | str = Mode.FEDGE, include_last_step: bool = False
+) -> CollectiveStats:
     """Collective statistics per rank, type and process group, plus the wait/transfer split across ranks.
 
     Example::
@@ -284,8 +295,8 @@ def collectives(data: Job | Trace, *, mode: Mode | str = Mode.FEDGE, include_las
         for row in stats.to_rows():
             print(row["rank"], row["collective"], row["count"], row["busbw_gbps"])
     """
-    mode = Mode(mode)
-    per_rank = {t.rank: collective_ops(t, mode=mode, include_last_step=include_last_step) for t in as_job(data).traces}
+    view = as_view(data, mode=mode, include_last_step=include_last_step)
+    per_rank = {t.rank: collective_ops(view, t) for t in view.traces}
     rows: list[CollectiveStat] = []
     for rank, ops in per_rank.items():
         groups: dict[tuple[str, str], list[CollectiveOp]] = defaultdict(list)
@@ -314,7 +325,7 @@ def collectives(data: Job | Trace, *, mode: Mode | str = Mode.FEDGE, include_las
             acc[1] += float(w[j].sum())
             acc[2] += float((dur[j] - w[j]).sum())
     waits = tuple(RankWait(r, int(v[0]), v[1], v[2]) for r, v in sorted(wait.items()))
-    return CollectiveStats(mode=mode.value, rows=tuple(rows), wait=waits)
+    return CollectiveStats(mode=view.mode.value, rows=tuple(rows), wait=waits)
 
 
 @plugin("analysis", "collectives")
@@ -325,6 +336,8 @@ class Collectives:
     class Config(AnalysisConfig):
         pass
 
+    order = 50
+
     @staticmethod
-    def run(job: Job, config: Config) -> CollectiveStats:
-        return collectives(job, mode=config.mode, include_last_step=config.include_last_step)
+    def run(view: JobView, config: Config) -> CollectiveStats:
+        return collectives(view, mode=config.mode, include_last_step=config.include_last_step)

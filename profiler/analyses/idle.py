@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedge.profiler.analyses.base import AnalysisConfig, Result, as_job
+from fedge.profiler.analyses.base import AnalysisConfig, Column, JobView, Result, Section, as_view, jsonable
 from fedge.profiler.kinds import Mode
-from fedge.profiler.timeline import kernels, launch_rows, merge
+from fedge.profiler.timeline import Kernels, launch_rows, merge
 from fedge.profiler.trace import Job, Trace
 from fedge.registry import plugin
 
@@ -34,9 +34,16 @@ class IdleBreakdown(Result):
     mode: str
     rows: tuple[RankIdle, ...]
 
+    def rank_fields(self) -> dict[int, dict[str, object]]:
+        return {r.rank: {"host_wait_us": jsonable(r.host_wait_us)} for r in self.rows}
 
-def _rank_idle(trace: Trace, mode: Mode, include_last_step: bool) -> RankIdle:
-    k = kernels(trace, mode, include_last_step=include_last_step)
+    def sections(self) -> list[Section]:
+        columns = (Column("rank", "rank"), Column("idle_us", "idle ms", "ms"), Column("host_wait_us", "host wait ms", "ms"),
+                   Column("other_us", "other ms", "ms"), Column("num_gaps", "gaps"))
+        return [Section("GPU idle time: waiting on the host vs other", columns, tuple(self.to_rows()))]
+
+
+def _rank_idle(trace: Trace, k: Kernels, mode: Mode) -> RankIdle:
     if len(k) < 2:
         return RankIdle(trace.rank, 0.0, 0.0, 0.0, 0)
     s, e = merge(k.ts, k.end)
@@ -54,7 +61,7 @@ def _rank_idle(trace: Trace, mode: Mode, include_last_step: bool) -> RankIdle:
     return RankIdle(trace.rank, idle, host_wait, idle - host_wait, len(gap_start))
 
 
-def idle_time(data: Job | Trace, *, mode: Mode | str = Mode.FEDGE, include_last_step: bool = False) -> IdleBreakdown:
+def idle_time(data: Job | Trace | JobView, *, mode: Mode | str = Mode.FEDGE, include_last_step: bool = False) -> IdleBreakdown:
     """GPU idle time per rank, split into host wait and other.
 
     A gap counts as host wait up to the moment the runtime call that launched the kernel after the gap
@@ -65,8 +72,8 @@ def idle_time(data: Job | Trace, *, mode: Mode | str = Mode.FEDGE, include_last_
         idle = idle_time(load_trace("rank0.json.gz"))
         print(idle.rows[0].host_wait_us)
     """
-    mode = Mode(mode)
-    return IdleBreakdown(mode=mode.value, rows=tuple(_rank_idle(t, mode, include_last_step) for t in as_job(data).traces))
+    view = as_view(data, mode=mode, include_last_step=include_last_step)
+    return IdleBreakdown(mode=view.mode.value, rows=tuple(_rank_idle(t, view.kernels(t), view.mode) for t in view.traces))
 
 
 @plugin("analysis", "idle")
@@ -77,6 +84,8 @@ class IdleTime:
     class Config(AnalysisConfig):
         pass
 
+    order = 30
+
     @staticmethod
-    def run(job: Job, config: Config) -> IdleBreakdown:
-        return idle_time(job, mode=config.mode, include_last_step=config.include_last_step)
+    def run(view: JobView, config: Config) -> IdleBreakdown:
+        return idle_time(view, mode=config.mode, include_last_step=config.include_last_step)

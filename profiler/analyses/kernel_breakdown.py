@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedge.profiler.analyses.base import AnalysisConfig, Result, as_job
+from fedge.profiler.analyses.base import AnalysisConfig, Column, JobView, Result, Section, as_view, jsonable
 from fedge.profiler.kinds import KernelKind, Mode
-from fedge.profiler.timeline import exclusive_kinds, kernels
+from fedge.profiler.timeline import Kernels, exclusive_kinds
 from fedge.profiler.trace import Job, Trace
 from fedge.registry import plugin
 
@@ -63,9 +63,30 @@ class KernelBreakdown(Result):
             for key, value in sorted(r.exclusive_us.items(), key=lambda kv: -kv[1])
         ]
 
+    def report_fields(self) -> dict[str, object]:
+        return {"kernels": [
+            {"rank": r.rank, "exclusive_us": jsonable(r.exclusive_us), "sum_us": jsonable(r.sum_us), "top": jsonable(r.top)}
+            for r in self.ranks
+        ]}
 
-def _rank_kernels(trace: Trace, mode: Mode, include_last_step: bool, top: int) -> RankKernels:
-    k = kernels(trace, mode, include_last_step=include_last_step)
+    def sections(self) -> list[Section]:
+        types = (Column("rank", "rank"), Column("kernel_type", "kernel type"), Column("exclusive_us", "time ms", "ms"))
+        top = tuple({"rank": s.rank, "kind": s.kind, "name": short_name(s.name), "count": s.count, "sum_us": s.sum_us,
+                     "mean_us": s.mean_us} for r in self.ranks for s in r.top)
+        columns = (Column("rank", "rank"), Column("kind", "kind"), Column("name", "kernel"), Column("count", "count"),
+                   Column("sum_us", "total ms", "ms"), Column("mean_us", "mean us"))
+        return [Section("Kernel types (time exactly each combination runs)", types, tuple(self.to_rows())),
+                Section("Top kernels", columns, top)]
+
+
+def short_name(name: str, width: int = 60) -> str:
+    """A kernel name without return type and argument list, cut to ``width``."""
+    base = name.split("(", 1)[0] if not name.startswith("(") else name
+    base = base.removeprefix("void ")
+    return base if len(base) <= width else base[: width - 1] + "…"
+
+
+def _rank_kernels(trace: Trace, k: Kernels, top: int) -> RankKernels:
     dur = k.end - k.ts
     sums = {kind.name: float(dur[k.kind == int(kind)].sum()) for kind in KernelKind if np.any(k.kind == int(kind))}
     stats: list[KernelStat] = []
@@ -87,7 +108,7 @@ def _rank_kernels(trace: Trace, mode: Mode, include_last_step: bool, top: int) -
 
 
 def kernel_breakdown(
-    data: Job | Trace, *, mode: Mode | str = Mode.FEDGE, include_last_step: bool = False, top: int = 10
+    data: Job | Trace | JobView, *, mode: Mode | str = Mode.FEDGE, include_last_step: bool = False, top: int = 10
 ) -> KernelBreakdown:
     """Kernel-type breakdown and the ``top`` kernels by total time, per rank.
 
@@ -96,9 +117,9 @@ def kernel_breakdown(
         kb = kernel_breakdown(load_trace("rank0.json.gz"), top=5)
         print(kb.ranks[0].exclusive_us, kb.ranks[0].top[0].name)
     """
-    mode = Mode(mode)
-    ranks = tuple(_rank_kernels(t, mode, include_last_step, top) for t in as_job(data).traces)
-    return KernelBreakdown(mode=mode.value, ranks=ranks)
+    view = as_view(data, mode=mode, include_last_step=include_last_step)
+    ranks = tuple(_rank_kernels(t, view.kernels(t), top) for t in view.traces)
+    return KernelBreakdown(mode=view.mode.value, ranks=ranks)
 
 
 @plugin("analysis", "kernels")
@@ -115,6 +136,8 @@ class KernelTypes:
             if self.top < 0:
                 raise ValueError(f"top must be >= 0, got {self.top}")
 
+    order = 40
+
     @staticmethod
-    def run(job: Job, config: Config) -> KernelBreakdown:
-        return kernel_breakdown(job, mode=config.mode, include_last_step=config.include_last_step, top=config.top)
+    def run(view: JobView, config: Config) -> KernelBreakdown:
+        return kernel_breakdown(view, mode=config.mode, include_last_step=config.include_last_step, top=config.top)

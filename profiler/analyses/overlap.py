@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedge.profiler.analyses.base import AnalysisConfig, Result, as_job
+from fedge.profiler.analyses.base import AnalysisConfig, Column, JobView, Result, Section, as_view
 from fedge.profiler.kinds import KernelKind, Mode
-from fedge.profiler.timeline import cpu_intervals, intersection_us, kernels, union_us
+from fedge.profiler.timeline import intersection_us, union_us
 from fedge.profiler.trace import Job, Trace
 from fedge.registry import plugin
 
@@ -33,13 +33,23 @@ class CommCompOverlap(Result):
     mode: str
     rows: tuple[RankOverlap, ...]
 
+    def rank_fields(self) -> dict[int, dict[str, object]]:
+        keep = ("comm_us", "exposed_comm_us", "overlapped_comm_us", "overlap_pct")
+        return {r["rank"]: {k: r[k] for k in keep} for r in self.to_rows()}
 
-def _rank_overlap(trace: Trace, mode: Mode, include_last_step: bool) -> RankOverlap:
-    k = kernels(trace, mode, include_last_step=include_last_step)
+    def sections(self) -> list[Section]:
+        columns = (Column("rank", "rank"), Column("device", "device"), Column("comm_us", "comm ms", "ms"),
+                   Column("overlapped_comm_us", "hidden comm ms", "ms"), Column("exposed_comm_us", "exposed comm ms", "ms"),
+                   Column("overlap_pct", "overlap %"))
+        return [Section("Communication hidden under computation", columns, tuple(self.to_rows()))]
+
+
+def _rank_overlap(view: JobView, trace: Trace) -> RankOverlap:
+    k = view.kernels(trace)
     if len(k):
         comm, comp, device = k.of(KernelKind.COMMUNICATION), k.of(KernelKind.COMPUTATION), "gpu"
     else:
-        iv = cpu_intervals(trace, include_last_step=include_last_step)
+        iv = view.cpu_intervals(trace)
         comm, comp, device = iv["comm"], iv["compute"], "cpu"
     comm_us = union_us(*comm)
     hidden = intersection_us(comm, comp) if comm_us else 0.0
@@ -47,7 +57,9 @@ def _rank_overlap(trace: Trace, mode: Mode, include_last_step: bool) -> RankOver
     return RankOverlap(trace.rank, device, comm_us, hidden, comm_us - hidden, pct)
 
 
-def comm_comp_overlap(data: Job | Trace, *, mode: Mode | str = Mode.FEDGE, include_last_step: bool = False) -> CommCompOverlap:
+def comm_comp_overlap(
+    data: Job | Trace | JobView, *, mode: Mode | str = Mode.FEDGE, include_last_step: bool = False
+) -> CommCompOverlap:
     """Share of communication time that overlaps computation, per rank.
 
     Example::
@@ -55,8 +67,8 @@ def comm_comp_overlap(data: Job | Trace, *, mode: Mode | str = Mode.FEDGE, inclu
         ov = comm_comp_overlap(load_trace("rank0.json.gz"))
         print(ov.rows[0].overlap_pct, ov.rows[0].exposed_comm_us)
     """
-    mode = Mode(mode)
-    return CommCompOverlap(mode=mode.value, rows=tuple(_rank_overlap(t, mode, include_last_step) for t in as_job(data).traces))
+    view = as_view(data, mode=mode, include_last_step=include_last_step)
+    return CommCompOverlap(mode=view.mode.value, rows=tuple(_rank_overlap(view, t) for t in view.traces))
 
 
 @plugin("analysis", "overlap")
@@ -67,6 +79,8 @@ class Overlap:
     class Config(AnalysisConfig):
         pass
 
+    order = 20
+
     @staticmethod
-    def run(job: Job, config: Config) -> CommCompOverlap:
-        return comm_comp_overlap(job, mode=config.mode, include_last_step=config.include_last_step)
+    def run(view: JobView, config: Config) -> CommCompOverlap:
+        return comm_comp_overlap(view, mode=config.mode, include_last_step=config.include_last_step)

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fedge.profiler.analyses.base import AnalysisConfig, Result
+from fedge.profiler.analyses.base import AnalysisConfig, JobView, Result, Section
 from fedge.profiler.analyses.collectives import CollectiveStats, collectives
 from fedge.profiler.analyses.idle import IdleBreakdown, idle_time
 from fedge.profiler.analyses.overlap import CommCompOverlap, comm_comp_overlap
 from fedge.profiler.analyses.stragglers import StragglerReport, stragglers
 from fedge.profiler.analyses.temporal import TemporalBreakdown, temporal_breakdown
-from fedge.profiler.trace import Job
 from fedge.registry import plugin
 
 __all__ = ["Recommend", "Recommendation", "Recommendations", "recommend"]
@@ -33,6 +32,12 @@ class Recommendations(Result):
     """What to change, most important first."""
 
     rows: tuple[Recommendation, ...]
+
+    def report_fields(self) -> dict[str, object]:
+        return {"recommendations": self.to_rows()}
+
+    def sections(self) -> list[Section]:
+        return [Section("Recommendations", lines=tuple(r.message for r in self.rows))]
 
 
 def _pct(part: float, whole: float) -> float:
@@ -145,9 +150,11 @@ class Recommend:
         idle_pct: float = 30.0
         """GPU idle %, of a rank's span, above which idle time is reported."""
 
+    order = 90
+
     @staticmethod
-    def run(job: Job, config: Config) -> Recommendations:
+    def run(view: JobView, config: Config) -> Recommendations:
         kw = {"mode": config.mode, "include_last_step": config.include_last_step}
-        return recommend(temporal_breakdown(job, **kw), comm_comp_overlap(job, **kw), idle_time(job, **kw),
-                         collectives(job, **kw), stragglers(job, **kw),
+        return recommend(temporal_breakdown(view, **kw), comm_comp_overlap(view, **kw), idle_time(view, **kw),
+                         collectives(view, **kw), stragglers(view, **kw),
                          exposed_comm_pct=config.exposed_comm_pct, idle_pct=config.idle_pct)

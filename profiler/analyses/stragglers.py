@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedge.profiler.analyses.base import AnalysisConfig, Result, as_job
+from fedge.profiler.analyses.base import AnalysisConfig, Column, JobView, Result, Section, as_view
 from fedge.profiler.analyses.collectives import collective_ops, match_collectives
+from fedge.profiler.figures import stacked_bars_svg
 from fedge.profiler.kinds import Mode
 from fedge.profiler.trace import Job, Trace
 from fedge.registry import plugin
@@ -45,9 +46,21 @@ class StragglerReport(Result):
     def stragglers(self) -> list[int]:
         return [r.rank for r in self.rows if r.straggler]
 
+    def report_fields(self) -> dict[str, object]:
+        return {"stragglers": self.to_rows()}
+
+    def sections(self) -> list[Section]:
+        if not self.rows:
+            return [Section("Arrival at collectives", lines=("single rank or no collectives matched across ranks",))]
+        columns = (Column("rank", "rank"), Column("matched", "matched"), Column("mean_delay_us", "mean delay us"),
+                   Column("times_last", "times last"), Column("straggler", "straggler"))
+        bars = [(f"rank {r.rank}", 0.0, [("mean arrival delay", r.mean_delay_us)]) for r in self.rows]
+        return [Section("Arrival at collectives", columns, tuple(self.to_rows()), figure=stacked_bars_svg(bars))]
+
 
 def stragglers(
-    data: Job | Trace, *, mode: Mode | str = Mode.FEDGE, include_last_step: bool = False, min_delay_us: float = 50.0
+    data: Job | Trace | JobView, *, mode: Mode | str = Mode.FEDGE, include_last_step: bool = False,
+    min_delay_us: float = 50.0,
 ) -> StragglerReport:
     """Rank the ranks by how late they arrive to collectives.
 
@@ -56,8 +69,8 @@ def stragglers(
         report = stragglers(load_job("traces/"))
         print(report.stragglers, report.rows[0].mean_delay_us)
     """
-    mode = Mode(mode)
-    per_rank = {t.rank: collective_ops(t, mode=mode, include_last_step=include_last_step) for t in as_job(data).traces}
+    view = as_view(data, mode=mode, include_last_step=include_last_step)
+    per_rank = {t.rank: collective_ops(view, t) for t in view.traces}
     totals: dict[int, list[float]] = {}
     for m in match_collectives(per_rank):
         delay = m.start - m.start.min(axis=0)
@@ -72,7 +85,7 @@ def stragglers(
         mean = total / n if n else 0.0
         rows.append(RankDelay(r, int(n), total, mean, int(times_last), bool(n and times_last * 2 >= n and mean >= min_delay_us)))
     rows.sort(key=lambda x: (-x.total_delay_us, x.rank))
-    return StragglerReport(mode=mode.value, rows=tuple(rows))
+    return StragglerReport(mode=view.mode.value, rows=tuple(rows))
 
 
 @plugin("analysis", "stragglers")
@@ -84,6 +97,8 @@ class Stragglers:
         min_delay_us: float = 50.0
         """Mean arrival delay (µs) below which a rank that often comes last is not called a straggler."""
 
+    order = 60
+
     @staticmethod
-    def run(job: Job, config: Config) -> StragglerReport:
-        return stragglers(job, mode=config.mode, include_last_step=config.include_last_step, min_delay_us=config.min_delay_us)
+    def run(view: JobView, config: Config) -> StragglerReport:
+        return stragglers(view, mode=config.mode, include_last_step=config.include_last_step, min_delay_us=config.min_delay_us)

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedge.profiler.analyses.base import AnalysisConfig, Result, as_job, jsonable
+from fedge.profiler.analyses.base import AnalysisConfig, Column, JobView, Result, Section, as_view, jsonable
+from fedge.profiler.figures import stacked_bars_svg
 from fedge.profiler.kinds import KernelKind, Mode
-from fedge.profiler.timeline import cpu_intervals, kernels, union_us
+from fedge.profiler.timeline import union_us
 from fedge.profiler.trace import Job, Trace
 from fedge.registry import plugin
 
@@ -60,16 +61,33 @@ class TemporalBreakdown(Result):
     def to_json(self) -> dict[str, object]:
         return {"mode": self.mode, "rows": self.to_rows()}
 
+    def rank_fields(self) -> dict[int, dict[str, object]]:
+        return {r["rank"]: {k: v for k, v in r.items() if k != "rank"} for r in self.to_rows()}  # type: ignore[misc]
 
-def _rank_time(trace: Trace, mode: Mode, include_last_step: bool) -> RankTime:
-    k = kernels(trace, mode, include_last_step=include_last_step)
+    def sections(self) -> list[Section]:
+        bars = [(f"rank {r.rank}", r.span_us, [("compute", r.compute_us), ("non-compute", r.non_compute_us),
+                                                ("idle", r.idle_us)]) for r in self.rows]
+        columns = (Column("rank", "rank"), Column("device", "device"), Column("span_us", "span ms", "ms"),
+                   Column("idle_pct", "idle %"), Column("compute_pct", "compute %"),
+                   Column("non_compute_pct", "non-compute %"), Column("memory_us", "memory ms", "ms"))
+        return [Section("Time per rank", columns, tuple(self.to_rows()), figure=stacked_bars_svg(bars))]
+
+    def notes(self) -> list[str]:
+        cpu_only = [r.rank for r in self.rows if r.device == "cpu"]
+        if not cpu_only:
+            return []
+        return [f"no GPU activity on rank(s) {', '.join(map(str, cpu_only))}: CPU-side collectives analysed instead"]
+
+
+def _rank_time(view: JobView, trace: Trace) -> RankTime:
+    k = view.kernels(trace)
     if len(k):
         span = float(k.end.max() - k.ts.min())
         idle = span - union_us(k.ts, k.end)
         compute = union_us(*k.of(KernelKind.COMPUTATION))
         memory = union_us(*k.of(KernelKind.MEMORY))
         return RankTime(trace.rank, "gpu", span, idle, compute, span - compute - idle, memory, len(k))
-    iv = cpu_intervals(trace, include_last_step=include_last_step)
+    iv = view.cpu_intervals(trace)
     comp, comm = iv["compute"], iv["comm"]
     starts = [a.min() for a in (comp[0], comm[0]) if len(a)]
     ends = [a.max() for a in (comp[1], comm[1]) if len(a)]
@@ -81,7 +99,9 @@ def _rank_time(trace: Trace, mode: Mode, include_last_step: bool) -> RankTime:
     return RankTime(trace.rank, "cpu", span, span - busy, compute, busy - compute, 0.0, 0)
 
 
-def temporal_breakdown(data: Job | Trace, *, mode: Mode | str = Mode.FEDGE, include_last_step: bool = False) -> TemporalBreakdown:
+def temporal_breakdown(
+    data: Job | Trace | JobView, *, mode: Mode | str = Mode.FEDGE, include_last_step: bool = False
+) -> TemporalBreakdown:
     """Idle / compute / non-compute time per rank.
 
     span = last kernel end - first kernel start (all streams); idle = span - |union of all GPU events|;
@@ -92,9 +112,8 @@ def temporal_breakdown(data: Job | Trace, *, mode: Mode | str = Mode.FEDGE, incl
         tb = temporal_breakdown(load_job("traces/"), mode="hta")
         print(tb.to_rows()[0]["compute_pct"])
     """
-    mode = Mode(mode)
-    rows = tuple(_rank_time(t, mode, include_last_step) for t in as_job(data).traces)
-    return TemporalBreakdown(mode=mode.value, rows=rows)
+    view = as_view(data, mode=mode, include_last_step=include_last_step)
+    return TemporalBreakdown(mode=view.mode.value, rows=tuple(_rank_time(view, t) for t in view.traces))
 
 
 @plugin("analysis", "temporal")
@@ -105,6 +124,8 @@ class Temporal:
     class Config(AnalysisConfig):
         pass
 
+    order = 10
+
     @staticmethod
-    def run(job: Job, config: Config) -> TemporalBreakdown:
-        return temporal_breakdown(job, mode=config.mode, include_last_step=config.include_last_step)
+    def run(view: JobView, config: Config) -> TemporalBreakdown:
+        return temporal_breakdown(view, mode=config.mode, include_last_step=config.include_last_step)

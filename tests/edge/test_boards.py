@@ -54,3 +54,13 @@ def test_fit_message_names_both_sizes_of_what_does_not_fit() -> None:
     assert "300,000 B of RAM, the board has 262,144 B" in fit.message()
     assert check_fit(board, size_bytes=20_000, arena_bytes=6_000).fits
     assert check_fit(load_boards()["generic"], size_bytes=10**9, arena_bytes=10**9).fits
+
+
+def test_a_model_already_int8_is_not_told_to_quantize_to_int8() -> None:
+    board = load_boards()["arduino-nano-33-ble-sense"]
+
+    as_int8 = check_fit(board, size_bytes=2_000_000, arena_bytes=1, quantization="int8").message()
+    as_float = check_fit(board, size_bytes=2_000_000, arena_bytes=1, quantization="none").message()
+
+    assert "--quantize int8" not in as_int8 and "fedge edge fit" in as_int8
+    assert "try --quantize int8" in as_float

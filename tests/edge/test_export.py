@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -190,7 +189,7 @@ def test_an_op_tflm_lacks_is_named(digits) -> None:
     from torch import nn
 
     from fedge.edge import export_tflite
-    from fedge.edge.pipeline import verify
+    from fedge.edge.verify import verify
     from fedge.errors import DataError
 
     # Prepare: GELU converts for LiteRT, but TFLM has no GELU kernel
@@ -219,36 +218,6 @@ def test_a_layer_litert_torch_cannot_convert_is_named(digits) -> None:
 
     with pytest.raises(DataError, match=r"at layer '1' \(Erfinv, aten\.erfinv\).*Lowering not found"):
         export_tflite(nn.Sequential(nn.Conv2d(1, 4, 3), Erfinv()), digits.x_train[:4])
-
-
-@pytest.mark.parametrize(
-    ("argv", "expected"),
-    [
-        (["edge", "export", "{tmp}/nowhere"], "no model at"),
-        (["edge", "export", "{tmp}/corrupt"], "cannot load weights"),
-        (["edge", "inspect", "{tmp}/corrupt/model.pt"], "not a TFLite model"),
-        (["edge", "inspect", "{tmp}/missing.tflite"], "no TFLite model at"),
-        (["edge", "export", "{tmp}/corrupt", "--quantize", "int4"], "quantize must be one of"),
-        (["edge", "export", "{tmp}/corrupt", "--target", "esp8266"], "unknown board 'esp8266'"),
-        (["edge", "export", "{tmp}/corrupt", "--quantize", "float16", "--target", "esp32"], "cannot run float16"),
-    ],
-)
-def test_bad_input_is_one_clear_line(
-    argv: list[str], expected: str, trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # Prepare: a run directory whose model.pt is garbage
-    corrupt = tmp_path / "corrupt"
-    corrupt.mkdir()
-    shutil.copy(trained_run / "model.json", corrupt / "model.json")
-    (corrupt / "model.pt").write_bytes(b"not a checkpoint")
-
-    # Execute
-    code = main([a.format(tmp=tmp_path) for a in argv])
-
-    # Assert
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1
-    assert len(err) == 1 and expected in err[0] and "Traceback" not in err[0]
 
 
 def test_a_converter_crash_becomes_one_clear_error(monkeypatch: pytest.MonkeyPatch, digits) -> None:

@@ -130,8 +130,8 @@ def train_strategy(
             strategy = cls(from_mapping(cls.Config, config), ctx)
             strategy.setup(make_model({**(options or {}), "seed": 123}))
             strategy.load_checkpoint_state(state)
-        strategy.step = step
-        losses.append(strategy.train_step(*global_batch(step, vocab_size=(options or {}).get("vocab_size", 0))))
+        x, y = global_batch(step, vocab_size=(options or {}).get("vocab_size", 0))
+        losses.append(strategy.train_step(x, y, step=step))
     return losses, strategy.full_state_dict(), strategy.step_metrics()
 
 
@@ -175,7 +175,7 @@ def _free_port() -> int:
 def _worker_rank(rank: int, world_size: int, run_dir: str, port: int) -> None:
     import torch
 
-    from fedge.plugins.train.worker import run
+    from fedge.plugins.train.trainer import run
 
     torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool
 
@@ -189,7 +189,7 @@ def _worker_rank(rank: int, world_size: int, run_dir: str, port: int) -> None:
 @pytest.fixture
 def run_workers():
     """``run_workers(world_size, run_dir, **settings)``: write config.toml, then run the real worker loop
-    (``fedge.plugins.train.worker.run``, what torchrun starts) on forked gloo processes."""
+    (``fedge.plugins.train.trainer.run``, what torchrun starts) on forked gloo processes."""
 
     def run(world_size: int, run_dir: Path, **settings: Any) -> None:
         import torch.multiprocessing as mp

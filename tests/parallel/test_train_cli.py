@@ -35,7 +35,7 @@ def _reference(steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
 
     from fedge.plugins.data import load_dataset
     from fedge.plugins.models import build_model
-    from fedge.plugins.train.worker import BatchOrder
+    from fedge.plugins.train.trainer import BatchOrder
 
     data = load_dataset("digits", {})
     x_all, y_all = torch.as_tensor(data.x_train), torch.as_tensor(data.y_train)

@@ -57,3 +57,17 @@ def test_cnn_learns_digits() -> None:
     train_epochs(model, data.x_train, data.y_train, epochs=5, batch_size=32, lr=0.05)
     _, acc = evaluate(model, data.x_test, data.y_test)
     assert acc > 0.9
+
+
+def test_build_model_leaves_the_global_rng_alone() -> None:
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+
+    first = build_model("mlp", {"seed": 7}, input_shape=(64,), num_classes=10)
+    drawn = torch.rand(3)
+    second = build_model("mlp", {"seed": 7}, input_shape=(64,), num_classes=10)
+
+    torch.testing.assert_close(drawn, expected)  # the caller's stream did not move
+    for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)  # the seed alone decides the weights

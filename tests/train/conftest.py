@@ -35,7 +35,7 @@ def _write_run(path: Path, **settings: Any) -> Path:
 _RANK_SCRIPT = """
 import os, sys
 from pathlib import Path
-from fedge.plugins.train.worker import run
+from fedge.plugins.train.trainer import run
 for run_dir, port in zip(sys.argv[1::2], sys.argv[2::2]):
     os.environ["MASTER_PORT"] = port
     run(Path(run_dir))
@@ -69,18 +69,21 @@ def _run_workers(world: int, run_dirs: list[Path], *, timeout_s: float = 300) ->
     assert not errors, "\n".join(errors)
 
 
-def _reference_state(num_steps: int, *, lr: float = 0.05, momentum: float = 0.9, lr_of_step: Any = None) -> tuple[dict, list[float]]:
+def _reference_state(
+    num_steps: int, *, lr: float = 0.05, momentum: float = 0.9, lr_of_step: Any = None, model: str = "", model_options: Any = None
+) -> tuple[dict, list[float]]:
     """Single-process SGD on the same global batches: final state_dict and per-step losses."""
     import torch
     import torch.nn.functional as F
 
     from fedge.plugins.data import load_dataset
     from fedge.plugins.models import build_model
-    from fedge.plugins.train.worker import BatchOrder
+    from fedge.plugins.train.trainer import BatchOrder
 
     data = load_dataset(TINY["dataset"])
+    options = TINY["model_options"] if model_options is None else model_options
     model = build_model(
-        TINY["model"], {"seed": TINY["seed"], **TINY["model_options"]},
+        model or TINY["model"], {"seed": TINY["seed"], **options},
         input_shape=data.input_shape, num_classes=data.num_classes,
     )
     x, y = torch.as_tensor(data.x_train), torch.as_tensor(data.y_train)

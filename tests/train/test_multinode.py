@@ -125,7 +125,7 @@ def test_two_nodes_train_the_single_process_model(tmp_path: Path, settings: Path
     _assert_same(torch.load(run0 / "model.pt", weights_only=True), ref_state)  # = one process on the global batches
     # node 1's directory: its config, its torchrun log and which node it was; no second model
     assert not any((run1 / name).exists() for name in ("model.pt", "metrics.jsonl", "summary.json"))
-    assert (run1 / "config.toml").is_file() and (run1 / "train.log").is_file()
+    assert (run1 / "config.toml").is_file() and (run1 / "logs" / "train.log").is_file()
     [node_file] = (run1 / "nodes").glob("*.json")
     assert json.loads(node_file.read_text())["ranks"] == [1, 1]
     assert "node 1 of 2 (rank 1 of 2); node 0 (" in second[1].stderr

@@ -21,7 +21,7 @@ def _rank0_own_first_loss(tiny: dict, num_workers: int) -> float:
 
     from fedge.plugins.data import load_dataset
     from fedge.plugins.models import build_model
-    from fedge.plugins.train.worker import BatchOrder
+    from fedge.plugins.train.trainer import BatchOrder
 
     data = load_dataset(tiny["dataset"])
     model = build_model(

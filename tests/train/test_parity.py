@@ -1,4 +1,4 @@
-"""Parity: every strategy in sync mode, on 2 and 4 gloo processes running the real worker loop, ends with
+"""Parity: every registered strategy's parity cases (its synchronous settings), on 2 and 4 gloo processes running the real worker loop, ends with
 the parameters (and per-step losses) of single-process SGD on the same global batches; async parameter
 server reaches the accuracy of sync within one point.
 
@@ -15,23 +15,23 @@ import torch
 pytestmark = pytest.mark.multiproc
 
 STEPS = 6
-# name -> (strategy, options); small buckets and chunks so the multi-bucket / multi-chunk paths run.
-SYNC_CASES = {
-    2: {
-        "allreduce": ("allreduce", {}),
-        "allreduce-buckets": ("allreduce", {"bucket_mb": 0.002, "first_bucket_mb": 0.001}),
-        "ring": ("ring-allreduce", {"chunk_bytes": 256}),
-        "tree": ("tree-allreduce", {"chunk_bytes": 512}),
-        "ps": ("parameter-server", {}),
-    },
-    4: {
-        "allreduce-buckets": ("allreduce", {"bucket_mb": 0.002, "first_bucket_mb": 0.001}),
-        "ring": ("ring-allreduce", {"chunk_bytes": 1024}),
-        "tree": ("tree-allreduce", {"chunk_bytes": 512}),
-        "ps": ("parameter-server", {}),
-        "ps-2-servers": ("parameter-server", {"num_servers": 2}),
-    },
-}
+# The tiny configuration of each model a parity case may name; a third-party model trains as it comes.
+TINY_MODEL_OPTIONS = {"mlp": {"hidden": [32, 16]}, "tiny-gpt": {"d_model": 32, "num_heads": 4, "num_layers": 2}}
+
+
+def _sync_cases(world: int) -> dict[str, tuple[str, dict, str]]:
+    """``{case id: (strategy, options, model)}`` for every registered strategy's parity cases at ``world``."""
+    from fedge.plugins.train.base import resolve_strategy, strategy_registry
+
+    cases = {}
+    for name in strategy_registry().names():
+        for case_name, case in resolve_strategy(name).parity_cases.items():
+            if world in case.world_sizes:
+                cases[f"{name}-{case_name}"] = (name, dict(case.options), case.model)
+    return cases
+
+
+SYNC_CASES = {world: _sync_cases(world) for world in (2, 4)}
 # lr 0.01 tuned for 8 samples, global batch 24 -> 0.03 after a 3-step ramp from 0.01.
 SCALED = {"lr": 0.01, "lr_scaling": "linear", "base_batch_size": 8, "warmup_steps": 3}
 SCALED_LR = [0.01 + 0.02 * (s + 1) / 3 if s < 3 else 0.03 for s in range(STEPS)]
@@ -40,8 +40,11 @@ CONVERGE = {"steps": 500, "batch_size": 48, "model_options": {"hidden": [64]}}
 
 def _runs(tmp: Path, world: int, write_run, run_workers) -> dict[str, Path]:
     dirs = {
-        name: write_run(tmp / name, strategy=strategy, strategy_options=opts, steps=STEPS)
-        for name, (strategy, opts) in SYNC_CASES[world].items()
+        name: write_run(
+            tmp / name, strategy=strategy, strategy_options=opts, steps=STEPS, model=model,
+            model_options=TINY_MODEL_OPTIONS.get(model, {}),
+        )  # fmt: skip
+        for name, (strategy, opts, model) in SYNC_CASES[world].items()
     }
     if world == 2:
         dirs["scaled"] = write_run(tmp / "scaled", strategy="ring-allreduce", strategy_options=SCALED, steps=STEPS)
@@ -66,8 +69,16 @@ def world4(tmp_path_factory: pytest.TempPathFactory, write_run, run_workers) -> 
 
 
 @pytest.fixture(scope="module")
-def reference(reference_state) -> tuple[dict, list[float]]:
-    return reference_state(STEPS)
+def reference(reference_state):
+    """Single-process SGD per model: ``reference(model) -> (state_dict, losses)``."""
+    cache: dict[str, tuple[dict, list[float]]] = {}
+
+    def of(model: str) -> tuple[dict, list[float]]:
+        if model not in cache:
+            cache[model] = reference_state(STEPS, model=model, model_options=TINY_MODEL_OPTIONS.get(model, {}))
+        return cache[model]
+
+    return of
 
 
 def _load(run_dir: Path) -> tuple[dict, list[float]]:
@@ -85,15 +96,26 @@ def _assert_same(state: dict, ref_state: dict) -> None:
 @pytest.mark.parametrize("case", sorted(SYNC_CASES[2]))
 def test_two_processes_match_single_process(world2, reference, case: str) -> None:
     state, losses = _load(world2[case])
-    _assert_same(state, reference[0])
-    assert losses == pytest.approx(reference[1], rel=1e-5)
+    ref_state, ref_losses = reference(SYNC_CASES[2][case][2])
+    _assert_same(state, ref_state)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
 
 
 @pytest.mark.parametrize("case", sorted(SYNC_CASES[4]))
 def test_four_processes_match_single_process(world4, reference, case: str) -> None:
     state, losses = _load(world4[case])
-    _assert_same(state, reference[0])
-    assert losses == pytest.approx(reference[1], rel=1e-5)
+    ref_state, ref_losses = reference(SYNC_CASES[4][case][2])
+    _assert_same(state, ref_state)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+
+
+def test_every_registered_strategy_has_a_parity_case_or_says_it_is_not_synchronous() -> None:
+    from fedge.plugins.train.base import resolve_strategy, strategy_registry
+
+    for name in strategy_registry().names():
+        cases = resolve_strategy(name).parity_cases
+        assert all(c.world_sizes for c in cases.values()), name
+    assert {strategy for strategy, _, _ in SYNC_CASES[2].values()} >= {"allreduce", "ring-allreduce", "tree-allreduce"}
 
 
 def test_linear_lr_scaling_with_warmup_matches_reference(world2, reference_state) -> None:
@@ -112,5 +134,5 @@ def test_async_parameter_server_is_within_one_point_of_sync(world4) -> None:
 def test_fp16_comm_hook_stays_close_to_reference(world2, reference) -> None:
     # Half precision on the wire: not bit-exact, but the same training within fp16 rounding.
     state, _ = _load(world2["fp16"])
-    for key, value in reference[0].items():
+    for key, value in reference("mlp")[0].items():
         torch.testing.assert_close(state[key], value, rtol=1e-2, atol=1e-3, msg=key)

@@ -13,11 +13,11 @@ from fedge.plugins.strategies.allreduce import AllReduce
 from fedge.plugins.strategies.parameter_server import ParameterServer
 from fedge.plugins.strategies.ring_allreduce import RingAllReduce
 from fedge.plugins.train import checkpoint
-from fedge.plugins.train.base import DistContext, StrategyConfig
+from fedge.plugins.train.base import DistContext, StrategyConfig, resolve_strategy
 from fedge.plugins.train.bench import parse_size
 from fedge.plugins.train.config import TrainConfig, parse_nnodes
 from fedge.plugins.train.launcher import _log_reason, torchrun_command
-from fedge.plugins.train.worker import BatchOrder, _describe_failure, resolve_strategy
+from fedge.plugins.train.trainer import BatchOrder, _describe_failure
 
 CTX = DistContext(rank=0, world_size=1, local_rank=0, backend="gloo", device=torch.device("cpu"))
 
@@ -124,7 +124,7 @@ def test_torchrun_command_passes_the_last_call_of_an_elastic_job() -> None:
 
 _TORCHRUN_ROOT_CAUSE = """torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 ======================================================
-fedge.plugins.train.worker FAILED
+fedge.plugins.train.trainer FAILED
 ------------------------------------------------------
 Root Cause (first observed failure):
 [0]:

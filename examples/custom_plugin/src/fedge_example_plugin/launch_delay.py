@@ -1,6 +1,9 @@
 """Kernel launch delay as a fedge ``analysis`` plugin: how long each GPU kernel waited between the CPU
-launch call returning and the kernel starting (install: pip install ./examples/custom_plugin; then
-``fedge profile report TRACES`` lists it under "analyses")."""
+launch call returning and the kernel starting.
+
+Install: pip install ./examples/custom_plugin; then ``fedge profile report TRACES`` shows it in the terminal,
+``--html`` and ``--json`` (under "analyses"), and ``-o launch-delay.threshold_us=50`` sets its option.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedge.profiler.analyses.base import AnalysisConfig, Result
-from fedge.profiler.timeline import kernels, launch_rows
-from fedge.profiler.trace import Job
+from fedge.profiler.analyses.base import AnalysisConfig, JobView, Result
+from fedge.profiler.timeline import launch_rows
 from fedge.registry import plugin
 
 
@@ -28,7 +30,7 @@ class RankDelay:
 
 @dataclass(frozen=True, slots=True)
 class LaunchDelays(Result):
-    """Launch delay per rank; ``over_threshold`` counts delays above ``threshold_us``."""
+    """Kernel launch delay per rank (us); over_threshold counts delays above threshold_us."""
 
     threshold_us: float
     rows: tuple[RankDelay, ...]
@@ -44,10 +46,10 @@ class LaunchDelay:
         """Delays above this are counted as long."""
 
     @staticmethod
-    def run(job: Job, config: Config) -> LaunchDelays:
+    def run(view: JobView, config: Config) -> LaunchDelays:
         rows = []
-        for trace in job.traces:
-            k = kernels(trace, config.mode, include_last_step=config.include_last_step)
+        for trace in view.traces:
+            k = view.kernels(trace)
             launch = launch_rows(trace, trace.gpu.corr[k.row])
             ok = launch >= 0
             delay = k.ts[ok] - (trace.cpu.ts[launch[ok]] + trace.cpu.dur[launch[ok]])
