@@ -152,7 +152,8 @@ def run_rounds(grid: Grid, run: RunDir, cfg: FlConfig) -> dict[str, Any]:
     done_rounds = {int(r["round"]) for r in run.read_metrics() if "round" in r}
     if start_round > 1 and start_round - 1 not in done_rounds:  # killed between checkpoint and metrics line
         loss, acc = evaluate(model, x_test, y_test)
-        run.append_metrics({"round": start_round - 1, "loss": loss, "accuracy": acc, "num_clients": None, "round_s": None})
+        record = {"round": start_round - 1, "loss": loss, "accuracy": acc, "num_clients": None, "round_s": None}
+        run.append_metrics({**record, **_privacy_metrics(cfg, ledger)})
 
     quarantine = NodeQuarantine(poll_s=_POLL_S)
     stopped: str | None = None

@@ -256,3 +256,14 @@ def test_privacy_config_from_toml_table(tmp_path: Path) -> None:
     assert cfg.privacy == PrivacyConfig(dp="local", noise_multiplier=1.5, target_epsilon=9.0)
     with pytest.raises(ConfigError, match="unknown setting fl.privacy.epsilon"):
         load_config(None, {"privacy": {"epsilon": 1}})
+
+
+def test_a_resumed_dp_run_keeps_what_it_spent(tmp_path: Path) -> None:
+    p = PrivacyConfig(dp="central", noise_multiplier=2.0, clip=0.5)
+    first = FlConfig(clients=2, rounds=1, **MLP, privacy=p)  # type: ignore[arg-type]
+
+    _loop(tmp_path, first)
+    _, metrics, _ = _loop(tmp_path, FlConfig(**{**first.to_mapping(), "rounds": 2}))
+
+    assert [m["round"] for m in metrics] == [1, 2]
+    assert metrics[1]["epsilon"] == pytest.approx(PrivacyLedger(p, population_size=2).epsilon_after(2), rel=1e-4)
