@@ -287,7 +287,8 @@ def _check_privacy(cfg: FlConfig) -> list[str]:
     from fedge.plugins.fl.privacy import check_privacy
 
     strategy = build_strategy(cfg.aggregator, cfg.aggregator_options, Sampling(fraction_train=cfg.fraction_train))
-    return check_privacy(cfg, strategy)
+    notes: list[str] = check_privacy(cfg, strategy)
+    return notes
 
 
 def _wait_for_workers(fed: Federation, timeout_s: float) -> None:
