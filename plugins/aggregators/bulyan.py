@@ -22,3 +22,8 @@ class Bulyan(_FlowerStrategy):
         def __post_init__(self) -> None:
             if self.num_malicious_nodes < 0:
                 raise ValueError(f"num_malicious_nodes must be >= 0, got {self.num_malicious_nodes}")
+
+    @staticmethod
+    def min_clients(config: Config) -> int:
+        # Flower's Bulyan returns no aggregate with fewer than 4f + 3 updates.
+        return 4 * config.num_malicious_nodes + 3

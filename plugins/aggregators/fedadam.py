@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
-from fedge.plugins.aggregators.base import _FlowerStrategy
+from fedge.plugins.aggregators.base import StateKind, _FlowerStrategy
 from fedge.registry import plugin
 
 
@@ -13,6 +15,8 @@ class FedAdam(_FlowerStrategy):
     """Adaptive server optimisation with Adam on the averaged update (Flower's FedAdam)."""
 
     flower_class = "FedAdam"
+
+    checkpoint_state: ClassVar[Mapping[str, StateKind]] = {"m_t": "by_name", "v_t": "by_name"}  # FedOpt's first and second moments
 
     @dataclass(frozen=True, kw_only=True, slots=True)
     class Config:

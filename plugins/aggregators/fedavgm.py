@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
-from fedge.plugins.aggregators.base import _FlowerStrategy
+from fedge.plugins.aggregators.base import StateKind, _FlowerStrategy
 from fedge.registry import plugin
 
 
@@ -13,6 +15,7 @@ class FedAvgM(_FlowerStrategy):
     """FedAvg with server-side momentum (Flower's FedAvgM)."""
 
     flower_class = "FedAvgM"
+    checkpoint_state: ClassVar[Mapping[str, StateKind]] = {"momentum_vector": "in_order"}  # server momentum, one array per model array
 
     @dataclass(frozen=True, kw_only=True, slots=True)
     class Config:

@@ -22,3 +22,8 @@ class Krum(_FlowerStrategy):
         def __post_init__(self) -> None:
             if self.num_malicious_nodes < 0:
                 raise ValueError(f"num_malicious_nodes must be >= 0, got {self.num_malicious_nodes}")
+
+    @staticmethod
+    def min_clients(config: Config) -> int:
+        # Krum's guarantee needs n > 2f + 2 updates per round.
+        return 2 * config.num_malicious_nodes + 3

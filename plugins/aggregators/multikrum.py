@@ -27,3 +27,8 @@ class MultiKrum(_FlowerStrategy):
                     "num_malicious_nodes must be >= 0 and num_nodes_to_select >= 1, "
                     f"got {self.num_malicious_nodes} and {self.num_nodes_to_select}"
                 )
+
+    @staticmethod
+    def min_clients(config: Config) -> int:
+        # Krum's guarantee needs n > 2f + 2 updates, and there must be num_nodes_to_select to pick.
+        return max(2 * config.num_malicious_nodes + 3, config.num_nodes_to_select)

@@ -5,6 +5,7 @@ Standard library only: the CLI and the process supervisor import it without torc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ __all__ = ["FAULTS", "FlConfig", "load_config"]
 
 FAULTS = ("nan", "inf", "shape", "noise", "crash")
 """Fault kinds a client can be told to inject (testing robustness): NaN / Inf / wrongly shaped update, a
-huge random (Byzantine) update, or a crash (its SuperNode is killed when the first train message arrives)."""
+huge random (Byzantine) update, or a crash (its SuperNode is killed when it is asked to train)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -88,7 +89,9 @@ class FlConfig:
             raise ValueError(f"min_clients must be between 0 and clients ({self.clients}), got {self.min_clients}")
         if self.round_timeout_s <= 0 or self.startup_timeout_s <= 0:
             raise ValueError("round_timeout_s and startup_timeout_s must be > 0")
-        parse_partition(self.partition, seed=self.seed)  # raises ConfigError on a bad spec
+        split = self.partition_config  # raises ConfigError on a bad spec
+        if not math.isfinite(split.alpha):
+            raise ValueError(f"partition {self.partition!r}: ALPHA must be a finite number > 0, e.g. dirichlet:0.5")
         for pid, fault in self.faults.items():
             if fault not in FAULTS or not str(pid).isdigit() or int(pid) >= self.clients:
                 raise ValueError(
@@ -97,7 +100,13 @@ class FlConfig:
 
     @property
     def partition_config(self) -> PartitionConfig:
+        """The ``partition`` setting, parsed (the one place it is)."""
         return parse_partition(self.partition, seed=self.seed)
+
+    @property
+    def num_sampled(self) -> int:
+        """Clients a round samples when all are connected (Flower's ``int(n * fraction_train)``, at least 1)."""
+        return max(1, int(self.clients * self.fraction_train))
 
     @property
     def required_clients(self) -> int:

@@ -1,188 +1,54 @@
-"""Start, watch and stop Flower's Deployment Engine processes: one SuperLink and its SuperNodes.
+"""Start, watch and stop Flower's Deployment Engine processes: one SuperLink, its SuperNodes and warm workers.
 
-Standard library only. Every daemon starts in its own session (``start_new_session``) with its PID and
-process group recorded, is told to die with this process (Linux ``PR_SET_PDEATHSIG``), and
-:meth:`Federation.stop` ends each group and every descendant (the SuperLink and SuperNodes start
-``flower-superexec`` detached, which starts ``flwr-serverapp`` / ``flwr-clientapp``). Every wait has a deadline.
+Process supervision is the core's (:mod:`fedge.supervisor`): every daemon starts in its own session with its
+PID recorded, dies with this process, and :meth:`Federation.stop` ends each process group and every
+descendant (the SuperLink and SuperNodes start ``flower-superexec`` detached, which starts ``flwr-serverapp`` /
+``flwr-clientapp``); the environment mark ``FEDGE_FEDERATION=<workdir>`` finds those re-parented away. This
+module adds what is Flower's: the daemons' command lines, the ``flwr`` CLI, and reading their logs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
 from fedge.errors import ConfigError, RuntimeFailure
 from fedge.rundir import atomic_write_text
+from fedge.supervisor import Child, Supervisor, free_port, kill_recorded, wait_for_port
 
-__all__ = ["Daemon", "Federation", "TlsFiles", "free_port", "kill_recorded", "processes_under", "sigterm_as_interrupt", "wait_for_port"]
+__all__ = ["FEDERATION_MARK", "Daemon", "Federation", "TlsFiles", "kill_recorded_federation", "log_cause"]
 
 logger = logging.getLogger(__name__)
 
-_POLL_S = 0.1
+FEDERATION_MARK = "FEDGE_FEDERATION"
+"""Environment variable every process of a federation inherits: the federation's work directory."""
+Daemon = Child  # a started Flower process: name, Popen handle, log file
 _NODE_ID = re.compile(rb"SuperNode ID: (\d+)")  # what flower-supernode logs once the SuperLink activated it
+_LOG_ERROR = re.compile(r"(?:ERROR|CRITICAL)\s*:?\s*(.+)$")
+_RECORDED = ("flower-", "fedge.plugins.fl.worker")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """An ephemeral TCP port that is free right now on ``host``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(host: str, port: int, *, timeout_s: float, alive: subprocess.Popen[bytes] | None = None) -> None:
-    """Wait until ``host:port`` accepts TCP connections.
-
-    Raises:
-        RuntimeFailure: the deadline passed, or ``alive`` exited first.
-    """
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if alive is not None and alive.poll() is not None:
-            raise RuntimeFailure(f"process {alive.args[0] if isinstance(alive.args, list) else alive.args} exited "
-                                 f"with code {alive.returncode} before listening on {host}:{port}")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
-            return
-        time.sleep(_POLL_S)
-    raise RuntimeFailure(f"nothing listened on {host}:{port} within {timeout_s:.0f} s")
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: SIGTERM it when the parent dies, so a killed supervisor
-    # leaves no daemons behind.
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(Exception):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of every live descendant of ``pid`` (Linux /proc; empty elsewhere)."""
-    children, out, todo = _children_map(), [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _cmdline(pid: int) -> str:
+def log_cause(log: Path) -> str | None:
+    """The last error line a Flower daemon wrote to its log (e.g. "Port 9092 is already in use"), or None."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
-        return ""
-
-
-def processes_under(home: Path) -> list[int]:
-    """Live processes whose ``FLWR_HOME`` lies under ``home``: every daemon a Federation starts and all their
-    descendants inherit one, even those whose parent already died (Linux /proc; empty elsewhere)."""
-    prefix = (str(home).rstrip("/") + "/").encode()
-    found = []
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = f.read().split(b"\0")
-        except OSError:
-            continue
-        if any(e.startswith(b"FLWR_HOME=" + prefix) for e in environ) and _alive(int(entry)):
-            found.append(int(entry))
-    return found
-
-
-def _signal_all(pids: Sequence[int], sig: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
-
-
-def _prctl(option: int, value: int) -> int:
-    if not sys.platform.startswith("linux"):
-        return -1
-    import ctypes
-
-    try:
-        return int(ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, value, 0, 0, 0))
-    except OSError:
-        return -1
-
-
-def _reap(pids: Sequence[int], *, timeout_s: float) -> None:
-    # Descendants orphaned by a killed parent are re-parented to us (we are a child subreaper while a
-    # Federation runs); collect their exit status so no zombie is left behind.
-    todo, deadline = set(pids), time.monotonic() + timeout_s
-    while todo and time.monotonic() < deadline:
-        for pid in list(todo):
-            try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:  # not (or no longer) our child: its own parent or init reaps it
-                todo.discard(pid)
-                continue
-            if done:
-                todo.discard(pid)
-        if todo:
-            time.sleep(_POLL_S)
-
-
-def _reap_orphans(exclude: Sequence[int]) -> None:
-    # Zombies of Flower processes re-parented to us (a subreaper) after their parent was killed.
-    me = os.getpid()
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit() or int(entry) in exclude:
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
-                head, _, tail = f.read().rpartition(")")
-        except OSError:
-            continue
-        fields = tail.split()
-        name = head.partition("(")[2]
-        if len(fields) > 1 and fields[0] == "Z" and int(fields[1]) == me and name.startswith(("flwr", "flower")):
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(int(entry), os.WNOHANG)
+        return None
+    for line in reversed(lines):
+        if (m := _LOG_ERROR.search(line)) is not None and m.group(1).strip():
+            return m.group(1).strip()
+    return None
 
 
 def _logged_node_id(log: Path) -> int | None:
@@ -194,73 +60,25 @@ def _logged_node_id(log: Path) -> int | None:
     return int(found[-1]) if found else None
 
 
-def terminate_tree(roots: Sequence[int], *, grace_s: float = 5.0) -> list[int]:
-    """SIGTERM ``roots``, their process groups and all their descendants; SIGKILL what is left after ``grace_s``.
+def kill_recorded_federation(workdir: Path) -> int:
+    """Stop what a killed ``fedge fl run`` left running in ``workdir`` (recorded PIDs, and marked strays)."""
+    from fedge.supervisor import processes_with_env, terminate_tree
 
-    Returns:
-        The descendants (not ``roots``) that were signalled.
-    """
-    pids = list(dict.fromkeys([*roots, *(d for r in roots for d in descendants(r))]))
-    groups = set()
-    for pid in roots:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            groups.add(os.getpgid(pid))
-    groups.discard(os.getpgid(0))
-    for pgid in groups:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGTERM)
-    _signal_all(pids, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(_POLL_S)
-    # Descendants may have started meanwhile (a ClientApp launched during shutdown).
-    pids = list(dict.fromkeys([*pids, *(d for r in roots for d in descendants(r))]))
-    for pgid in groups:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
-    _signal_all([p for p in pids if _alive(p)], signal.SIGKILL)
-    deadline = time.monotonic() + 2.0  # let the kills land, so orphans are re-parented before anyone reaps
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(_POLL_S / 2)
-    return [p for p in pids if p not in roots]
+    count = kill_recorded(workdir / "pids.json", patterns=_RECORDED)
+    strays = processes_with_env(FEDERATION_MARK, str(Path(workdir).resolve()))
+    if strays:
+        terminate_tree(strays)
+    return count + len(strays)
 
 
-def kill_recorded(pids_file: Path) -> int:
-    """Stop processes a previous (killed) supervisor recorded in ``pids.json`` if they still run Flower.
-
-    Returns:
-        How many were still running.
-    """
-    try:
-        recorded = json.loads(pids_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return 0
-    live = [
-        int(p["pid"])
-        for p in recorded
-        if _alive(int(p["pid"])) and any(s in _cmdline(int(p["pid"])) for s in ("flower-", "fedge.plugins.fl.worker"))
-    ]
-    live += [p for p in processes_under(pids_file.parent) if p not in live]
-    if live:
-        terminate_tree(live)
-    return len(live)
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises KeyboardInterrupt, so a job runner's stop cleans up like Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,15 +88,6 @@ class TlsFiles:
     ca_cert: Path
     server_cert: Path | None = None
     server_key: Path | None = None
-
-
-@dataclass
-class Daemon:
-    """One started process: its name, Popen handle and log file."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
 
 
 @dataclass
@@ -298,19 +107,22 @@ class Federation:
     auth: bool = False
     host: str = "127.0.0.1"
     env: Mapping[str, str] = field(default_factory=dict)
-    daemons: list[Daemon] = field(default_factory=list)
     fleet_port: int = 0
     control_port: int = 0
     worker_sockets: list[str] = field(default_factory=list)
     _socket_dir: Path | None = None
+    supervisor: Supervisor = field(init=False)
 
     def __post_init__(self) -> None:
-        # Become a child subreaper (Linux) so orphaned Flower processes are ours to reap at stop().
-        _prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
-        self.workdir = Path(self.workdir).resolve()
-        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         if self.auth and self.tls is None:
             raise ConfigError("SuperNode authentication needs TLS; pass --tls (or certificates) with --auth")
+        self.workdir = Path(self.workdir).resolve()
+        self.supervisor = Supervisor(self.workdir, mark=(FEDERATION_MARK, str(self.workdir)))
+
+    @property
+    def daemons(self) -> list[Daemon]:
+        """The processes started so far."""
+        return self.supervisor.children
 
     # -- environment ---------------------------------------------------------------------------------
     @staticmethod
@@ -325,7 +137,7 @@ class Federation:
         return Path(found).parent
 
     def environ(self, home: str = "flwr") -> dict[str, str]:
-        env = dict(os.environ)
+        env = self.supervisor.environ()
         env.update(
             {
                 "PATH": f"{self.bin_dir()}{os.pathsep}{env.get('PATH', '')}",
@@ -345,28 +157,7 @@ class Federation:
         return env
 
     def _start(self, name: str, argv: list[str], *, home: str = "flwr") -> Daemon:
-        log = self.workdir / "logs" / f"{name}.log"
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=self.environ(home),
-                cwd=self.workdir,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl
-            )
-        daemon = Daemon(name, proc, log)
-        self.daemons.append(daemon)
-        self._record_pids()
-        return daemon
-
-    def _record_pids(self) -> None:
-        atomic_write_text(
-            self.workdir / "pids.json",
-            json.dumps([{"name": d.name, "pid": d.proc.pid} for d in self.daemons], indent=2) + "\n",
-        )
+        return self.supervisor.start(name, argv, env=self.environ(home))
 
     def _tls_client_args(self) -> list[str]:
         return ["--insecure"] if self.tls is None else ["--root-certificates", str(self.tls.ca_cert)]
@@ -403,10 +194,17 @@ class Federation:
                      "--ssl-keyfile", str(self.tls.server_key)]  # fmt: skip
         if self.auth:
             argv.append("--enable-supernode-auth")
+        for what, port in (("--fleet-port", self.fleet_port), ("--control-port", self.control_port)):
+            if not _port_is_free(self.host, port):
+                raise ConfigError(f"port {port} on {self.host} is already in use; stop what holds it or choose another {what}")
         daemon = self._start("superlink", argv)
         probe = "127.0.0.1" if self.host == "0.0.0.0" else self.host
-        wait_for_port(probe, self.fleet_port, timeout_s=timeout_s, alive=daemon.proc)
-        wait_for_port(probe, self.control_port, timeout_s=timeout_s, alive=daemon.proc)
+        try:
+            wait_for_port(probe, self.fleet_port, timeout_s=timeout_s, alive=daemon.proc)
+            wait_for_port(probe, self.control_port, timeout_s=timeout_s, alive=daemon.proc)
+        except RuntimeFailure as err:
+            cause = log_cause(daemon.log)
+            raise RuntimeFailure(f"the SuperLink did not start: {cause or err}; see {daemon.log}") from err
         self._write_cli_config()
         return daemon
 
@@ -504,27 +302,15 @@ class Federation:
     # -- watching and stopping -----------------------------------------------------------------------
     def dead(self) -> list[Daemon]:
         """Daemons that have exited."""
-        return [d for d in self.daemons if d.proc.poll() is not None]
+        return self.supervisor.dead()
 
     def find(self, pattern: str) -> list[int]:
         """PIDs of descendants of our daemons whose command line contains ``pattern`` (e.g. flwr-serverapp)."""
-        return [p for d in self.daemons for p in descendants(d.proc.pid) if pattern in _cmdline(p)]
+        return self.supervisor.find(pattern)
 
     def stop(self, *, grace_s: float = 5.0) -> None:
         """Stop every daemon, its process group and all descendants; idempotent."""
-        roots = [d.proc.pid for d in self.daemons]
-        strays = [p for p in processes_under(self.workdir) if p not in roots]  # e.g. orphaned SuperExecs
-        others = terminate_tree(roots + strays, grace_s=grace_s) if roots or strays else []
-        others += strays
-        for d in self.daemons:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                d.proc.wait(timeout=grace_s)
-        _reap(others, timeout_s=grace_s)
-        _reap_orphans(exclude=roots)
-        _prctl(36, 0)
-        self.daemons.clear()
-        with contextlib.suppress(OSError):
-            (self.workdir / "pids.json").unlink()
+        self.supervisor.stop(grace_s=grace_s)
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None

@@ -159,17 +159,21 @@ def aggregates_by_mean(strategy: Strategy) -> bool:
     """Whether the strategy's server step starts from the mean of the updates (see :data:`MEAN_AGGREGATORS`)."""
     from flwr.serverapp.strategy import FedAvg
 
-    inner = strategy
-    while (nested := getattr(inner, "strategy", None)) is not None:  # Flower's DP wrappers
-        inner = nested
+    inner = _inner(strategy)
     cls = type(inner)
     if cls.__module__.startswith("flwr.") and cls.__name__ in MEAN_AGGREGATORS:
         return True
     return isinstance(inner, FedAvg) and cls.aggregate_train is FedAvg.aggregate_train  # a third-party FedAvg
 
 
+def _inner(strategy: Strategy) -> Strategy:
+    while (nested := getattr(strategy, "strategy", None)) is not None:  # inside Flower's DP wrappers
+        strategy = nested
+    return strategy
+
+
 def _flower_name(strategy: Strategy) -> str:
-    return type(strategy).__name__
+    return type(_inner(strategy)).__name__
 
 
 def check_privacy(cfg: Any, strategy: Strategy) -> list[str]:
@@ -346,7 +350,7 @@ class PrivacyLedger:
                 f"updates, and aggregator {aggregator!r} (Flower's {_flower_name(strategy)}) does not aggregate by a "
                 f"mean, so its sensitivity is not the clip norm"
             )
-        if p.dp == "central" and not hasattr(strategy, "weighted_by_key"):
+        if p.dp == "central" and not hasattr(_inner(strategy), "weighted_by_key"):
             return f"ε is not reported: aggregator {aggregator!r} cannot be made to weight clients uniformly"
         return None
 

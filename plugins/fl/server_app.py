@@ -1,12 +1,14 @@
 """fedge's Flower ServerApp: the round loop, around a Flower strategy chosen by the ``aggregator`` plugin.
 
 It reads everything from one run-config key, ``run-dir``: the run directory whose ``config.toml``
-``fedge fl run`` wrote. Per round it asks the strategy for train messages (``configure_train``) over the nodes
-Flower lists as online, sends them and collects replies within ``round_timeout_s`` (not waiting for nodes that
-missed an earlier reply, :mod:`.liveness`), drops malformed or non-finite updates (:mod:`.guard`),
-lets the strategy aggregate the rest (``aggregate_train``), evaluates the global model on the held-out set,
-then writes a checkpoint (atomically) and a ``metrics.jsonl`` line. A run directory with checkpoints resumes
-from the last one. At the end it writes ``model.pt`` + ``model.json`` and ``result.json``.
+``fedge fl run`` wrote. :class:`ServerLoop` runs each round as named phases: ``configure`` (the strategy's
+train messages for the nodes Flower lists as online), ``send_receive`` (replies within ``round_timeout_s``,
+not waiting for nodes that missed an earlier reply, :mod:`.liveness`), ``screen`` (malformed or non-finite
+updates dropped, :mod:`.guard`), ``aggregate`` (the strategy's ``aggregate_train`` on the rest), ``evaluate``
+(the global model on the held-out set), ``checkpoint`` (model and declared strategy state, atomically) and
+``record`` (a ``metrics.jsonl`` line). A run directory with checkpoints resumes from the last one. At the end
+it writes ``model.pt`` + ``model.json`` and ``result.json``; a failure is recorded with :mod:`fedge.failure`
+in ``errors/serverapp.json``.
 """
 
 from __future__ import annotations
@@ -15,27 +17,35 @@ import json
 import logging
 import re
 import time
-import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from fedge.errors import FedgeError, RuntimeFailure
+from fedge.errors import RuntimeFailure
+from fedge.failure import record_failure
 from fedge.plugins.fl import privacy, secagg
 from fedge.plugins.fl.config import FlConfig, load_config
 from fedge.plugins.fl.guard import Rejection, screen_replies
-from fedge.plugins.fl.liveness import NodeQuarantine
+from fedge.plugins.fl.liveness import NodeQuarantine, RoundReplies
 from fedge.rundir import RunDir, atomic_path
 
-__all__ = ["app", "latest_checkpoint", "run_rounds", "strategy_state_file"]
+if TYPE_CHECKING:
+    from fedge.plugins.aggregators import Aggregator
+
+__all__ = ["FAILURE_FILE", "STATUS_FILE", "ServerLoop", "app", "latest_checkpoint", "run_rounds", "strategy_state_file"]
 
 logger = logging.getLogger(__name__)
 
 app = ServerApp()
 
+FAILURE_FILE = "errors/serverapp.json"
+"""Where the ServerApp records its failure (``fedge.failure``), relative to the run directory."""
+STATUS_FILE = "flower/server-status.json"
+"""Where the ServerApp says how many clients it waits for (``fedge fl run`` prints it)."""
 _POLL_S = 0.1
 _CKPT = re.compile(r"^round-(\d+)\.pt$")
 LEDGER_FILE = "privacy-ledger.json"
@@ -49,37 +59,12 @@ def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
 
 
 def strategy_state_file(checkpoint: Path) -> Path:
-    """Where the strategy's server-side state (FedAdam moments, FedAvgM momentum) of a round's checkpoint is.
+    """Where the strategy's declared server-side state of a round's checkpoint is.
 
     It sits beside ``round-NNNN.pt``, which stays a plain model ``state_dict`` (loadable as before); the
     ``.pt`` is written after it, so a round's checkpoint exists only once both files do.
     """
     return checkpoint.with_name(checkpoint.stem + ".strategy.npz")
-
-
-def _save_strategy_state(path: Path, strategy: Any) -> None:
-    from fedge.plugins.aggregators import strategy_state
-
-    state = strategy_state(strategy)
-    if not state:  # stateless strategy, or no aggregation yet: nothing to restore
-        path.unlink(missing_ok=True)  # a stale file of an earlier attempt at this round
-        return
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, allow_pickle=False, **state)  # to a file object: given a path, np.savez appends .npz
-
-
-def _restore_strategy_state(checkpoint: Path, strategy: Any, shapes: dict[str, tuple[int, ...]]) -> None:
-    from fedge.plugins.aggregators import load_strategy_state, state_kinds
-
-    path = strategy_state_file(checkpoint)
-    if not path.is_file():
-        # An older fedge's checkpoint, a round without aggregation, or FedAvgM without momentum: nothing to restore.
-        if state_kinds(strategy):
-            logger.info("no %s: the strategy's %s start from zero", path.name, ", ".join(state_kinds(strategy)))
-        return
-    with np.load(path, allow_pickle=False) as data:
-        load_strategy_state(strategy, {k: data[k] for k in data.files}, shapes=shapes)
-    logger.warning("restored the strategy's server-side state from %s", path.name)
 
 
 class _NodeSnapshot:
@@ -92,53 +77,272 @@ class _NodeSnapshot:
         return list(self._ids)
 
 
-def _wait_for_nodes(grid: Grid, required: int, timeout_s: float) -> list[int]:
-    # Flower's get_node_ids() lists online nodes only: those whose heartbeats arrive and not unregistered.
-    deadline = time.monotonic() + timeout_s
-    while True:
-        ids = list(grid.get_node_ids())
-        if len(ids) >= required:
-            return ids
-        if time.monotonic() > deadline:
-            if ids:
-                logger.warning("only %d of %d clients connected after %.0f s; going on", len(ids), required, timeout_s)
-                return ids
-            raise RuntimeFailure(f"no client connected within {timeout_s:.0f} s")
-        time.sleep(_POLL_S * 5)
-
-
 def _mean(values: list[float]) -> float | None:
     finite = [v for v in values if np.isfinite(v)]
     return round(float(np.mean(finite)), 4) if finite else None
 
 
-def run_rounds(grid: Grid, run: RunDir, cfg: FlConfig) -> dict[str, Any]:
-    """The federated round loop; returns the final record written to ``result.json``."""
-    import torch
+@dataclass
+class _Round:
+    """What one round gathered, phase by phase."""
 
-    from fedge.plugins.aggregators import Sampling, build_strategy
-    from fedge.plugins.models import build_model, save_model
-    from fedge.plugins.training import evaluate
+    server_round: int
+    started: float = field(default_factory=time.perf_counter)
+    messages: list[Message] = field(default_factory=list)
+    got: RoundReplies | None = None
+    wait_s: float = 0.0
+    good: list[Message] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    loss: float = float("nan")
+    accuracy: float = float("nan")
 
-    torch.set_num_threads(1)
-    x_test, y_test, meta = _test_data(run, cfg)
-    model = build_model(
-        cfg.model, cfg.model_options, input_shape=tuple(meta["input_shape"]), num_classes=int(meta["num_classes"])
-    )
-    start_round = 1
-    if (ckpt := latest_checkpoint(run.path)) is not None:
-        model.load_state_dict(torch.load(ckpt[1], map_location="cpu", weights_only=True))
-        start_round = ckpt[0] + 1
-        logger.warning("resuming after round %d from %s", ckpt[0], ckpt[1])
-    spec = dict(model.fedge_spec)  # type: ignore[arg-type]
-    sampling = Sampling(fraction_train=cfg.fraction_train, min_train_nodes=1)
-    strategy = build_strategy(cfg.aggregator, cfg.aggregator_options, sampling)
-    strategy, ledger = _privacy(run, cfg, strategy, resumed=ckpt is not None)
-    arrays = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in model.state_dict().items()})
-    reference = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if ckpt is not None:
-        _restore_strategy_state(ckpt[1], strategy, reference)
-    train_config = {
+
+class ServerLoop:
+    """The federated round loop over a Flower ``Grid``, one method per phase.
+
+    Args:
+        grid: Flower's Grid (the ServerApp's), or a stand-in with ``get_node_ids``/``push_messages``/``pull_messages``.
+        run: the run directory (``config.toml``, ``data/test.npz``, checkpoints, metrics).
+        cfg: the run's settings.
+    """
+
+    def __init__(self, grid: Grid, run: RunDir, cfg: FlConfig) -> None:
+        import torch
+
+        from fedge.plugins.models import build_model
+
+        torch.set_num_threads(1)
+        self.grid, self.run, self.cfg = grid, run, cfg
+        self.x_test, self.y_test, meta = _test_data(run, cfg)
+        self.model = build_model(
+            cfg.model, cfg.model_options, input_shape=tuple(meta["input_shape"]), num_classes=int(meta["num_classes"])
+        )
+        self.start_round = 1
+        last = latest_checkpoint(run.path)
+        if last is not None:
+            self.model.load_state_dict(torch.load(last[1], map_location="cpu", weights_only=True))
+            self.start_round = last[0] + 1
+            logger.warning("resuming after round %d from %s", last[0], last[1])
+        self.reference = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        self.arrays = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in self.model.state_dict().items()})
+        self.aggregator = self._build_aggregator()
+        self.ledger = self._privacy_ledger(resumed=last is not None)
+        if last is not None:
+            self._restore_state(last[1])
+        self.train_config = ConfigRecord(_train_config(cfg, dict(self.model.fedge_spec)))  # type: ignore[arg-type]
+        self.quarantine = NodeQuarantine(poll_s=_POLL_S)
+
+    def _build_aggregator(self) -> Aggregator:
+        from fedge.plugins.aggregators import Sampling, build_aggregator
+
+        sampling = Sampling(fraction_train=self.cfg.fraction_train, min_train_nodes=1)
+        aggregator = build_aggregator(self.cfg.aggregator, self.cfg.aggregator_options, sampling)
+        if self.cfg.privacy.dp != "off":  # central DP: Flower's wrapper around the strategy (privacy.py)
+            from dataclasses import replace
+
+            wrapped = privacy.wrap_strategy(aggregator.strategy, self.cfg.privacy, num_sampled_clients=self.cfg.num_sampled)
+            aggregator = replace(aggregator, strategy=wrapped)
+        return aggregator
+
+    # -- privacy (privacy.py, secagg.py) -------------------------------------------------------------
+    def _privacy_ledger(self, *, resumed: bool) -> privacy.PrivacyLedger | None:
+        """The (ε, δ) ledger; None when DP is off or the accountant's assumptions do not hold (said once)."""
+        if self.cfg.privacy.dp == "off":
+            return None
+        reason = privacy.PrivacyLedger.unaccounted_reason(self.cfg.privacy, self.cfg.aggregator, self.aggregator.strategy)
+        if reason is not None:
+            logger.warning("%s", reason)
+            return None
+        ledger = privacy.PrivacyLedger(self.cfg.privacy, population_size=self.cfg.clients)
+        if resumed and self.run.file(LEDGER_FILE).is_file():
+            ledger.load(self.run.file(LEDGER_FILE))
+        return ledger
+
+    def _budget_stop(self, server_round: int) -> str | None:
+        """Why the run stops before ``server_round`` (the privacy budget), or None."""
+        if self.ledger is None or not self.ledger.would_exceed():
+            return None
+        why = f"stopped before round {server_round}: it would spend more than target_epsilon {self.cfg.privacy.target_epsilon:g}"
+        logger.warning("privacy budget: %s", why)
+        return why
+
+    def _privacy_metrics(self) -> dict[str, Any]:
+        if self.cfg.privacy.dp == "off":
+            return {}
+        if self.ledger is None:  # the accountant's assumptions do not hold: no ε rather than a wrong one
+            return {"epsilon": None, "delta": self.cfg.privacy.delta}
+        return self.ledger.spent()
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def run_all(self) -> dict[str, Any]:
+        """Run the remaining rounds; returns the final record written to ``result.json``."""
+        from fedge.plugins.models import save_model
+
+        self._record_missing_round()
+        stopped, last_round = None, self.start_round - 1
+        for server_round in range(self.start_round, self.cfg.rounds + 1):
+            if stopped := self._budget_stop(server_round):
+                break
+            this = _Round(server_round)
+            this.messages = self.configure(this)
+            self.send_receive(this)
+            self.screen(this)
+            self.aggregate(this)
+            self.evaluate(this)
+            self.checkpoint(this)
+            self.record(this)
+            last_round = server_round
+        save_model(self.model, self.run.path, extra={"dataset": self.cfg.dataset, "dataset_options": dict(self.cfg.dataset_options)})
+        loss, acc = self._evaluate()
+        result: dict[str, Any] = {"status": "completed", "rounds": last_round, "loss": loss, "accuracy": acc}
+        if self.cfg.privacy.dp != "off":
+            result["privacy"] = {**self._privacy_metrics(), **({"stopped": stopped} if stopped else {})}
+        return result
+
+    def configure(self, this: _Round) -> list[Message]:
+        """The strategy's train messages for the nodes online now (the first round waits for the clients)."""
+        if this.server_round == self.start_round:  # the clients start cold: wait for them to come up
+            node_ids = self._wait_for_nodes(self.cfg.required_clients, self.cfg.startup_timeout_s)
+        else:  # later rounds take the nodes Flower lists as online; one that went away is not waited for
+            node_ids = self._wait_for_nodes(1, self.cfg.round_timeout_s)
+        snapshot = _NodeSnapshot(node_ids)
+        return list(self.aggregator.strategy.configure_train(this.server_round, self.arrays, self.train_config, snapshot))  # type: ignore[arg-type]
+
+    def send_receive(self, this: _Round) -> None:
+        """Send the messages and collect replies until all waited-for nodes answered or the deadline passed."""
+        timeout = self.cfg.round_timeout_s
+        if this.server_round == self.start_round:  # also the clients' cold start (processes, imports, data)
+            timeout = max(timeout, self.cfg.startup_timeout_s)
+        sent = time.perf_counter()
+        if self.cfg.privacy.secagg:  # SecAgg+: every reply holds only the unmasked mean of the updates
+            this.got = secagg.secure_round(self.grid, this.server_round, this.messages, self.cfg.privacy, timeout_s=timeout)
+        else:
+            this.got = self.quarantine.send_and_receive(self.grid, this.messages, timeout_s=timeout)
+        this.wait_s = time.perf_counter() - sent
+
+    def screen(self, this: _Round) -> None:
+        """Keep the well-formed, finite updates; the rest become rejections."""
+        assert this.got is not None
+        this.good, this.rejected = screen_replies(this.got.replies, self.reference)
+        for r in this.rejected:
+            logger.warning("round %d: rejected update from node %d: %s", this.server_round, r.node_id, r.reason)
+
+    def aggregate(self, this: _Round) -> None:
+        """Let the strategy aggregate the good updates; a non-finite aggregate keeps the previous model."""
+        import torch
+
+        new_arrays = self.aggregator.strategy.aggregate_train(this.server_round, this.good)[0] if this.good else None
+        if new_arrays is not None and all(np.isfinite(a.numpy()).all() for a in new_arrays.values()):
+            self.arrays = new_arrays
+            if self.ledger is not None:  # a released aggregate spends privacy
+                self.ledger.compose(num_replies=len(this.good), num_sampled=len(this.messages))
+        elif new_arrays is not None:
+            this.rejected.append(Rejection(0, "aggregate was non-finite; global model kept"))
+            logger.warning("round %d: the aggregate was non-finite; the global model is unchanged", this.server_round)
+        elif this.good:
+            logger.warning("round %d: %s returned no aggregate; the global model is unchanged", this.server_round, self.cfg.aggregator)
+        self.model.load_state_dict({k: torch.from_numpy(np.array(v.numpy())) for k, v in self.arrays.items()})
+
+    def evaluate(self, this: _Round) -> None:
+        """The global model on the held-out set (centralized evaluation)."""
+        this.loss, this.accuracy = self._evaluate()
+
+    def checkpoint(self, this: _Round) -> None:
+        """The strategy's declared state, then the model (last: the round's checkpoint exists once it does)."""
+        import torch
+
+        path = self.run.path / "checkpoints" / f"round-{this.server_round:04d}.pt"
+        state_path, state = strategy_state_file(path), self.aggregator.state_arrays()
+        if state:
+            with atomic_path(state_path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, allow_pickle=False, **state)  # to a file object: given a path, np.savez appends .npz
+        else:  # stateless strategy, or no aggregation yet
+            state_path.unlink(missing_ok=True)  # a stale file of an earlier attempt at this round
+        if self.ledger is not None:  # before the model: a resumed run never forgets a release
+            self.ledger.save(self.run.file(LEDGER_FILE))
+        with atomic_path(path) as tmp:
+            torch.save(self.model.state_dict(), tmp)
+
+    def record(self, this: _Round) -> None:
+        """One ``metrics.jsonl`` line (and ``rejected.jsonl`` lines) for the round."""
+        got = this.got
+        assert got is not None
+        metric_values = [next(iter(m.content.metric_records.values())) for m in this.good]
+        record = {
+            "round": this.server_round,
+            "loss": round(this.loss, 6),
+            "accuracy": round(this.accuracy, 6),
+            "num_clients": len(this.good),
+            "round_s": round(time.perf_counter() - this.started, 3),
+            "sampled": len(this.messages),
+            "rejected": len(this.rejected),
+            "timed_out": len(got.timed_out),
+            "offline": len(got.offline),
+            "quarantined": len(got.quarantined),
+            "train_loss": _mean([float(m.get("train-loss", np.nan)) for m in metric_values]),
+            "client_compute_s": _mean([float(m.get("compute-s", np.nan)) for m in metric_values]),
+            "client_process_s": _mean([float(m.get("process-s", np.nan)) for m in metric_values]),
+            "wait_s": round(this.wait_s, 3),
+            **self._privacy_metrics(),
+        }
+        self.run.append_metrics(record)
+        if this.rejected:
+            with open(self.run.file("rejected.jsonl"), "a", encoding="utf-8") as f:
+                f.writelines(json.dumps({"round": this.server_round, **r.to_json()}) + "\n" for r in this.rejected)
+        logger.warning(
+            "round %d/%d: accuracy %.4f loss %.4f clients %d",
+            this.server_round, self.cfg.rounds, this.accuracy, this.loss, len(this.good),
+        )  # fmt: skip
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _evaluate(self) -> tuple[float, float]:
+        from fedge.plugins.training import evaluate
+
+        return evaluate(self.model, self.x_test, self.y_test)
+
+    def _wait_for_nodes(self, required: int, timeout_s: float) -> list[int]:
+        # Flower's get_node_ids() lists online nodes only: those whose heartbeats arrive and not unregistered.
+        deadline, said = time.monotonic() + timeout_s, -1
+        while True:
+            ids = list(self.grid.get_node_ids())
+            if len(ids) != said:
+                said = len(ids)
+                status = {"required": required, "connected": len(ids), "waiting": len(ids) < required}
+                self.run.write_json(STATUS_FILE, status)
+            if len(ids) >= required:
+                return ids
+            if time.monotonic() > deadline:
+                if ids:
+                    logger.warning("only %d of %d clients connected after %.0f s; going on", len(ids), required, timeout_s)
+                    return ids
+                raise RuntimeFailure(f"no client connected within {timeout_s:.0f} s")
+            time.sleep(_POLL_S * 5)
+
+    def _restore_state(self, checkpoint: Path) -> None:
+        path = strategy_state_file(checkpoint)
+        if not path.is_file():
+            # An older fedge's checkpoint, a round without aggregation, or a stateless aggregator.
+            if self.aggregator.state:
+                logger.info("no %s: the strategy's %s start from zero", path.name, ", ".join(self.aggregator.state))
+            return
+        with np.load(path, allow_pickle=False) as data:
+            self.aggregator.load_state({k: data[k] for k in data.files}, shapes=self.reference)
+        logger.warning("restored the strategy's server-side state from %s", path.name)
+
+    def _record_missing_round(self) -> None:
+        # Killed between a round's checkpoint and its metrics line: record that round from the checkpoint.
+        done_rounds = {int(r["round"]) for r in self.run.read_metrics() if "round" in r}
+        if self.start_round > 1 and self.start_round - 1 not in done_rounds:
+            loss, acc = self._evaluate()
+            self.run.append_metrics(
+                {"round": self.start_round - 1, "loss": loss, "accuracy": acc, "num_clients": None, "round_s": None,
+                 **self._privacy_metrics()}
+            )  # fmt: skip
+
+
+def _train_config(cfg: FlConfig, spec: dict[str, Any]) -> dict[str, Any]:
+    # What every ClientApp needs to train (see client_app / local.train_round).
+    return {
         "local-epochs": cfg.local_epochs,
         "batch-size": cfg.batch_size,
         "lr": cfg.lr,
@@ -146,116 +350,14 @@ def run_rounds(grid: Grid, run: RunDir, cfg: FlConfig) -> dict[str, Any]:
         "model-spec": json.dumps(spec),
         "dataset": cfg.dataset,
         "dataset-options": json.dumps(cfg.dataset_options),
-        "partition": cfg.partition,
+        "partition": str(cfg.partition),
         **privacy.train_config(cfg.privacy),
     }
-    done_rounds = {int(r["round"]) for r in run.read_metrics() if "round" in r}
-    if start_round > 1 and start_round - 1 not in done_rounds:  # killed between checkpoint and metrics line
-        loss, acc = evaluate(model, x_test, y_test)
-        record = {"round": start_round - 1, "loss": loss, "accuracy": acc, "num_clients": None, "round_s": None}
-        run.append_metrics({**record, **_privacy_metrics(cfg, ledger)})
-
-    quarantine = NodeQuarantine(poll_s=_POLL_S)
-    stopped: str | None = None
-    last_round = start_round - 1
-    for server_round in range(start_round, cfg.rounds + 1):
-        if ledger is not None and ledger.would_exceed():
-            stopped = f"stopped before round {server_round}: it would spend more than target_epsilon {cfg.privacy.target_epsilon:g}"
-            logger.warning("privacy budget: %s", stopped)
-            break
-        t0 = time.perf_counter()
-        if server_round == start_round:  # the clients start cold: wait for them to come up
-            node_ids = _wait_for_nodes(grid, cfg.required_clients, cfg.startup_timeout_s)
-        else:  # later rounds take the nodes Flower lists as online; one that went away is not waited for
-            node_ids = _wait_for_nodes(grid, 1, cfg.round_timeout_s)
-        snapshot = _NodeSnapshot(node_ids)
-        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(train_config), snapshot))  # type: ignore[arg-type]
-        t_sent = time.perf_counter()
-        # The first round also waits for the clients' cold start (processes, imports, data loading).
-        reply_timeout = max(cfg.round_timeout_s, cfg.startup_timeout_s) if server_round == start_round else cfg.round_timeout_s
-        if cfg.privacy.secagg:  # SecAgg+: every reply holds only the unmasked mean of the updates
-            got = secagg.secure_round(grid, server_round, messages, cfg.privacy, timeout_s=reply_timeout)
-        else:
-            got = quarantine.send_and_receive(grid, messages, timeout_s=reply_timeout)
-        t_replies = time.perf_counter()
-        good, rejected = screen_replies(got.replies, reference)
-        for r in rejected:
-            logger.warning("round %d: rejected update from node %d: %s", server_round, r.node_id, r.reason)
-        new_arrays = None
-        if good:
-            metric_values = [next(iter(m.content.metric_records.values())) for m in good]
-            new_arrays, _ = strategy.aggregate_train(server_round, good)
-        else:
-            metric_values = []
-        if new_arrays is not None and all(np.isfinite(a.numpy()).all() for a in new_arrays.values()):
-            arrays = new_arrays
-            if ledger is not None:
-                ledger.compose(num_replies=len(good), num_sampled=len(messages))
-        elif new_arrays is not None:
-            rejected.append(Rejection(0, "aggregate was non-finite; global model kept"))
-            logger.warning("round %d: the aggregate was non-finite; the global model is unchanged", server_round)
-        model.load_state_dict({k: torch.from_numpy(np.array(v.numpy())) for k, v in arrays.items()})
-        loss, acc = evaluate(model, x_test, y_test)
-        checkpoint = run.path / "checkpoints" / f"round-{server_round:04d}.pt"
-        _save_strategy_state(strategy_state_file(checkpoint), strategy)
-        if ledger is not None:  # before the checkpoint: a resumed run never forgets a release
-            ledger.save(run.file(LEDGER_FILE))
-        with atomic_path(checkpoint) as tmp:  # last: the round's checkpoint is complete once this file exists
-            torch.save(model.state_dict(), tmp)
-        record = {
-            "round": server_round,
-            "loss": round(loss, 6),
-            "accuracy": round(acc, 6),
-            "num_clients": len(good),
-            "round_s": round(time.perf_counter() - t0, 3),
-            "sampled": len(messages),
-            "rejected": len(rejected),
-            "timed_out": len(got.timed_out),
-            "offline": len(got.offline),
-            "quarantined": len(got.quarantined),
-            "train_loss": _mean([float(m.get("train-loss", np.nan)) for m in metric_values]),
-            "client_compute_s": _mean([float(m.get("compute-s", np.nan)) for m in metric_values]),
-            "client_process_s": _mean([float(m.get("process-s", np.nan)) for m in metric_values]),
-            "wait_s": round(t_replies - t_sent, 3),
-            **_privacy_metrics(cfg, ledger),
-        }
-        run.append_metrics(record)
-        if rejected:
-            with open(run.file("rejected.jsonl"), "a", encoding="utf-8") as f:
-                for r in rejected:
-                    f.write(json.dumps({"round": server_round, **r.to_json()}) + "\n")
-        logger.warning("round %d/%d: accuracy %.4f loss %.4f clients %d", server_round, cfg.rounds, acc, loss, len(good))
-        last_round = server_round
-
-    save_model(model, run.path, extra={"dataset": cfg.dataset, "dataset_options": dict(cfg.dataset_options)})
-    loss, acc = evaluate(model, x_test, y_test)
-    result: dict[str, Any] = {"status": "completed", "rounds": last_round, "loss": loss, "accuracy": acc}
-    if cfg.privacy.dp != "off":
-        result["privacy"] = {**_privacy_metrics(cfg, ledger), **({"stopped": stopped} if stopped else {})}
-    return result
 
 
-def _privacy(run: RunDir, cfg: FlConfig, strategy: Any, *, resumed: bool) -> tuple[Any, privacy.PrivacyLedger | None]:
-    """The strategy inside its DP wrapper, and the ledger of (ε, δ) (None when DP is off or ε cannot be told)."""
-    num_sampled = max(1, int(cfg.clients * cfg.fraction_train))
-    reason = privacy.PrivacyLedger.unaccounted_reason(cfg.privacy, cfg.aggregator, strategy)
-    wrapped = privacy.wrap_strategy(strategy, cfg.privacy, num_sampled_clients=num_sampled)
-    if cfg.privacy.dp == "off" or reason is not None:
-        if reason:
-            logger.warning("%s", reason)
-        return wrapped, None
-    ledger = privacy.PrivacyLedger(cfg.privacy, population_size=cfg.clients)
-    if resumed and run.file(LEDGER_FILE).is_file():
-        ledger.load(run.file(LEDGER_FILE))
-    return wrapped, ledger
-
-
-def _privacy_metrics(cfg: FlConfig, ledger: privacy.PrivacyLedger | None) -> dict[str, Any]:
-    if cfg.privacy.dp == "off":
-        return {}
-    if ledger is None:  # the accountant's assumptions do not hold: no ε rather than a wrong one
-        return {"epsilon": None, "delta": cfg.privacy.delta}
-    return ledger.spent()
+def run_rounds(grid: Grid, run: RunDir, cfg: FlConfig) -> dict[str, Any]:
+    """The federated round loop; returns the final record written to ``result.json``."""
+    return ServerLoop(grid, run, cfg).run_all()
 
 
 def _test_data(run: RunDir, cfg: FlConfig) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -275,13 +377,8 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls in the ``flwr-serverapp`` process."""
     run = RunDir(Path(str(context.run_config["run-dir"])))
     try:
-        cfg = load_config(run.file("config.toml"))
-        result = run_rounds(grid, run, cfg)
-    except FedgeError as err:
-        run.write_json("result.json", {"status": "failed", "error": str(err)})
-        raise
+        result = run_rounds(grid, run, load_config(run.file("config.toml")))
     except Exception as err:
-        run.write_json("result.json", {"status": "failed", "error": f"{type(err).__name__}: {err}"})
-        run.write_text("server-traceback.txt", traceback.format_exc())
+        record_failure(run.file(FAILURE_FILE), err, where="the ServerApp")
         raise
     run.write_json("result.json", result)

@@ -18,7 +18,8 @@ import pytest
 from fedge.cli.app import main
 from fedge.errors import RuntimeFailure
 from fedge.plugins.fl import FlConfig, run
-from fedge.plugins.fl.federation import _alive, _cmdline
+from fedge.supervisor import alive as _alive
+from fedge.supervisor import cmdline as _cmdline
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -199,7 +200,9 @@ def test_resume_after_superlink_is_killed(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_mid_round_stops_every_process(tmp_path: Path) -> None:
-    from fedge.plugins.fl.federation import processes_under
+    from fedge.errors import Interrupted
+    from fedge.plugins.fl.federation import FEDERATION_MARK
+    from fedge.supervisor import processes_with_env
 
     out = tmp_path / "run"
 
@@ -209,12 +212,12 @@ def test_ctrl_c_mid_round_stops_every_process(tmp_path: Path) -> None:
             return
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            if any("flwr-clientapp" in _cmdline(p) for p in processes_under(out / "flower")):
+            if any("flwr-clientapp" in _cmdline(p) for p in processes_with_env(FEDERATION_MARK, str((out / "flower").resolve()))):
                 break
             time.sleep(0.1)
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match=f"interrupted after round 0 of 3; kept {out.resolve()}; resume with: fedge fl run --resume"):
         run(FlConfig(clients=2, rounds=3, **TINY), out=out, on_status=interrupt_when_clients_train)  # type: ignore[arg-type]
 
     assert not _our_processes(out)

@@ -19,8 +19,9 @@ flwr_app = pytest.importorskip("flwr.app")
 from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.app.message import make_message
 
-AGGREGATORS = ["bulyan", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedmedian", "fedprox", "fedtrimmedavg",
-               "fedyogi", "krum", "multikrum"]  # fmt: skip
+AGGREGATORS = Registry(Kind.AGGREGATOR).names()  # every installed aggregator, third-party ones too
+BUILTIN_AGGREGATORS = {"bulyan", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedmedian", "fedprox",
+                       "fedtrimmedavg", "fedyogi", "krum", "multikrum"}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -110,16 +111,34 @@ def test_screen_replies_rejects_nan_inf_shape_and_keeps_good() -> None:
 
 
 # -- aggregators -----------------------------------------------------------------------------------------
-def test_every_flower_strategy_is_registered_and_builds() -> None:
+def test_flowers_strategies_are_all_registered() -> None:
+    assert BUILTIN_AGGREGATORS <= set(AGGREGATORS)
+
+
+@pytest.mark.parametrize("name", AGGREGATORS)
+def test_every_aggregator_builds_a_strategy_that_declares_and_keeps_its_state(name: str) -> None:
     from flwr.serverapp.strategy import Strategy
 
-    from fedge.plugins.aggregators import build_strategy
+    from fedge.plugins.aggregators import aggregator_registry, build_aggregator, load_strategy_state
 
-    registry = Registry(Kind.AGGREGATOR)
+    # Prepare: the plugin passes the kind's protocol.
+    plugin = aggregator_registry().get(name)
 
-    assert set(AGGREGATORS) <= set(registry.names())
-    for name in AGGREGATORS:
-        assert isinstance(build_strategy(name, registry=registry), Strategy)
+    # Execute: build it and run two rounds of aggregation, as the server loop does.
+    agg = build_aggregator(name)
+    arrays = {"w": np.ones((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+    for server_round in (1, 2):
+        arrays = _aggregate_once(agg.strategy, server_round, arrays, seed=server_round)
+    saved = agg.state_arrays()
+
+    # Assert: a Strategy; every saved entry belongs to a declared attribute; a fresh one takes the state back.
+    assert isinstance(agg.strategy, Strategy)
+    assert agg.state == dict(plugin.checkpoint_state)
+    assert {k.split("/")[0] for k in saved} <= set(agg.state)
+    fresh = build_aggregator(name)
+    load_strategy_state(fresh.strategy, saved, fresh.state, shapes={"w": (3, 2), "b": (2,)})
+    again = fresh.state_arrays()
+    assert saved.keys() == again.keys() and all(np.array_equal(saved[k], again[k]) for k in saved)
 
 
 @pytest.mark.parametrize(
@@ -223,15 +242,17 @@ def test_robust_aggregators_keep_accuracy_where_fedavg_does_not() -> None:
 def _aggregate_once(
     strategy: object, server_round: int, arrays: dict[str, np.ndarray], seed: int
 ) -> dict[str, np.ndarray]:
-    """One round of ``strategy`` on ``arrays`` with three clients' random updates; returns the new arrays."""
+    """One round of ``strategy`` on ``arrays`` with seven clients' random updates (enough for every built-in's
+    client-count rule); returns the new arrays."""
     from fedge.plugins.fl.server_app import _NodeSnapshot
 
     rng = np.random.default_rng(seed)
     record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-    snapshot = _NodeSnapshot([1, 2, 3])
+    nodes = list(range(1, 8))
+    snapshot = _NodeSnapshot(nodes)
     strategy.configure_train(server_round, record, flwr_app.ConfigRecord({}), snapshot)  # type: ignore[attr-defined]
     replies = [_reply({k: v + rng.normal(0, 0.1, v.shape).astype(v.dtype) for k, v in arrays.items()}, node_id=i)
-               for i in (1, 2, 3)]  # fmt: skip
+               for i in nodes]  # fmt: skip
     new, _ = strategy.aggregate_train(server_round, replies)  # type: ignore[attr-defined]
     return {k: v.numpy() for k, v in new.items()}
 
@@ -248,24 +269,25 @@ def _aggregate_once(
 def test_strategy_state_round_trips_and_the_next_round_matches(
     name: str, options: dict, kinds: set[str], tmp_path: Path
 ) -> None:
-    from fedge.plugins.aggregators import build_strategy, load_strategy_state, strategy_state
+    from fedge.plugins.aggregators import build_aggregator, build_strategy, load_strategy_state, strategy_state
 
     # Prepare: two rounds give non-trivial moments; save them as a checkpoint does (npz).
     arrays = {"w": np.ones((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+    declared = build_aggregator(name, options).state
     original = build_strategy(name, options)
     for server_round in (1, 2):
         arrays = _aggregate_once(original, server_round, arrays, seed=server_round)
-    saved = strategy_state(original)
+    saved = strategy_state(original, declared)
     np.savez(tmp_path / "state.npz", **saved)
 
     # Execute: a fresh strategy (a resumed ServerApp) loads them.
     restored = build_strategy(name, options)
     with np.load(tmp_path / "state.npz", allow_pickle=False) as data:
-        load_strategy_state(restored, {k: data[k] for k in data.files}, shapes={"w": (3, 2), "b": (2,)})
+        load_strategy_state(restored, {k: data[k] for k in data.files}, declared, shapes={"w": (3, 2), "b": (2,)})
 
     # Assert: same state, arrays equal and non-zero; and the next round gives the same model.
     assert {k.split("/")[0] for k in saved} == kinds
-    again = strategy_state(restored)
+    again = strategy_state(restored, declared)
     assert saved.keys() == again.keys()
     assert all(np.array_equal(saved[k], again[k]) and saved[k].dtype == again[k].dtype for k in saved)
     assert all(np.abs(v).sum() > 0 for v in saved.values())
@@ -278,16 +300,16 @@ def test_strategy_state_round_trips_and_the_next_round_matches(
 
 def test_strategy_state_that_does_not_fit_is_refused() -> None:
     from fedge.errors import DataError
-    from fedge.plugins.aggregators import build_strategy, load_strategy_state, strategy_state
+    from fedge.plugins.aggregators import build_aggregator
 
-    adam = build_strategy("fedadam")
-    _aggregate_once(adam, 1, {"w": np.ones((3, 2), np.float32)}, seed=0)
+    adam = build_aggregator("fedadam")
+    _aggregate_once(adam.strategy, 1, {"w": np.ones((3, 2), np.float32)}, seed=0)
 
     with pytest.raises(DataError, match="does not belong to FedAvg"):
-        load_strategy_state(build_strategy("fedavg"), strategy_state(adam))
+        build_aggregator("fedavg").load_state(adam.state_arrays())
     with pytest.raises(DataError, match="does not fit the model"):
-        load_strategy_state(build_strategy("fedadam"), strategy_state(adam), shapes={"w": (2, 3)})
-    assert strategy_state(build_strategy("fedavg")) == {}
+        build_aggregator("fedadam").load_state(adam.state_arrays(), shapes={"w": (2, 3)})
+    assert build_aggregator("fedavg").state_arrays() == {}
 
 
 # -- round loop on an in-process Grid ---------------------------------------------------------------------
@@ -519,7 +541,8 @@ def test_certs_have_loopback_san_and_node_keys_load(tmp_path: Path) -> None:
 
 
 def test_terminate_tree_kills_detached_grandchildren() -> None:
-    from fedge.plugins.fl.federation import _alive, descendants, terminate_tree
+    from fedge.supervisor import alive as _alive
+    from fedge.supervisor import descendants, terminate_tree
 
     # A parent in its own session that starts a child in yet another session (as Flower's daemons do).
     code = "import subprocess,sys,time; subprocess.Popen([sys.executable,'-c','import time; time.sleep(60)'], start_new_session=True); time.sleep(60)"

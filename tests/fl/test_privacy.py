@@ -109,7 +109,7 @@ def _loop(
         (["--target-epsilon", "3"], "target_epsilon needs dp = central or local"),
         (["--secagg", "--dp", "central"], "the server cannot clip it: use clip_on = client"),
         (["--secagg", "-a", "fedmedian"], "--secagg cannot run with aggregator 'fedmedian' (Flower's FedMedian)"),
-        (["--secagg", "-a", "krum"], "it needs each client's update, which SecAgg+ hides"),
+        (["--secagg", "-a", "fedtrimmedavg"], "it needs each client's update, which SecAgg+ hides"),
         (["--secagg", "--secagg-reconstruction-threshold", "1.5"], "as a share must be in (0, 1], got 1.5"),
         (["--dp", "central", "--target-epsilon", "0.5"], "below the ε of a single round"),
         (["--dp", "central", "-a", "fedmedian", "--target-epsilon", "50"], "--target-epsilon cannot be enforced"),
