@@ -86,7 +86,7 @@ def test_secagg_aggregate_equals_plain_fedavg_within_quantization(tmp_path: Path
 
 def test_secagg_survives_a_client_killed_mid_round_within_the_threshold(tmp_path: Path) -> None:
     # 3 clients, threshold 2: client 1's SuperNode is killed when it is asked to train (after the key exchange).
-    p = PrivacyConfig(secagg=True, secagg_timeout_s=20.0)
+    p = PrivacyConfig(secagg=True, secagg_timeout_s=45.0)
     cfg = FlConfig(clients=3, rounds=1, **TINY, privacy=p, faults={"1": "crash"})  # type: ignore[arg-type]
 
     result = run(cfg, out=tmp_path / "run")
@@ -99,7 +99,7 @@ def test_secagg_survives_a_client_killed_mid_round_within_the_threshold(tmp_path
 def test_secagg_over_the_threshold_fails_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
 
-    code = main(["fl", "run", _tiny_toml(tmp_path), "-n", "3", "-r", "1", "--secagg", "--secagg-timeout-s", "20",
+    code = main(["fl", "run", _tiny_toml(tmp_path), "-n", "3", "-r", "1", "--secagg", "--secagg-timeout-s", "45",
                  "--fault", "1=crash", "--fault", "2=crash", "--out", str(out)])  # fmt: skip
 
     err = capsys.readouterr().err.strip().splitlines()
