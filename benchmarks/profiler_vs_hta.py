@@ -5,9 +5,14 @@ as ratios. HTA is not installed: its numbers are read from the set's hta-referen
 fedge runs in a child process per repeat (load_job + build_report, mode hta), so its peak RSS is the
 child's alone (resource.getrusage(RUSAGE_CHILDREN)).
 
+It also prints the naive floor, gzip + orjson.loads of the same files in a fresh process, and fedge's time
+as a ratio to it.
+
 Run:  .venv/bin/python benchmarks/profiler_vs_hta.py [--set DIR] [--repeats 3] [--big /tmp/fedge-big-trace.json]
+      [--synthetic 0.5,1.5,4]
 (``--big``: also load+analyse a synthetic multi-GB trace made by benchmarks/make_big_trace.py and print its
-peak RSS against the file size.)
+peak RSS against the file size; ``--synthetic``: make one of each size in GB under /tmp, measure time and
+peak RSS of each, delete it.)
 """
 
 from __future__ import annotations
@@ -34,6 +39,37 @@ def _child(path: str, mode: str) -> None:
     print(json.dumps({"seconds": elapsed, "cpu_seconds": cpu, "ranks": len(report["ranks"]), "errors": len(report["errors"])}))
 
 
+def _floor_child(path: str) -> None:
+    import zlib
+
+    import orjson
+
+    start = time.perf_counter()
+    for f in sorted(Path(path).glob("*.json*")) if Path(path).is_dir() else [Path(path)]:
+        raw = f.read_bytes()
+        orjson.loads(zlib.decompress(raw, 16 + zlib.MAX_WBITS) if raw[:2] == b"\x1f\x8b" else raw)
+    print(json.dumps({"seconds": time.perf_counter() - start}))
+
+
+def _floor(path: str) -> float:
+    proc = subprocess.run([sys.executable, __file__, "--floor", path], capture_output=True, text=True, check=True)
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["seconds"])
+
+
+def _synthetic(sizes_gb: list[float]) -> None:
+    maker = Path(__file__).with_name("make_big_trace.py")
+    for gb in sizes_gb:
+        path = f"/tmp/fedge-synthetic-{gb:g}gb.json"
+        try:
+            subprocess.run([sys.executable, str(maker), "--gb", str(gb), "--out", path], check=True, capture_output=True)
+            size_mb = os.path.getsize(path) / 1e6
+            seconds, _, mb = _run_child(path, "fedge")
+            print(f"synthetic {size_mb:,.0f} MB: load+analyse {seconds:.1f} s ({seconds / size_mb * 1000:.1f} s/GB), "
+                  f"peak RSS {mb:,.0f} MB ({mb / size_mb:.2f}x the file size)")
+        finally:
+            Path(path).unlink(missing_ok=True)
+
+
 def _run_child(path: str, mode: str) -> tuple[float, float, float]:
     """(wall seconds, CPU seconds, peak RSS MB) of load+analyse in a fresh process. RUSAGE_CHILDREN is the max
     over all children a process waited for, so each measurement goes through its own intermediate process."""
@@ -56,10 +92,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mode", default="hta")
     parser.add_argument("--big", default=None, help="also measure this synthetic multi-GB trace")
+    parser.add_argument("--synthetic", default=None, help="comma-separated sizes in GB of synthetic traces to measure")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--floor", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args.child, args.mode)
+        return
+    if args.floor:
+        _floor_child(args.floor)
         return
     ref = json.loads((Path(args.set) / "hta-reference.json").read_text())
     reps = ref["timing_repeats"]
@@ -77,11 +118,16 @@ def main() -> None:
           f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"speed-up: {hta_s / fedge_s:.1f}x faster by wall time, {hta_s / fedge_cpu:.1f}x by CPU time (target >= 5x)")
     print(f"memory:   {fedge_mb / hta_mb:.2f}x HTA's peak RSS (target <= 0.5x)")
+    floor_s = statistics.median(_floor(args.set) for _ in range(args.repeats))
+    print(f"floor:    gzip + orjson.loads {floor_s:.3f} s (median of {args.repeats}); fedge is {fedge_s / floor_s:.2f}x it "
+          "(target <= 1.1x)")
     if args.big:
         size_mb = os.path.getsize(args.big) / 1e6
         seconds, _, mb = _run_child(args.big, "fedge")
         print(f"big trace: {args.big} {size_mb:,.0f} MB: load+analyse {seconds:.1f} s, peak RSS {mb:,.0f} MB "
               f"({mb / size_mb:.2f}x the file size)")
+    if args.synthetic:
+        _synthetic([float(x) for x in args.synthetic.split(",")])
 
 
 if __name__ == "__main__":

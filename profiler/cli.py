@@ -124,28 +124,23 @@ def _group() -> None:
     """Analyse torch.profiler traces: computation vs communication per rank, collectives, stragglers."""
 
 
-@app.command("report", no_args_is_help=True)
-def report(
-    path: Annotated[str, typer.Argument(help="A trace file (.json/.json.gz) or a directory of per-rank trace files.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema in docs/profiler.md).")] = False,
-    html_file: Annotated[str | None, typer.Option("--html", help="Also write a self-contained HTML report to FILE.")] = None,
-    mode: Annotated[str, typer.Option("--mode", help="Definitions: fedge (default) or hta (reproduces HTA 0.5.0).")] = "fedge",
-    out: Annotated[str | None, typer.Option("--out", help="Also write config.toml, report.json and report.html to DIR.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --out, whole.")] = False,
-    include_last_step: Annotated[
-        bool, typer.Option("--include-last-step", help="Keep the last ProfilerStep (dropped by default, as HTA does).")
-    ] = False,
-    top: Annotated[int, typer.Option("--top", help="Kernels listed per rank, by total time.")] = 10,
-    option: Annotated[
-        list[str] | None,
-        typer.Option("--option", "-o", help="An analysis setting, ANALYSIS.SETTING=VALUE (fedge plugins --kind analysis --name NAME lists them)."),
-    ] = None,
-) -> int:
-    """Report computation, communication (hidden and exposed), idle time, collectives and stragglers per rank,
-    and what every other installed analysis finds.
+_Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON (schema in docs/profiler.md).")]
+_Html = Annotated[str | None, typer.Option("--html", help="Also write a self-contained HTML page to FILE.")]
+_ModeOpt = Annotated[str, typer.Option("--mode", help="Definitions: fedge (default) or hta (reproduces HTA 0.5.0).")]
+_Out = Annotated[str | None, typer.Option("--out", help="Also write config.toml, report.json and report.html to DIR.")]
+_Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --out, whole.")]
+_LastStep = Annotated[
+    bool, typer.Option("--include-last-step", help="Keep the last ProfilerStep (dropped by default, as HTA does).")
+]
+_Options = Annotated[
+    list[str] | None,
+    typer.Option("--option", "-o", help="An analysis setting, ANALYSIS.SETTING=VALUE (fedge plugins --kind analysis --name NAME lists them)."),
+]
 
-    Exit code 0: every file read; 2: some files could not be read (the report covers the others); 1: nothing read.
-    """
+
+def _analyse(paths: list[str], *, mode: str, include_last_step: bool, top: int, option: list[str] | None,
+             out: str | None, overwrite: bool, as_json: bool, html_file: str | None) -> int:
+    """Check every setting and output, read the traces, run the analyses, write and print the result."""
     if mode not in _MODES:
         raise ConfigError(f"unknown --mode {mode!r}; valid: {', '.join(_MODES)}")
     if top < 0:
@@ -154,13 +149,61 @@ def report(
     from fedge.profiler.trace import find_trace_files
 
     options = _options(option or [])
-    choose_analyses({"mode": Mode(mode), "include_last_step": include_last_step, "top": top}, options)  # bad settings: before any work
-    find_trace_files(path)
-    settings = {"path": str(path), "mode": mode, "include_last_step": include_last_step, "top": top, "options": options}
+    common = {"mode": Mode(mode), "include_last_step": include_last_step, "top": top}
+    choose_analyses(common, options, inputs=len(paths))  # bad settings: before any work
+    for path in paths:
+        find_trace_files(path)
+    settings = {"paths": [str(p) for p in paths], "mode": mode, "include_last_step": include_last_step, "top": top,
+                "options": options}
     with _output_dir(out, overwrite) as run, _interruptible("reading the traces"):
-        job = _load(path)
-        result = run_report(job, mode=mode, include_last_step=include_last_step, top=top, options=options)
+        jobs = [_load(p) for p in paths]
+        result = run_report(jobs[-1], baseline=jobs[0] if len(jobs) == 2 else None, mode=mode,
+                            include_last_step=include_last_step, top=top, options=options)
         _emit(result, as_json=as_json, html_file=html_file, run=run, settings=settings)
-    for err in job.errors:
+    errors = [e for job in jobs for e in job.errors]
+    for err in errors:
         print(f"fedge: warning: skipped unreadable trace: {err.message}", file=sys.stderr)
-    return 2 if job.errors else 0
+    return 2 if errors else 0
+
+
+@app.command("report", no_args_is_help=True)
+def report(
+    path: Annotated[str, typer.Argument(help="A trace file (.json/.json.gz) or a directory of per-rank trace files.")],
+    as_json: _Json = False,
+    html_file: _Html = None,
+    mode: _ModeOpt = "fedge",
+    out: _Out = None,
+    overwrite: _Overwrite = False,
+    include_last_step: _LastStep = False,
+    top: Annotated[int, typer.Option("--top", help="Kernels listed per rank, by total time.")] = 10,
+    option: _Options = None,
+) -> int:
+    """Report computation, communication (hidden and exposed), idle time, collectives and stragglers per rank,
+    and what every other installed analysis finds.
+
+    Exit code 0: every file read; 2: some files could not be read (the report covers the others); 1: nothing read.
+    """
+    return _analyse([path], mode=mode, include_last_step=include_last_step, top=top, option=option, out=out,
+                    overwrite=overwrite, as_json=as_json, html_file=html_file)
+
+
+@app.command("diff", no_args_is_help=True)
+def diff(
+    baseline: Annotated[str, typer.Argument(help="The run to compare against: a trace file or a directory of per-rank traces.")],
+    candidate: Annotated[str, typer.Argument(help="The run to explain: a trace file or a directory of per-rank traces.")],
+    as_json: _Json = False,
+    html_file: _Html = None,
+    mode: _ModeOpt = "fedge",
+    out: _Out = None,
+    overwrite: _Overwrite = False,
+    include_last_step: _LastStep = False,
+    option: _Options = None,
+) -> int:
+    """What changed from BASELINE to CANDIDATE, per rank and overall: time per kind of work, kernel types,
+    kernels and collectives, ranked by how much time each gained or lost (new and gone ones marked).
+
+    Two directories are paired rank by rank; two single traces (two ranks of one job, say) are compared as
+    they are. Exit code 0: every file read; 2: some files could not be read; 1: a side has no readable trace.
+    """
+    return _analyse([baseline, candidate], mode=mode, include_last_step=include_last_step, top=10, option=option,
+                    out=out, overwrite=overwrite, as_json=as_json, html_file=html_file)

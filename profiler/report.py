@@ -41,6 +41,7 @@ class Report:
 
     data: dict[str, Any]
     sections: tuple[tuple[str, tuple[Section, ...]], ...]
+    title: str = "fedge profile report"
 
 
 def choose_analyses(
@@ -48,6 +49,7 @@ def choose_analyses(
     options: Mapping[str, Mapping[str, Any]] | None = None,
     *,
     registry: Registry[AnalysisPlugin] | None = None,
+    inputs: int = 1,
 ) -> tuple[list[Chosen[AnalysisPlugin]], list[str]]:
     """Every installed analysis with its validated Config, in report order, and notes for those that failed
     to load.
@@ -56,6 +58,7 @@ def choose_analyses(
         common: settings offered to every analysis whose Config declares them (``mode``, ``include_last_step``,
             ``top``).
         options: per analysis name, its own settings (``{"stragglers": {"min_delay_us": "20"}}``).
+        inputs: 1 for the analyses of one run (the report), 2 for those of two (the diff).
 
     Raises:
         ConfigError: an option names no installed analysis, or a setting is unknown or invalid (one line).
@@ -67,15 +70,23 @@ def choose_analyses(
         raise ConfigError(f"no analysis named {unknown[0]!r}; installed: {', '.join(registry.names())}")
     chosen: list[Chosen[AnalysisPlugin]] = []
     notes: list[str] = []
+    broken: set[str] = set()
     for name in registry.names():
         try:
             plugin = registry.get(name)
         except PluginLoadError as err:  # a broken third-party analysis must not take the report down
             notes.append(f"analysis {name!r} not run: {err}")
+            broken.add(name)
+            continue
+        if getattr(plugin, "inputs", 1) != inputs:
             continue
         declared = {f.name for f in dataclasses.fields(plugin.Config)}
         settings = {k: v for k, v in common.items() if k in declared} | dict(options.get(name, {}))
         chosen.append(registry.choose(name, settings, where=f"analysis {name}"))
+    elsewhere = sorted(set(options) - {c.name for c in chosen} - broken)
+    if elsewhere:
+        other = "fedge profile report" if inputs == 2 else "fedge profile diff"
+        raise ConfigError(f"analysis {elsewhere[0]!r} does not run here but in {other}; drop its -o settings")
     chosen.sort(key=lambda c: (getattr(c.plugin, "order", 50), c.name))
     return chosen, notes
 
@@ -83,16 +94,19 @@ def choose_analyses(
 def run_report(
     job: Job, *, mode: Mode | str = Mode.FEDGE, include_last_step: bool = False, top: int = 10,
     options: Mapping[str, Mapping[str, Any]] | None = None, registry: Registry[AnalysisPlugin] | None = None,
+    baseline: Job | None = None,
 ) -> Report:
-    """Run every installed analysis over ``job`` and assemble the report (see :func:`build_report`)."""
-    view = JobView(job, mode=mode, include_last_step=include_last_step)
+    """Run every installed analysis over ``job`` and assemble the report (see :func:`build_report`); with a
+    ``baseline``, the analyses of two runs instead (``fedge profile diff``), ``job`` being the candidate."""
+    before = JobView(baseline, mode=mode, include_last_step=include_last_step) if baseline is not None else None
+    view = JobView(job, mode=mode, include_last_step=include_last_step, baseline=before)
     common = {"mode": view.mode, "include_last_step": include_last_step, "top": top}
-    chosen, notes = choose_analyses(common, options, registry=registry)
+    chosen, notes = choose_analyses(common, options, registry=registry, inputs=1 if baseline is None else 2)
     ranks: dict[int, dict[str, Any]] = {t.rank: {"rank": t.rank, "file": t.path} for t in job.traces}
     fields: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     sections: list[tuple[str, tuple[Section, ...]]] = []
-    notes = [n for t in job.traces for n in t.notes] + notes
+    notes = [n for t in (*(baseline.traces if baseline is not None else ()), *job.traces) for n in t.notes] + notes
     for c in chosen:
         try:
             result = c.plugin.run(view, c.config)
@@ -124,10 +138,11 @@ def run_report(
         "ranks": [ranks[r] for r in sorted(ranks)],
         **fields,
         "analyses": extra,
-        "errors": [e.to_json() for e in job.errors],
+        "errors": [e.to_json() for e in (*(baseline.errors if baseline is not None else ()), *job.errors)],
         "notes": notes,
     }
-    return Report(data=data, sections=tuple(sections))
+    return Report(data=data, sections=tuple(sections),
+                  title="fedge profile report" if baseline is None else "fedge profile diff")
 
 
 def build_report(
@@ -172,7 +187,7 @@ def render_terminal(report: Report, console: Any = None) -> None:
 
     console = console or Console()
     data = report.data
-    console.print(f"[bold]fedge profile report[/bold]  mode={data['mode']}  ranks={len(data['ranks'])}"
+    console.print(f"[bold]{report.title}[/bold]  mode={data['mode']}  ranks={len(data['ranks'])}"
                   + ("" if data["gpu_activity"] else "  [yellow]no GPU activity[/yellow]"))
     for _, sections in report.sections:
         for s in sections:
@@ -216,12 +231,12 @@ def render_html(report: Report) -> str:
     errors = "".join(f"<li>{html.escape(e['error'])}</li>" for e in data["errors"])
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in data["notes"])
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>fedge profile report</title>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(report.title)}</title>
 <style>
 body{{font-family:system-ui,sans-serif;margin:2em;color:#222}} table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}} th{{background:#f3f3f3}}
 </style></head><body>
-<h1>fedge profile report</h1>
+<h1>{html.escape(report.title)}</h1>
 <p>mode: {html.escape(data["mode"])} &middot; ranks: {len(data["ranks"])}{"" if data["gpu_activity"] else " &middot; no GPU activity (CPU-side analysis)"}</p>
 {body}
 {f"<h2>Unreadable files</h2><ul>{errors}</ul>" if errors else ""}

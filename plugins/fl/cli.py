@@ -294,6 +294,8 @@ def supernode_command(
             raise ConfigError(f"file {str(path)!r} not found")
     if (data is None) == (partition is None):
         raise ConfigError("give exactly one of --data FILE.npz or --partition I/N")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
     node_config: dict[str, str | int | float] = {}
     if data is not None:
         _check_node_data(data)

@@ -7,13 +7,13 @@ The last element carries this rank's loss, so the global-batch mean loss travels
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from fedge.plugins.strategies._host_staging import HostStage, needs_host_staging
-from fedge.plugins.train.base import Strategy, batch_rows, set_lr
+from fedge.plugins.train.base import Strategy, batch_rows, load_sgd_state, set_lr, sgd_state
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -37,6 +37,7 @@ class DataParallel(Strategy):
     """Replicated model; a subclass sums one flat gradient buffer across ranks in :meth:`all_reduce_`."""
 
     replicated: ClassVar[bool] = True
+    resizable: ClassVar[bool] = True
     point_to_point: ClassVar[bool] = False
     """True when :meth:`all_reduce_` uses send/recv (then CUDA tensors over gloo travel via host memory)."""
 
@@ -64,7 +65,8 @@ class DataParallel(Strategy):
         xb, yb = batch_rows(x, y, r, w)
         self.flat.zero_()
         self.model.train()
-        loss = F.cross_entropy(self.model(xb.to(self.ctx.device)), yb.to(self.ctx.device))
+        with self.autocast():
+            loss = F.cross_entropy(self.model(xb.to(self.ctx.device)), yb.to(self.ctx.device))
         loss.backward()
         self.flat[-1] = loss.detach()
         if w > 1:
@@ -84,3 +86,9 @@ class DataParallel(Strategy):
     def load_checkpoint_state(self, state: dict[str, object]) -> None:
         self.model.load_state_dict(state["model"])  # type: ignore[arg-type]
         self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
+
+    def global_state(self) -> dict[str, Any]:
+        return sgd_state(self.model, self.optimizer)  # every rank holds it whole
+
+    def load_global_state(self, state: dict[str, Any], *, step: int) -> None:
+        load_sgd_state(self.model, self.optimizer, state)

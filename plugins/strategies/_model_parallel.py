@@ -54,6 +54,11 @@ class ModelParallel(Strategy):
 
     @classmethod
     def check_world_size(cls, config: StrategyConfig, world_size: int, batch_size: int) -> None:
+        if config.precision != "fp32":
+            raise ConfigError(
+                f"precision = {config.precision!r} is not supported by the model-parallel strategies yet (their stages "
+                "run their own forward); use a data-parallel strategy or precision = 'fp32'"
+            )
         dims = cls.layout(config, world_size)
         microbatches = cast(_Pipelined, config).microbatches
         check_pipeline(dp=dims.dp, pp=dims.pp, microbatches=microbatches, batch_size=batch_size)

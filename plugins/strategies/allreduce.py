@@ -131,7 +131,8 @@ class AllReduce(DataParallel):
             bucket.ready, bucket.future = 0, None
         self._next = 0
         self.model.train()
-        loss = F.cross_entropy(self.model(xb.to(self.ctx.device)), yb.to(self.ctx.device))
+        with self.autocast():
+            loss = F.cross_entropy(self.model(xb.to(self.ctx.device)), yb.to(self.ctx.device))
         self.flat[-1] = loss.detach()  # set before backward: bucket 0 may launch during it
         loss.backward()
         if w > 1:

@@ -104,6 +104,7 @@ class ParameterServer(Strategy):
         "2-servers": ParityCase(options={"mode": "sync", "num_servers": 2}, world_sizes=(4,)),
     }
     replicated: ClassVar[bool] = False
+    resizable: ClassVar[bool] = True
 
     @classmethod
     def check_world_size(cls, config: StrategyConfig, world_size: int, batch_size: int) -> None:
@@ -167,7 +168,8 @@ class ParameterServer(Strategy):
         xb, yb = batch_rows(x, y, self.ctx.rank, self.num_workers)
         self.gflat.zero_()
         self.model.train()
-        loss = F.cross_entropy(self.model(xb.to(self.ctx.device)), yb.to(self.ctx.device))
+        with self.autocast():
+            loss = F.cross_entropy(self.model(xb.to(self.ctx.device)), yb.to(self.ctx.device))
         loss.backward()
         self.gflat[-1] = loss.detach()
         push, pull = (self._gstage.out(self.gflat), self._pstage.mirror(self.pflat)) if self.staged else (self.gflat, self.pflat)
@@ -274,3 +276,44 @@ class ParameterServer(Strategy):
             self.loss_count = list(state.get("loss_count", self.loss_count))
         else:
             self.pflat.copy_(state["params"])
+
+    def _trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+
+    def global_state(self) -> dict[str, Any]:
+        """The servers' shards (parameters and momentum) put together on every rank with two all-reduces."""
+        n = self.bounds[-1] - 1  # without the loss slot
+        flat = torch.zeros(2, n + 1, device=self.ctx.device)
+        if self.is_server:
+            j = self.ctx.rank - self.num_workers
+            a, b = self.bounds[j], self.bounds[j + 1]
+            flat[0, a:b] = self.shard.data
+            buf = self.optimizer.state.get(self.shard, {}).get("momentum_buffer")
+            if buf is not None:
+                flat[1, a:b] = buf
+        dist.all_reduce(flat)
+        model, momentum, offset = dict(self.model.state_dict()), {}, 0
+        for name, p in self._trainable():
+            model[name] = flat[0, offset : offset + p.numel()].view_as(p)
+            momentum[name] = flat[1, offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        return {"model": model, "momentum": momentum}
+
+    def load_global_state(self, state: dict[str, Any], *, step: int) -> None:
+        trainable = self._trainable()
+        params = torch.cat([state["model"][name].reshape(-1).to(self.ctx.device) for name, _ in trainable])
+        if not self.is_server:
+            self.pflat[:-1].copy_(params)
+            return
+        momentum = torch.cat([state["momentum"][name].reshape(-1).to(self.ctx.device) for name, _ in trainable])
+        j = self.ctx.rank - self.num_workers
+        a, b = self.bounds[j], self.bounds[j + 1]
+        end = min(b, params.numel())  # the last shard's loss slot is not a parameter
+        self.shard.data.zero_()
+        self.shard.data[: end - a].copy_(params[a:end])
+        buf = torch.zeros_like(self.shard.data)
+        buf[: end - a].copy_(momentum[a:end])
+        self.optimizer.state[self.shard]["momentum_buffer"] = buf
+        # Workers may differ in number now: every one has pushed for each step done so far.
+        self.received = [step] * self.num_workers
+        self.loss_sum, self.loss_count = [0.0] * self.num_workers, [0] * self.num_workers

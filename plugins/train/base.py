@@ -44,6 +44,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -61,8 +62,10 @@ __all__ = [
     "StrategyConfig",
     "StrategyPlugin",
     "batch_rows",
+    "load_sgd_state",
     "resolve_strategy",
     "set_lr",
+    "sgd_state",
     "strategy_config",
     "strategy_registry",
 ]
@@ -82,6 +85,9 @@ class StrategyConfig:
     """The batch size ``lr`` was tuned for (``lr_scaling = "linear"`` only)."""
     warmup_steps: int = 0
     """Ramp the lr linearly from ``lr`` to the scaled lr over this many steps (needs ``lr_scaling = "linear"``)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """``bf16``: forward and backward under torch.autocast(bfloat16), CPU or GPU; weights, gradients and the
+    optimizer stay fp32 (master weights)."""
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -175,6 +181,30 @@ def strategy_config(cls: type[Strategy], options: Mapping[str, Any], name: str) 
     return from_mapping(cls.Config, dict(options), where=f"strategy_options ({name})")
 
 
+def sgd_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A replicated model's and its SGD optimizer's state keyed by parameter name (world-size independent).
+
+    A parameter that has not stepped yet gets a zero momentum buffer: with no dampening SGD's first step from
+    zeros equals its first step from none, and a checkpoint template needs every tensor.
+    """
+    import torch
+
+    momentum = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            momentum[name] = buf if buf is not None else torch.zeros_like(p)
+    return {"model": model.state_dict(), "momentum": momentum}
+
+
+def load_sgd_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Restore what :func:`sgd_state` returned."""
+    model.load_state_dict(state["model"])
+    for name, p in model.named_parameters():
+        if name in state["momentum"]:
+            optimizer.state[p]["momentum_buffer"] = state["momentum"][name].detach().clone().to(p.device)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set the learning rate of every parameter group."""
     for group in optimizer.param_groups:
@@ -202,6 +232,9 @@ class Strategy(abc.ABC):
     and a job restarted with a different world size (``--nnodes MIN:MAX``) can still resume from it."""
     parity_cases: ClassVar[Mapping[str, ParityCase]] = {"default": ParityCase()}
     """Settings that must match single-process SGD; empty for a strategy that is not synchronous."""
+    resizable: ClassVar[bool] = False
+    """True when the strategy has :meth:`global_state`: its checkpoints are world-size independent (DCP), so a
+    job resumes at another world size (2 -> 4 -> 2, an elastic job that lost a node, a migrated job)."""
 
     def __init__(self, config: StrategyConfig, ctx: DistContext) -> None:
         self.config = config
@@ -255,6 +288,15 @@ class Strategy(abc.ABC):
         self.model.load_state_dict(state["model"])  # type: ignore[attr-defined]
         self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[attr-defined]
 
+    def global_state(self) -> dict[str, Any]:
+        """The training state as single-process SGD holds it, identical on every rank (a collective):
+        ``{"model": state_dict, "momentum": {parameter name: buffer}}`` (see :func:`sgd_state`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no world-size independent state")
+
+    def load_global_state(self, state: dict[str, Any], *, step: int) -> None:
+        """Take this rank's part of what :meth:`global_state` returned (possibly at another world size)."""
+        raise NotImplementedError(f"{type(self).__name__} has no world-size independent state")
+
     def close(self) -> None:
         """Release hooks, buffers and in-flight communication. Called once, after the last step."""
 
@@ -264,6 +306,12 @@ class Strategy(abc.ABC):
         return {}
 
     # -- helpers for subclasses -------------------------------------------------------------------------
+
+    def autocast(self) -> AbstractContextManager[None]:
+        """Where a strategy runs its forward and loss: bf16 autocast when ``precision = "bf16"``."""
+        import torch
+
+        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
 
     def lr_at(self, step: int, global_batch: int) -> float:
         """The learning rate for ``step``: linear scaling to ``global_batch`` with linear warm-up."""

@@ -149,8 +149,7 @@ def _strategies(spec: dict[str, Any], partial: _Partial) -> list[dict[str, Any]]
     from torch.nn.parallel import DistributedDataParallel
 
     from fedge.plugins.models import build_model
-    from fedge.plugins.train.base import DistContext
-    from fedge.plugins.train.base import resolve_strategy, strategy_config
+    from fedge.plugins.train.base import DistContext, resolve_strategy, strategy_config
 
     w, r = dist.get_world_size(), dist.get_rank()
     ctx = DistContext(rank=r, world_size=w, local_rank=r, backend="gloo", device=torch.device("cpu"))

@@ -9,6 +9,12 @@ Every file is written atomically, and ``latest.json`` only after every rank has 
 worker puts a barrier in between), so a crash at any moment leaves the previous checkpoint usable. A
 ``replicated`` strategy (plain data parallel) has the same state on every rank: only rank 0 writes it,
 and a job with a different world size can resume from it.
+
+A ``resizable`` strategy (data parallel, parameter server) is checkpointed with torch.distributed.checkpoint
+(DCP) instead: its :meth:`~fedge.plugins.train.base.Strategy.global_state` - the model and SGD momentum as
+one process would hold them - goes to ``checkpoints/step-N/`` (DCP's ``.metadata`` + ``*.distcp``, each
+tensor written once), beside ``rng-R.pt`` per rank; ``latest.json`` says ``"format": "dcp"``. Any world
+size loads it, and each rank takes its part (a parameter server's shard of the parameters and momentum).
 """
 
 from __future__ import annotations
@@ -118,6 +124,8 @@ class Checkpointer:
                 f"the checkpoint in {where!r} was written by strategy {meta.get('strategy')!r}, not "
                 f"{self.strategy_name!r}; resume with the same strategy or use a new --out directory"
             )
+        if meta.get("format") == "dcp":
+            return self._restore_dcp(strategy, int(meta["step"]))
         if not self.replicated and meta.get("world_size") != self.world_size:
             raise ConfigError(
                 f"the checkpoint in {where!r} holds {meta.get('world_size')} ranks' shards but this job has "
@@ -131,10 +139,23 @@ class Checkpointer:
         set_rng_state((own or payload)["rng"])
         return step
 
+    def _restore_dcp(self, strategy: Any, step: int) -> int:
+        import torch.distributed.checkpoint as dcp
+
+        state = {"strategy": strategy.global_state()}  # the template DCP loads into, at this world size
+        dcp.load(state, checkpoint_id=str(_step_dir(self.run_dir, step)))
+        strategy.load_global_state(state["strategy"], step=step)
+        own, first = _step_dir(self.run_dir, step) / f"rng-{self.rank}.pt", _step_dir(self.run_dir, step) / "rng-0.pt"
+        set_rng_state(torch.load(own if own.is_file() else first, map_location="cpu", weights_only=False))
+        return step
+
     def save(self, strategy: Any, step: int) -> None:
-        """Write this rank's file of the checkpoint after ``step`` steps; rank 0 then points ``latest.json`` at it."""
+        """Write this rank's part of the checkpoint after ``step`` steps; rank 0 then points ``latest.json`` at it."""
         import torch.distributed as dist
 
+        if getattr(strategy, "resizable", False):
+            self._save_dcp(strategy, step)
+            return
         payload: dict[str, Any] = {"step": step, "rng": rng_state()}
         if self.rank == 0 or not self.replicated:
             payload["strategy"] = strategy.state_for_checkpoint()
@@ -142,4 +163,17 @@ class Checkpointer:
         dist.barrier()  # latest.json may only name a checkpoint every rank has finished writing
         if self.rank == 0:
             meta = {"step": step, "world_size": self.world_size, "strategy": self.strategy_name, "replicated": self.replicated}
+            write_latest(self.run_dir, meta, keep=self.keep)
+
+    def _save_dcp(self, strategy: Any, step: int) -> None:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        directory = _step_dir(self.run_dir, step)
+        dcp.save({"strategy": strategy.global_state()}, checkpoint_id=str(directory))
+        with atomic_path(directory / f"rng-{self.rank}.pt") as tmp:
+            torch.save(rng_state(), tmp)
+        dist.barrier()  # latest.json may only name a checkpoint every rank has finished writing
+        if self.rank == 0:
+            meta = {"step": step, "world_size": self.world_size, "strategy": self.strategy_name, "format": "dcp"}
             write_latest(self.run_dir, meta, keep=self.keep)

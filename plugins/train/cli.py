@@ -111,12 +111,25 @@ def train(
     base = _base_settings(config_file, resume, out, strategy)
     cfg = build_config(base, {k: v for k, v in flags.items() if v is not None})
     _check_before_start(cfg, last_call_given="rdzv_last_call_s" in settings)
-    with RunDir.create("train", resume or out, resume=resume is not None, overwrite=overwrite, resumable=True) as run:
+    joins = resume is None and not overwrite and _joins_shared_run(out, cfg)
+    with RunDir.create("train", resume or out, resume=resume is not None or joins, overwrite=overwrite, resumable=True) as run:
         run.write_config(to_mapping(cfg))
         typer.echo(f"fedge train: {cfg.strategy} on {cfg.nnodes} x {cfg.nproc} processes -> {run.path}", err=True)
         _launch(cfg, run)
     _report(run, as_json)
     return 0
+
+
+def _joins_shared_run(out: Path | None, cfg: TrainConfig) -> bool:
+    """Whether ``out`` is the run directory another node of this same multi-node job already made (nodes that
+    checkpoint share one directory): same rendezvous, not finished. Every node then writes into it."""
+    if out is None or not cfg.rdzv_endpoint or run_kind(out) != "train" or (out / "summary.json").exists():
+        return False
+    try:
+        theirs = load_toml(out / "config.toml")
+    except FedgeError:
+        return False
+    return (theirs.get("rdzv_endpoint"), theirs.get("rdzv_id")) == (cfg.rdzv_endpoint, cfg.rdzv_id)
 
 
 def _base_settings(config_file: Path | None, resume: Path | None, out: Path | None, strategy: str | None) -> dict[str, Any]:
@@ -170,6 +183,8 @@ def _check_before_start(cfg: TrainConfig, *, last_call_given: bool) -> None:
         logger.warning("--rdzv-last-call has no effect: only an elastic --nnodes MIN:MAX waits for more nodes")
     if cfg.backend == "nccl":
         _check_gpus(cfg.nproc)
+    elif cfg.device == "cuda":
+        _check_gpus(1, flag="--device cuda")
 
 
 def _check_data(cfg: TrainConfig, dataset_cfg: Any) -> None:
@@ -192,16 +207,15 @@ def _check_data(cfg: TrainConfig, dataset_cfg: Any) -> None:
         )
 
 
-def _check_gpus(nproc: int) -> None:
+def _check_gpus(nproc: int, *, flag: str = "--backend nccl") -> None:
     import torch
 
     found = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if found < nproc:
         seen = "no CUDA GPU" if not found else f"{found} CUDA GPU{'s' if found > 1 else ''}"
-        raise ConfigError(
-            f"--backend nccl needs one CUDA GPU per process (--nproc {nproc}), but torch {torch.__version__} sees "
-            f"{seen} here; use --backend gloo (or auto), or lower --nproc"
-        )
+        need = "one CUDA GPU per process (--nproc {nproc})" if flag == "--backend nccl" else "a CUDA GPU"
+        fix = "use --backend gloo (or auto), or lower --nproc" if flag == "--backend nccl" else "use --device cpu (or auto)"
+        raise ConfigError(f"{flag} needs {need.format(nproc=nproc)}, but torch {torch.__version__} sees {seen} here; {fix}")
 
 
 def _launch(cfg: TrainConfig, run: RunDir) -> None:

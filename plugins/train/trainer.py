@@ -178,8 +178,9 @@ class Trainer:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         # device_id binds NCCL's communicator to this rank's GPU up front (no guessing at the first barrier).
-        bound = {"device_id": device} if self.backend == "nccl" else {}
-        dist.init_process_group(self.backend, timeout=timedelta(seconds=self.cfg.timeout_s), **bound)
+        dist.init_process_group(
+            self.backend, timeout=timedelta(seconds=self.cfg.timeout_s), device_id=device if self.backend == "nccl" else None
+        )
         try:
             ctx = DistContext(
                 rank=self.env.rank, world_size=self.env.world_size, local_rank=self.env.local_rank,

@@ -128,10 +128,14 @@ class JobView:
         temporal_breakdown(view), comm_comp_overlap(view)  # kernels classified once
     """
 
-    def __init__(self, job: Job, *, mode: Mode | str = Mode.FEDGE, include_last_step: bool = False) -> None:
+    def __init__(
+        self, job: Job, *, mode: Mode | str = Mode.FEDGE, include_last_step: bool = False, baseline: JobView | None = None
+    ) -> None:
         self.job = job
         self.mode = Mode(mode)
         self.include_last_step = include_last_step
+        self.baseline = baseline
+        """The run this one is compared with, for analyses of two traces (``fedge profile diff``)."""
         self._derived: dict[tuple[str, int], Any] = {}
 
     @property
@@ -167,8 +171,10 @@ def as_view(data: Job | Trace | JobView, *, mode: Mode | str = Mode.FEDGE, inclu
 @runtime_checkable
 class AnalysisPlugin(Protocol):
     """An analysis: a ``Config`` dataclass (extending :class:`AnalysisConfig` to receive the mode) and
-    ``run(view, config)`` returning a :class:`Result`. An optional ``order`` (int, default 50) places its
-    sections in the report; the class docstring's first line is its summary in ``fedge plugins``."""
+    ``run(view, config)`` returning a :class:`Result`. Optional: ``order`` (int, default 50) places its
+    sections in the report; ``inputs = 2`` makes it an analysis of two runs, run by ``fedge profile diff``
+    with ``view.baseline`` set (default 1: ``fedge profile report``). The class docstring's first line is
+    its summary in ``fedge plugins``."""
 
     Config: ClassVar[type]
 

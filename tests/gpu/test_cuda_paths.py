@@ -92,3 +92,13 @@ def test_client_device_mistakes_are_one_line(node: dict[str, str], message: str)
 
     with pytest.raises(ValueError, match=message):
         node_device(node)
+
+
+@no_cuda
+def test_train_on_cuda_without_a_gpu_stops_before_anything_starts(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedge.cli.app import main
+
+    code = main(["train", "--device", "cuda", "--steps", "2", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1 and "--device cuda needs a CUDA GPU, but torch" in err and "use --device cpu" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

@@ -91,10 +91,24 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("args", "code", "line"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_with_the_right_exit_code(tmp_path, builder, capsys, args, code, line):
+DIFF_CASES = [
+    ("missing-candidate", lambda t, b: [str(_traces(t, b)), str(t / "nope")], 1, "no such file or directory"),
+    ("unreadable-baseline", lambda t, b: [_file(t, "trace.json", b"hello")[0], str(_traces(t, b))], 1, "no trace could be read"),
+    ("one-rank-unreadable", lambda t, b: [*_dangling_link(t, b), str(t / "traces" / "rank0_trace.json")], 2, "a symbolic link to"),
+    ("report-option-in-diff", lambda t, b: [str(_traces(t, b)), str(_traces(t, b)), "-o", "kernels.top=3"], 1,
+     "analysis 'kernels' does not run here but in fedge profile report"),
+    ("negative-show", lambda t, b: [str(_traces(t, b)), str(_traces(t, b)), "-o", "diff.show=-1"], 1, "must be >= 0"),
+    ("bad-mode", lambda t, b: [str(_traces(t, b)), str(_traces(t, b)), "--mode", "tb"], 1, "unknown --mode 'tb'"),
+    ("out-holds-a-run", lambda t, b: [str(_traces(t, b)), *_run_dir(t, b, "model.pt")], 1, "already holds a run"),
+]
+TABLE = [("report", *c) for c in CASES] + [("diff", *c) for c in DIFF_CASES]
+
+
+@pytest.mark.parametrize(("command", "args", "code", "line"), [c[:1] + c[2:] for c in TABLE],
+                         ids=[f"{c[0]}-{c[1]}" for c in TABLE])
+def test_bad_input_is_one_line_with_the_right_exit_code(tmp_path, builder, capsys, command, args, code, line):
     # Prepare
-    argv = ["profile", "report", *args(tmp_path, builder)]
+    argv = ["profile", command, *args(tmp_path, builder)]
     # Execute
     got = main(argv)
     # Assert: the exit code, and the line (exit 2 names each skipped file once, as a warning)
@@ -145,8 +159,9 @@ def _blocked_on_fifo(pid: int) -> bool:
     return False
 
 
-@pytest.mark.parametrize("ranks", [1, 2], ids=["one-file", "worker-per-file"])
-def test_ctrl_c_is_one_line_and_exit_130(tmp_path, ranks):
+@pytest.mark.parametrize(("ranks", "sig"), [(1, signal.SIGINT), (2, signal.SIGINT), (1, signal.SIGTERM)],
+                         ids=["one-file", "worker-per-file", "sigterm"])
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, ranks, sig):
     # Prepare: rank files that are FIFOs nobody writes, so reading blocks until interrupted
     for rank in range(ranks):
         os.mkfifo(tmp_path / f"rank{rank}_trace.json")
@@ -156,7 +171,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, ranks):
     while not _blocked_on_fifo(proc.pid) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)
     # Execute
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     code = proc.wait(timeout=60)
     # Assert
     err = proc.stderr.read().strip().splitlines()

@@ -62,6 +62,8 @@ TRAIN_CASES = [
     ("npz-without-path", ["--dataset", "npz"], None, "needs dataset_options.path"),
     ("npz-path-missing", ["{tmp}/x"], _toml('dataset = "npz"\n[dataset_options]\npath = "/nonexistent/d.npz"\n'), "does not exist"),
     ("config-file-missing", ["{tmp}/missing.toml"], None, "missing.toml"),
+    ("bf16-on-pipeline", ["--strategy", "pipeline", "--nproc", "2", "-o", "precision=bf16"], None, "not supported by the model-parallel strategies"),
+    ("precision-fp8", ["-o", "precision=fp8"], None, "precision must be one of fp32, bf16"),
     ("fault-at-garbage", ["--fault-at", "x"], None, "fault_at must be RANK:STEP"),
     ("resume-empty-dir", ["--resume", "{tmp}"], None, "nothing to resume"),
     ("resume-fl-run", ["--resume", "{tmp}/x"], _run_of("fl"), "holds a fl run, not a train run"),

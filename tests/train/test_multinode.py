@@ -46,10 +46,11 @@ def _rdzv_port() -> int:
 class _Node:
     """One ``fedge train`` process (one node), its output in files so a full pipe never blocks it."""
 
-    def __init__(self, args: list[str], out: Path, env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], out: Path, env: dict[str, str], tag: str = "") -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         self.out = out
-        self.stdout_path, self.stderr_path = out.with_suffix(".stdout"), out.with_suffix(".stderr")
+        logs = out.with_name(out.name + tag)
+        self.stdout_path, self.stderr_path = logs.with_suffix(".stdout"), logs.with_suffix(".stderr")
         with open(self.stdout_path, "wb") as so, open(self.stderr_path, "wb") as se:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", "import sys; from fedge.cli.app import main; sys.exit(main())", *args, "--out", str(out)],
@@ -166,3 +167,37 @@ def test_nodes_started_with_different_settings_stop_with_one_line(tmp_path: Path
         assert "the nodes of this job were started with different settings: steps is " in line
         assert "Traceback" not in node.stderr
     assert not any((n.out / "metrics.jsonl").exists() for n in nodes)
+
+
+def test_a_node_leaves_an_elastic_job_and_it_finishes_on_one_node_from_its_checkpoint(
+    tmp_path: Path, settings: Path, fedge_env
+) -> None:
+    # Prepare: --nnodes 1:2 on one shared run directory, checkpointing; node A hosts the rendezvous store
+    steps = 1500
+    args = _job_args(settings, "1:2", "--rdzv-last-call", "2", "--max-restarts", "2", "--checkpoint-every", "50")
+    args[args.index("--steps") + 1] = str(steps)
+    shared = tmp_path / "shared"
+    node_a = _Node(args, shared, fedge_env, tag="-a")
+    deadline = time.monotonic() + 60
+    while "waiting for 1 to 2 nodes" not in node_a.stderr and time.monotonic() < deadline:
+        time.sleep(0.2)
+    node_b = _Node(args, shared, fedge_env, tag="-b")
+    # Execute: once both train and a checkpoint exists, node B goes away (its fedge and torchrun die)
+    latest = shared / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 180
+    while not (latest.is_file() and json.loads(latest.read_text())["world_size"] == 2):
+        assert node_a.proc.poll() is None and node_b.proc.poll() is None, node_a.stderr[-2000:] + node_b.stderr[-2000:]
+        assert time.monotonic() < deadline, "the two-node job never checkpointed"
+        time.sleep(0.2)
+    left_at = json.loads(latest.read_text())["step"]
+    os.kill(node_b.proc.pid, signal.SIGKILL)
+    [code] = _wait([node_a], timeout_s=300)
+    node_b.proc.wait(timeout=30)
+    # Assert: A's torchrun restarted the group at one node, which resumed from a checkpoint and finished
+    assert code == 0, node_a.stderr[-3000:]
+    report = json.loads(node_a.stdout)
+    assert (report["world_size"], report["steps"]) == (1, steps)
+    assert report["restarts"] >= 1 and report["resumed_from_step"] >= left_at
+    records = [json.loads(line) for line in (shared / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))  # redone steps replaced, none missing
+    assert report["test_accuracy"] > 0.9
