@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TRACES = ROOT.parent / "shared" / "traces"
-_LEFTOVER_PATTERN = "flower-superlink|flower-supernode|flower-superexec|flwr-serverapp|flwr-clientapp|torchrun|torch.distributed.run"
+_LEFTOVER_PATTERN = "flower-superlink|flower-supernode|flower-superexec|flwr-serverapp|flwr-clientapp|torchrun|torch.distributed.run|raylet|gcs_server|ray::|ray/_private"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -186,12 +186,12 @@ def _check_plugins(cfg: Any, command: str) -> None:
     # Fail on a misspelt name, a bad option or a client count the aggregator cannot work with, in one line,
     # before any process starts or any run directory is made. (The run then reads the data before it creates
     # the run directory.)
-    from fedge.plugins.aggregators import check_client_count
     from fedge.plugins.data import dataset_config
+    from fedge.plugins.fl.runner import check_before_start
     from fedge.registry import Kind, Registry
 
     Registry(Kind.MODEL).choose(cfg.model, cfg.model_options, where=f"model.{cfg.model}")
-    check_client_count(cfg.aggregator, cfg.aggregator_options, cfg.num_sampled)
+    check_before_start(cfg)
     dataset_config(cfg.dataset, cfg.dataset_options, command=command)
 
 
@@ -227,6 +227,10 @@ def superlink_command(
     _check_port("--control-port", control_port)
     if fleet_port == control_port:
         raise ConfigError(f"--fleet-port and --control-port must differ; both are {fleet_port}")
+    from fedge.plugins.fl.federation import check_port_free
+
+    for flag, port in (("--fleet-port", fleet_port), ("--control-port", control_port)):
+        check_port_free(host, port, flag)  # before any run directory exists
     tls = None
     if certs is not None:
         ca_cert, server_cert, server_key = certs / "ca.crt", certs / "server.pem", certs / "server.key"

@@ -9,7 +9,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fedge.config import PartitionConfig, from_mapping, load_toml, merge, parse_partition, to_mapping
 from fedge.plugins.fl.privacy import PrivacyConfig
@@ -69,6 +69,15 @@ class FlConfig:
     warm_workers: bool = True
     """Give each SuperNode a warm worker that keeps torch loaded between rounds (the ClientApp process Flower
     starts per message then skips importing torch); false trains inside the ClientApp process."""
+    engine: Literal["deployment", "simulation"] = "deployment"
+    """Flower runtime: ``deployment`` (a SuperLink and SuperNode processes over gRPC) or ``simulation``
+    (Flower's Simulation Engine on Ray: virtual clients, thousands on one machine). Same apps either way."""
+    client_cpus: float = 1.0
+    """Simulation: CPUs Ray reserves per virtual client (how many train at once = cores / this)."""
+    client_gpus: float = 0.0
+    """Simulation: GPUs (or a fraction of one) Ray reserves per virtual client."""
+    ray_address: str = ""
+    """Simulation: HOST:PORT of a running Ray cluster to use; empty starts a local Ray for the run."""
     seed: int = 0
     """Seed of the partition, model initialisation and client shuffling."""
     faults: dict[str, str] = field(default_factory=dict)
@@ -89,6 +98,15 @@ class FlConfig:
             raise ValueError(f"min_clients must be between 0 and clients ({self.clients}), got {self.min_clients}")
         if self.round_timeout_s <= 0 or self.startup_timeout_s <= 0:
             raise ValueError("round_timeout_s and startup_timeout_s must be > 0")
+        if self.clients * self.fraction_train < 1:
+            raise ValueError(
+                f"fraction_train {self.fraction_train} of {self.clients} clients samples nobody; "
+                f"raise it to at least {1 / self.clients:.4g}"
+            )
+        if self.client_cpus <= 0 or self.client_gpus < 0:
+            raise ValueError(f"client_cpus must be > 0 and client_gpus >= 0, got {self.client_cpus} and {self.client_gpus}")
+        if self.ray_address and self.engine != "simulation":
+            raise ValueError("ray_address is for engine = simulation; add --engine simulation")
         split = self.partition_config  # raises ConfigError on a bad spec
         if not math.isfinite(split.alpha):
             raise ValueError(f"partition {self.partition!r}: ALPHA must be a finite number > 0, e.g. dirichlet:0.5")

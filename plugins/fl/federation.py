@@ -9,6 +9,7 @@ module adds what is Flower's: the daemons' command lines, the ``flwr`` CLI, and 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from fedge.errors import ConfigError, RuntimeFailure
 from fedge.rundir import atomic_write_text
 from fedge.supervisor import Child, Supervisor, free_port, kill_recorded, wait_for_port
 
-__all__ = ["FEDERATION_MARK", "Daemon", "Federation", "TlsFiles", "kill_recorded_federation", "log_cause"]
+__all__ = ["FEDERATION_MARK", "Daemon", "Federation", "TlsFiles", "check_port_free", "kill_recorded_federation", "log_cause"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,19 +36,25 @@ FEDERATION_MARK = "FEDGE_FEDERATION"
 """Environment variable every process of a federation inherits: the federation's work directory."""
 Daemon = Child  # a started Flower process: name, Popen handle, log file
 _NODE_ID = re.compile(rb"SuperNode ID: (\d+)")  # what flower-supernode logs once the SuperLink activated it
+_LOG_EXCEPTION = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exit|Exception): (.+)$")
 _LOG_ERROR = re.compile(r"(?:ERROR|CRITICAL)\s*:?\s*(.+)$")
 _RECORDED = ("flower-", "fedge.plugins.fl.worker")
 
 
 def log_cause(log: Path) -> str | None:
-    """The last error line a Flower daemon wrote to its log (e.g. "Port 9092 is already in use"), or None."""
+    """Why a Flower daemon stopped, from its log (e.g. "Port in server address ... is already in use."), or None.
+
+    The last exception line (``SystemExit: ...``, ``ValueError: ...``) is the cause; Flower's own ERROR lines
+    come after it and often say only "Application startup failed", so they are the fallback.
+    """
     try:
         lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return None
-    for line in reversed(lines):
-        if (m := _LOG_ERROR.search(line)) is not None and m.group(1).strip():
-            return m.group(1).strip()
+    for pattern in (_LOG_EXCEPTION, _LOG_ERROR):
+        for line in reversed(lines):
+            if (m := pattern.search(line)) is not None and m.group(1).strip():
+                return m.group(1).strip()
     return None
 
 
@@ -71,14 +78,20 @@ def kill_recorded_federation(workdir: Path) -> int:
     return count + len(strays)
 
 
-def _port_is_free(host: str, port: int) -> bool:
+def check_port_free(host: str, port: int, flag: str) -> None:
+    """Refuse a port something already listens on (the SuperLink would fail on it only after seconds).
+
+    Raises:
+        ConfigError: the port is taken, or ``host`` is not an address of this machine.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
-        except OSError:
-            return False
-    return True
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} on {host} is already in use; stop what holds it or choose another {flag}") from None
+            raise ConfigError(f"cannot bind {host}:{port} ({err.strerror}); give --host an address of this machine") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,9 +207,8 @@ class Federation:
                      "--ssl-keyfile", str(self.tls.server_key)]  # fmt: skip
         if self.auth:
             argv.append("--enable-supernode-auth")
-        for what, port in (("--fleet-port", self.fleet_port), ("--control-port", self.control_port)):
-            if not _port_is_free(self.host, port):
-                raise ConfigError(f"port {port} on {self.host} is already in use; stop what holds it or choose another {what}")
+        for flag, port in (("--fleet-port", self.fleet_port), ("--control-port", self.control_port)):
+            check_port_free(self.host, port, flag)
         daemon = self._start("superlink", argv)
         probe = "127.0.0.1" if self.host == "0.0.0.0" else self.host
         try:

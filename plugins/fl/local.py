@@ -31,13 +31,23 @@ def load_local_data(config: Mapping[str, Any], node: Mapping[str, Any]) -> tuple
         raise ValueError(
             "this SuperNode has no data: give it --node-config 'data-path=...' or 'partition-id=I num-partitions=N'"
         )
+    dataset, parts = _partitions(
+        str(config["dataset"]), str(config["dataset-options"]), str(config["partition"]), int(config["seed"]),
+        int(node["num-partitions"]),
+    )  # fmt: skip
+    idx = parts[int(node["partition-id"])]
+    return dataset.x_train[idx], dataset.y_train[idx]
+
+
+@lru_cache(maxsize=2)
+def _partitions(dataset_name: str, options: str, spec: str, seed: int, num_partitions: int) -> tuple[Any, list[np.ndarray]]:
+    # Virtual clients (simulation) share a process: the dataset is read and split once per process, and each
+    # client takes its index array, so a thousand clients cost one copy of the data, not a thousand.
     from fedge.config import parse_partition
     from fedge.plugins.data import load_dataset, partition
 
-    dataset = load_dataset(str(config["dataset"]), json.loads(str(config["dataset-options"])))
-    split = parse_partition(str(config["partition"]), seed=int(config["seed"]))
-    idx = partition(dataset.y_train, int(node["num-partitions"]), split)[int(node["partition-id"])]
-    return dataset.x_train[idx], dataset.y_train[idx]
+    dataset = load_dataset(dataset_name, json.loads(options))
+    return dataset, partition(dataset.y_train, num_partitions, parse_partition(spec, seed=seed))
 
 
 def node_device(node: Mapping[str, Any]) -> str:

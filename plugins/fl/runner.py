@@ -133,12 +133,15 @@ def _savez(path: Path, **arrays: Any) -> None:
         np.savez(f, **arrays)
 
 
-def write_data(run: RunDir, cfg: FlConfig, dataset: ArrayDataset, parts: list[np.ndarray]) -> list[Path]:
-    """Write each client's share (``data/client-<i>.npz``), the held-out set and ``partitions.json``."""
+def write_data(
+    run: RunDir, cfg: FlConfig, dataset: ArrayDataset, parts: list[np.ndarray], *, client_files: bool = True
+) -> list[Path]:
+    """Write each client's share (``data/client-<i>.npz``, unless ``client_files`` is false: virtual clients
+    take theirs from the dataset), the held-out set and ``partitions.json``."""
     from fedge.plugins.data import partition_stats
 
-    files = _client_files(run, cfg) if parts else []
-    for path, idx in zip(files, parts, strict=True):
+    files = _client_files(run, cfg) if parts and client_files else []
+    for path, idx in zip(files, parts if files else [], strict=True):
         _savez(path, x_train=dataset.x_train[idx], y_train=dataset.y_train[idx])
     _savez(run.file("data") / "test.npz", x_test=dataset.x_test, y_test=dataset.y_test, num_classes=dataset.num_classes)
     if parts:
@@ -392,7 +395,7 @@ def run(
         out = resume
     else:
         cfg = config if isinstance(config, FlConfig) else load_config(None, config or {})
-        _check_before_start(cfg)
+        check_before_start(cfg)
         for note in _check_privacy(cfg):
             (on_status or logger.warning)(note)
         # Read and split the data before the run directory exists: a missing option or file, a malformed
@@ -404,8 +407,7 @@ def run(
             run_dir.write_config(to_mapping(cfg))
         else:
             _clear_previous_attempt(run_dir, on_status)
-        kwargs: dict[str, Any] = {"split": split, "on_round": on_round, "on_status": on_status}
-        fed = LocalFederation(run_dir, cfg, **kwargs) if remote is None else RemoteFederation(run_dir, cfg, remote=remote, **kwargs)
+        fed = _federation(run_dir, cfg, remote, split=split, on_round=on_round, on_status=on_status)
         try:
             result = fed.execute()
         except KeyboardInterrupt:
@@ -420,6 +422,16 @@ def run(
         rejected=sum(int(m.get("rejected") or 0) for m in metrics),
         extra={"privacy": result["privacy"]} if "privacy" in result else {},
     )
+
+
+def _federation(run_dir: RunDir, cfg: FlConfig, remote: RemoteNodes | None, **kwargs: Any) -> _Federated:
+    if remote is not None:
+        return RemoteFederation(run_dir, cfg, remote=remote, **kwargs)
+    if cfg.engine == "simulation":
+        from fedge.plugins.fl.simulation import SimulationFederation
+
+        return SimulationFederation(run_dir, cfg, **kwargs)
+    return LocalFederation(run_dir, cfg, **kwargs)
 
 
 def _resumed_config(path: Path) -> FlConfig:
@@ -442,10 +454,15 @@ def _check_privacy(cfg: FlConfig) -> list[str]:
     return notes
 
 
-def _check_before_start(cfg: FlConfig) -> None:
+def check_before_start(cfg: FlConfig) -> None:
+    """Refuse, before anything is written, a run that cannot work (client counts, a missing engine)."""
     from fedge.plugins.aggregators import check_client_count
 
     check_client_count(cfg.aggregator, cfg.aggregator_options, cfg.num_sampled)
+    if cfg.engine == "simulation":
+        from fedge.plugins.fl.simulation import check_simulation
+
+        check_simulation(cfg.ray_address)
 
 
 def _clear_previous_attempt(run_dir: RunDir, on_status: Callable[[str], None] | None) -> None:

@@ -36,7 +36,7 @@ from fedge.rundir import RunDir, atomic_path
 if TYPE_CHECKING:
     from fedge.plugins.aggregators import Aggregator
 
-__all__ = ["FAILURE_FILE", "STATUS_FILE", "ServerLoop", "app", "latest_checkpoint", "run_rounds", "strategy_state_file"]
+__all__ = ["FAILURE_FILE", "STATUS_FILE", "ServerLoop", "app", "app_for", "latest_checkpoint", "run_rounds", "serve", "strategy_state_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -372,13 +372,29 @@ def _test_data(run: RunDir, cfg: FlConfig) -> tuple[np.ndarray, np.ndarray, dict
     return dataset.x_test, dataset.y_test, {"input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes}
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Entry point Flower calls in the ``flwr-serverapp`` process."""
-    run = RunDir(Path(str(context.run_config["run-dir"])))
+def serve(grid: Grid, run: RunDir) -> None:
+    """Run the rounds of the run in ``run``; write ``result.json``, or record the failure and raise."""
     try:
         result = run_rounds(grid, run, load_config(run.file("config.toml")))
     except Exception as err:
         record_failure(run.file(FAILURE_FILE), err, where="the ServerApp")
         raise
     run.write_json("result.json", result)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point Flower calls in the ``flwr-serverapp`` process (Deployment Engine)."""
+    serve(grid, RunDir(Path(str(context.run_config["run-dir"]))))
+
+
+def app_for(run_dir: Path) -> ServerApp:
+    """The same ServerApp bound to ``run_dir``, for Flower's Simulation Engine (``run_simulation`` passes no
+    run config)."""
+    bound = ServerApp()
+
+    @bound.main()
+    def _main(grid: Grid, context: Context) -> None:
+        serve(grid, RunDir(run_dir))
+
+    return bound
