@@ -113,7 +113,7 @@ def _run_with_progress(as_json: bool, rounds: int | None, **kwargs: Any) -> Any:
 
 
 _LOCAL_ONLY = ("tls", "auth", "warm_workers")  # settings of a federation whose SuperNodes run here
-_TABLES = ("dataset_options", "model_options", "aggregator_options", "faults", "privacy")  # tables, no flags
+_TABLES = ("dataset_options", "model_options", "aggregator_options", "faults", "client_profiles", "privacy")  # tables
 _FLAGS = {"clients": "-n", "rounds": "-r", "aggregator": "-a", "round_timeout_s": "--round-timeout"}
 
 
@@ -281,6 +281,7 @@ def supernode_command(
     insecure: Annotated[bool, typer.Option("--insecure", help="Plaintext to a non-loopback SuperLink.")] = False,
     connect_timeout: Annotated[float, typer.Option("--connect-timeout", help="Seconds to keep trying to join the SuperLink before giving up.")] = 60.0,
     workdir: Annotated[Path, typer.Option("--workdir", help="Where logs, Flower state and the node's data file go.")] = Path("runs/supernode"),
+    device: Annotated[str, typer.Option("--device", help="Where this node trains: auto (the GPU if torch sees one), cpu or cuda.")] = "auto",
 ) -> int:
     """Join a SuperLink as one client (a SuperNode in the foreground until Ctrl-C or the SuperLink goes away)."""
     from fedge.plugins.fl.federation import Federation, TlsFiles
@@ -309,6 +310,7 @@ def supernode_command(
         data = _materialize_partition(workdir, index, total, dataset, split, seed)
         node_config["partition-id"], node_config["num-partitions"] = index, total
     node_config["data-path"] = str(data.resolve())
+    node_config["device"] = device
     tls = TlsFiles(ca_cert=root_certificates.resolve()) if root_certificates else None
     fed = Federation(workdir / "flower", tls=tls, host=host)
     fed.fleet_port = port
