@@ -12,6 +12,7 @@ when it is asked to train (robustness tests and demos).
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -81,11 +82,22 @@ def _train(config: dict[str, Any], node: dict[str, Any], arrays: dict[str, np.nd
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model for ``local-epochs`` on local data; reply with new weights and metrics."""
+    from fedge.plugins.fl import profiles
+
     config, node = dict(msg.content["config"]), dict(context.node_config)
     if str(node.get("fault", "")) == "crash":
         _crash()
+    partition_id, server_round = int(node.get("partition-id", 0)), int(config["server-round"])
+    profile = profiles.from_train_config(config, partition_id)
+    if profiles.dropped_out(profile, seed=int(config["seed"]), partition_id=partition_id, server_round=server_round):
+        raise RuntimeError(profiles.DROPPED)  # Flower replies with this error; the server records a dropout
+    if profile.local_epochs is not None:
+        config["local-epochs"] = profile.local_epochs
     arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     arrays, metrics, warm = _train(config, node, arrays)
+    if profile.slowdown > 1:  # a slower device: the same work, taking slowdown times as long
+        time.sleep(float(metrics["compute-s"]) * (profile.slowdown - 1))
+        metrics["compute-s"] = float(metrics["compute-s"]) * profile.slowdown
     if fault := str(node.get("fault", "")):
         arrays = _inject_fault(arrays, fault, int(config["server-round"]))
     metrics.update({"process-s": _process_age_s(), "warm-worker": int(warm)})

@@ -69,6 +69,12 @@ class FlConfig:
     warm_workers: bool = True
     """Give each SuperNode a warm worker that keeps torch loaded between rounds (the ClientApp process Flower
     starts per message then skips importing torch); false trains inside the ClientApp process."""
+    heterogeneity: str = ""
+    """Client speeds drawn per client: ``lognormal:SIGMA`` gives client i the slowdown exp(|N(0, SIGMA)|) (seeded);
+    empty means all equal. See ``client_profiles`` for exact per-client settings."""
+    client_profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-client profiles by partition id (TOML table): ``slowdown`` (>= 1), ``local_epochs``, ``dropout``
+    (probability of sitting out a round it was sampled for), e.g. ``{"0" = {slowdown = 4, dropout = 0.2}}``."""
     engine: Literal["deployment", "simulation"] = "deployment"
     """Flower runtime: ``deployment`` (a SuperLink and SuperNode processes over gRPC) or ``simulation``
     (Flower's Simulation Engine on Ray: virtual clients, thousands on one machine). Same apps either way."""
@@ -107,6 +113,7 @@ class FlConfig:
             raise ValueError(f"client_cpus must be > 0 and client_gpus >= 0, got {self.client_cpus} and {self.client_gpus}")
         if self.ray_address and self.engine != "simulation":
             raise ValueError("ray_address is for engine = simulation; add --engine simulation")
+        self._check_profiles()
         split = self.partition_config  # raises ConfigError on a bad spec
         if not math.isfinite(split.alpha):
             raise ValueError(f"partition {self.partition!r}: ALPHA must be a finite number > 0, e.g. dirichlet:0.5")
@@ -115,6 +122,18 @@ class FlConfig:
                 raise ValueError(
                     f"faults must map a partition id < {self.clients} to one of {', '.join(FAULTS)}; got {pid}={fault}"
                 )
+
+    def _check_profiles(self) -> None:
+        from fedge.plugins.fl.profiles import ClientProfile, parse_heterogeneity
+
+        parse_heterogeneity(self.heterogeneity)
+        for pid, settings in self.client_profiles.items():
+            if not str(pid).isdigit() or int(pid) >= self.clients or not isinstance(settings, Mapping):
+                raise ValueError(f"client_profiles must map a partition id < {self.clients} to a table; got {pid!r}")
+            unknown = set(settings) - {"slowdown", "local_epochs", "dropout"}
+            if unknown:
+                raise ValueError(f"client_profiles.{pid}: unknown setting {min(unknown)}; valid: dropout, local_epochs, slowdown")
+            ClientProfile(**settings)
 
     @property
     def partition_config(self) -> PartitionConfig:

@@ -31,6 +31,7 @@ from fedge.plugins.fl import privacy, secagg
 from fedge.plugins.fl.config import FlConfig, load_config
 from fedge.plugins.fl.guard import Rejection, screen_replies
 from fedge.plugins.fl.liveness import NodeQuarantine, RoundReplies
+from fedge.plugins.fl.profiles import DROPPED
 from fedge.rundir import RunDir, atomic_path
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ class _Round:
     wait_s: float = 0.0
     good: list[Message] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)
     loss: float = float("nan")
     accuracy: float = float("nan")
 
@@ -223,7 +225,10 @@ class ServerLoop:
     def screen(self, this: _Round) -> None:
         """Keep the well-formed, finite updates; the rest become rejections."""
         assert this.got is not None
-        this.good, this.rejected = screen_replies(this.got.replies, self.reference)
+        this.good, rejected = screen_replies(this.got.replies, self.reference)
+        # A client that sat the round out (its availability profile) is a dropout, not a bad update.
+        this.dropped = [r.node_id for r in rejected if DROPPED in r.reason]
+        this.rejected = [r for r in rejected if DROPPED not in r.reason]
         for r in this.rejected:
             logger.warning("round %d: rejected update from node %d: %s", this.server_round, r.node_id, r.reason)
 
@@ -283,6 +288,11 @@ class ServerLoop:
             "client_compute_s": _mean([float(m.get("compute-s", np.nan)) for m in metric_values]),
             "client_process_s": _mean([float(m.get("process-s", np.nan)) for m in metric_values]),
             "wait_s": round(this.wait_s, 3),
+            "dropped": len(this.dropped),
+            "sampled_nodes": sorted(int(m.metadata.dst_node_id) for m in this.messages),
+            "answered_nodes": sorted(int(m.metadata.src_node_id) for m in this.good),
+            "dropped_nodes": sorted(this.dropped),
+            "late_nodes": sorted([*got.timed_out, *got.quarantined]),
             **self._privacy_metrics(),
         }
         self.run.append_metrics(record)
@@ -351,6 +361,8 @@ def _train_config(cfg: FlConfig, spec: dict[str, Any]) -> dict[str, Any]:
         "dataset": cfg.dataset,
         "dataset-options": json.dumps(cfg.dataset_options),
         "partition": str(cfg.partition),
+        "heterogeneity": cfg.heterogeneity,
+        "client-profiles": json.dumps(cfg.client_profiles),
         **privacy.train_config(cfg.privacy),
     }
 

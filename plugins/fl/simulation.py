@@ -22,6 +22,7 @@ from fedge.errors import ConfigError
 from fedge.failure import read_failure
 from fedge.plugins.fl.runner import _Federated, write_data
 from fedge.plugins.fl.server_app import FAILURE_FILE, app_for
+from fedge.supervisor import alive, cmdline, descendants, terminate_tree
 
 __all__ = ["SimulationFederation", "check_simulation"]
 
@@ -49,6 +50,10 @@ def check_simulation(ray_address: str) -> None:
             f"no Ray cluster answers at {ray_address} ({err.strerror or err}); start one with `ray start --head` "
             "or leave ray_address empty to use a local Ray"
         ) from None
+
+
+def _local_ray_processes() -> list[int]:
+    return [p for p in descendants(os.getpid()) if "ray" in cmdline(p)]
 
 
 class SimulationFederation(_Federated):
@@ -81,7 +86,7 @@ class SimulationFederation(_Federated):
         self.prepare()
         where = self.cfg.ray_address or "a local Ray"
         self.status(f"run directory {self.run.path}; {self.cfg.clients} virtual clients on {where} (Flower Simulation Engine)")
-        stop = threading.Event()
+        stop, self._ray_pids = threading.Event(), set[int]()
         follower = threading.Thread(target=self._follow_rounds, args=(stop,), daemon=True)
         follower.start()
         try:
@@ -94,6 +99,10 @@ class SimulationFederation(_Federated):
             follower.join(timeout=5)
             if ray.is_initialized():
                 ray.shutdown()
+            # An actor whose ClientApp raised can outlive ray.shutdown() (orphaned, still running): end what
+            # the local Ray of this run started (seen while it ran). A cluster the user runs is left alone.
+            if not self.cfg.ray_address:
+                terminate_tree([p for p in self._ray_pids if alive(p)], grace_s=3.0)
         self._report_new_rounds()
         if (failure := read_failure(self.run.file(FAILURE_FILE))) is not None:
             raise failure.to_error()
@@ -106,3 +115,4 @@ class SimulationFederation(_Federated):
         while not stop.wait(_POLL_S):
             with contextlib.suppress(Exception):  # a torn line or a display hiccup must not end the run
                 self._report_new_rounds()
+                self._ray_pids.update(_local_ray_processes())

@@ -75,6 +75,12 @@ CASES = [
     ("run-fault-unknown-client", ["fl", "run", "-n", "2", "--fault", "7=nan"], 1, "faults must map a partition id < 2"),
     ("run-resume-with-flags", ["fl", "run", "--resume", "{a_dir}", "-n", "3"], 1, "drop --clients"),
     ("run-resume-empty-dir", ["fl", "run", "--resume", "{a_dir}"], 1, "cannot resume"),
+    ("run-fraction-samples-nobody", ["fl", "run", "-n", "10", "--fraction-train", "0.05"], 1, "samples nobody; raise it to at least 0.1"),
+    ("run-engine-unknown", ["fl", "run", "--engine", "ray"], 1, "fl.engine must be one of deployment, simulation"),
+    ("run-ray-address-without-simulation", ["fl", "run", "--ray-address", "127.0.0.1:6379"], 1, "ray_address is for engine = simulation"),
+    ("run-ray-address-not-answering", ["fl", "run", "--engine", "simulation", "--ray-address", "127.0.0.1:{free_port}"], 1, "no Ray cluster answers at 127.0.0.1:"),
+    ("run-heterogeneity-nan", ["fl", "run", "--heterogeneity", "lognormal:nan"], 1, "heterogeneity must be lognormal:SIGMA with a finite SIGMA"),
+    ("run-client-cpus-zero", ["fl", "run", "--engine", "simulation", "--client-cpus", "0"], 1, "client_cpus must be > 0"),
     ("run-unknown-model", ["fl", "run", "--model", "resnet9000"], 1, "unknown model 'resnet9000'"),
     # fl superlink
     ("superlink-port-zero", ["fl", "superlink", "--host", "127.0.0.1", "--fleet-port", "0"], 1, "--fleet-port must be a TCP port in 1..65535; got 0"),
@@ -125,7 +131,9 @@ def test_bad_input_is_one_line_and_writes_nothing(
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    names = {k: str(v) for k, v in files.items()} | {"busy_port": str(busy_port)}
+    from fedge.supervisor import free_port
+
+    names = {k: str(v) for k, v in files.items()} | {"busy_port": str(busy_port), "free_port": str(free_port())}
     before = _tree(tmp_path)
     capsys.readouterr()
 

@@ -45,3 +45,21 @@ def test_hundreds_of_virtual_clients_a_few_sampled_per_round(tmp_path: Path) -> 
     assert [m["sampled"] for m in result.metrics] == [12, 12]
     assert all(m["num_clients"] == 12 for m in result.metrics)
     # (the session's leftover-process check covers Ray's raylet, gcs_server and ray:: workers)
+
+
+def test_client_that_drops_out_is_recorded_and_the_round_aggregates_the_others(tmp_path: Path) -> None:
+    # Prepare: client 1 is never available; client 0 trains one local epoch instead of the run's two.
+    profiles = {"0": {"local_epochs": 1}, "1": {"dropout": 1.0}}
+    cfg = FlConfig(clients=4, rounds=2, engine="simulation", client_profiles=profiles, **SMALL)  # type: ignore[arg-type]
+
+    # Execute
+    result = run(cfg, out=tmp_path / "run")
+
+    # Assert: all four sampled each round; the dropout is recorded as such (not as a rejected update), always
+    # the same node; the others were aggregated.
+    first, second = result.metrics
+    assert [len(m["sampled_nodes"]) for m in result.metrics] == [4, 4]
+    assert first["dropped"] == second["dropped"] == 1 and first["rejected"] == second["rejected"] == 0
+    assert first["dropped_nodes"] == second["dropped_nodes"]
+    assert first["num_clients"] == second["num_clients"] == 3
+    assert set(first["answered_nodes"]).isdisjoint(first["dropped_nodes"])

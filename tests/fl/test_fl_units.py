@@ -654,3 +654,32 @@ def test_global_model_unchanged_when_every_update_is_rejected(tmp_path: Path) ->
     after = torch.load(tmp_path / "checkpoints" / "round-0001.pt", weights_only=True)
     assert run.read_metrics()[0]["num_clients"] == 0 and run.read_metrics()[0]["rejected"] == 2
     assert all(torch.equal(initial[k], after[k]) for k in initial)
+
+
+# -- heterogeneous client profiles -----------------------------------------------------------------------
+def test_client_profiles_are_drawn_the_same_way_every_time_and_tables_override_them() -> None:
+    from fedge.plugins.fl.profiles import dropped_out, profile_for
+
+    drawn = [profile_for(i, seed=3, heterogeneity="lognormal:0.8", profiles={}) for i in range(6)]
+    again = [profile_for(i, seed=3, heterogeneity="lognormal:0.8", profiles={}) for i in range(6)]
+    given = profile_for(2, seed=3, heterogeneity="lognormal:0.8", profiles={"2": {"slowdown": 5, "dropout": 1}})
+
+    assert drawn == again and all(p.slowdown >= 1 for p in drawn) and len({p.slowdown for p in drawn}) == 6
+    assert profile_for(0, seed=3, heterogeneity="", profiles={}).slowdown == 1.0
+    assert (given.slowdown, given.dropout) == (5, 1)
+    assert all(dropped_out(given, seed=3, partition_id=2, server_round=r) for r in range(1, 5))
+    assert not any(dropped_out(drawn[0], seed=3, partition_id=0, server_round=r) for r in range(1, 5))
+
+
+@pytest.mark.parametrize(
+    ("profiles", "expected"),
+    [
+        ({"9": {"dropout": 0.5}}, "partition id < 3"),
+        ({"0": {"dropout": 1.5}}, "dropout must be in [0, 1]"),
+        ({"0": {"slowdown": 0.5}}, "slowdown must be a finite number >= 1"),
+        ({"0": {"speed": 2}}, "unknown setting speed"),
+    ],
+)
+def test_bad_client_profiles_are_refused(profiles: dict, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+        load_config(None, {"clients": 3, "client_profiles": profiles})
