@@ -6,22 +6,27 @@ Run ``fedge fl --help``.
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import json
 import math
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from fedge.cli.options import config_options
 from fedge.errors import ConfigError
 from fedge.plugins.fl.config import FlConfig
+from fedge.plugins.fl.privacy import PrivacyConfig
 
 __all__ = ["app"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 app = typer.Typer(
     name="fl",
@@ -57,6 +62,10 @@ def _print_result(result: Any, as_json: bool) -> None:
         f"done: {len(result.metrics)} rounds, held-out accuracy {result.accuracy:.4f} (loss {result.loss:.4f}), "
         f"{result.wall_s:.0f} s; rejected updates {result.rejected}; run directory {result.run_dir}"
     )
+    if spent := result.extra.get("privacy"):
+        from fedge.plugins.fl.privacy import describe_spent
+
+        typer.echo(describe_spent(spent))
 
 
 def _run_with_progress(as_json: bool, rounds: int | None, **kwargs: Any) -> Any:
@@ -104,8 +113,23 @@ def _run_with_progress(as_json: bool, rounds: int | None, **kwargs: Any) -> Any:
 
 
 _LOCAL_ONLY = ("tls", "auth", "warm_workers")  # settings of a federation whose SuperNodes run here
-_TABLES = ("dataset_options", "model_options", "aggregator_options", "faults", "client_profiles")  # TOML tables, no flags
+_TABLES = ("dataset_options", "model_options", "aggregator_options", "faults", "client_profiles", "privacy")  # tables
 _FLAGS = {"clients": "-n", "rounds": "-r", "aggregator": "-a", "round_timeout_s": "--round-timeout"}
+
+
+def _privacy_flags(func: F) -> F:
+    """Add PrivacyConfig's flags (their own help panel) to a command made by ``config_options(FlConfig)``; the
+    flags given reach it as ``privacy``, the ``[fl.privacy]`` table's overrides."""
+    sig = inspect.signature(func)
+
+    def command(*args: Any, settings: dict[str, Any], **kwargs: Any) -> Any:
+        return func(*args, privacy=settings, **kwargs)
+
+    params = [p for p in sig.parameters.values() if p.name != "privacy"]
+    params.append(inspect.Parameter("settings", inspect.Parameter.KEYWORD_ONLY, annotation=dict[str, Any]))
+    command.__signature__ = sig.replace(parameters=sorted(params, key=lambda p: p.kind))  # type: ignore[attr-defined]
+    command.__name__, command.__doc__ = func.__name__, func.__doc__
+    return config_options(PrivacyConfig, panel="Privacy (differential privacy, secure aggregation)")(command)  # type: ignore[return-value]
 
 
 def _settings(config: Path | None, settings: dict[str, Any], options: list[str] | None, faults: list[str] | None) -> Any:
@@ -126,6 +150,7 @@ def _settings(config: Path | None, settings: dict[str, Any], options: list[str] 
 
 
 @app.command("run")
+@_privacy_flags
 @config_options(FlConfig, exclude=_TABLES, short=_FLAGS)
 def run_command(
     config: Annotated[Path | None, typer.Argument(help="TOML file with run settings (top level or an [fl] table).")] = None,
@@ -137,19 +162,20 @@ def run_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (no progress display).")] = False,
     *,
     settings: dict[str, Any],
+    privacy: dict[str, Any] | None = None,
 ) -> int:
     """Run a federation on this machine: a SuperLink and N SuperNodes over gRPC on 127.0.0.1."""
     from fedge.plugins.fl.runner import _resumed_config
 
     if resume is not None:
         given = [f for f, v in (("CONFIG", config), ("--out", out), ("--overwrite", overwrite or None)) if v is not None]
-        given += [f"--{k.replace('_', '-')}" for k in settings] + ["--fault"] * bool(fault)
+        given += [f"--{k.replace('_', '-')}" for k in {**settings, **(privacy or {})}] + ["--fault"] * bool(fault)
         if given:
             raise ConfigError(f"--resume uses the run directory's own config.toml; drop {', '.join(given)}")
         cfg = _resumed_config(resume)
         result = _run_with_progress(as_json, cfg.rounds, resume=resume)
     else:
-        cfg = _settings(config, settings, aggregator_option, fault)
+        cfg = _settings(config, {**settings, "privacy": privacy or None}, aggregator_option, fault)
         _check_plugins(cfg, "fedge fl run")
         result = _run_with_progress(as_json, cfg.rounds, config=cfg, out=out, overwrite=overwrite)
     _print_result(result, as_json)
@@ -175,6 +201,7 @@ def _check_port(flag: str, port: int) -> None:
 
 
 @app.command("superlink")
+@_privacy_flags
 @config_options(FlConfig, exclude=(*_TABLES, *_LOCAL_ONLY), short=_FLAGS)
 def superlink_command(
     config: Annotated[Path | None, typer.Argument(help="TOML file with run settings.")] = None,
@@ -190,6 +217,7 @@ def superlink_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     *,
     settings: dict[str, Any],
+    privacy: dict[str, Any] | None = None,
 ) -> int:
     """Serve a federation to SuperNodes on other machines, run it, and write the run directory."""
     from fedge.plugins.fl.federation import TlsFiles
@@ -218,7 +246,7 @@ def superlink_command(
         raise ConfigError("--auth-key needs TLS; pass --certs DIR")
     for key in auth_keys or []:
         _check_public_key(key)
-    cfg = _settings(config, settings, aggregator_option, None)
+    cfg = _settings(config, {**settings, "privacy": privacy or None}, aggregator_option, None)
     _check_plugins(cfg, "fedge fl superlink")
     remote = RemoteNodes(host=host, fleet_port=fleet_port, control_port=control_port, tls=tls,
                          auth_keys=tuple(k.resolve() for k in auth_keys or []))  # fmt: skip

@@ -5,7 +5,8 @@ The SuperNode's ``--node-config`` says where its data is (see :func:`.local.load
 or ``partition-id`` / ``num-partitions``) and, with ``worker="<socket>"``, which warm worker trains for it
 (:mod:`.worker`), so this process need not import torch.
 
-``fault=nan|inf|shape|noise`` makes the node send a corrupted update (robustness tests and demos).
+``fault=nan|inf|shape|noise`` makes the node send a corrupted update, and ``fault=crash`` kills its SuperNode
+when it is asked to train (robustness tests and demos).
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedge.plugins.fl import privacy, secagg
+
 __all__ = ["app"]
 
-app = ClientApp()
+# SecAgg+ first: it turns its legacy fit messages into fedge's train message, which the DP mods then see.
+app = ClientApp(mods=[secagg.client_mod, privacy.client_mod])
 
 
 def _process_age_s() -> float:
@@ -50,6 +54,16 @@ def _inject_fault(arrays: dict[str, np.ndarray], fault: str, seed: int) -> dict[
     return arrays
 
 
+def _crash() -> None:
+    import psutil
+
+    for parent in psutil.Process().parents():
+        if any("flower-supernode" in part for part in parent.cmdline()):
+            parent.kill()
+            break
+    os._exit(1)
+
+
 def _train(config: dict[str, Any], node: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, float], bool]:
     if worker := str(node.get("worker", "")):
         from fedge.plugins.fl.worker import call_worker
@@ -71,6 +85,8 @@ def train(msg: Message, context: Context) -> Message:
     from fedge.plugins.fl import profiles
 
     config, node = dict(msg.content["config"]), dict(context.node_config)
+    if str(node.get("fault", "")) == "crash":
+        _crash()
     partition_id, server_round = int(node.get("partition-id", 0)), int(config["server-round"])
     profile = profiles.from_train_config(config, partition_id)
     if profiles.dropped_out(profile, seed=int(config["seed"]), partition_id=partition_id, server_round=server_round):

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedge.config import PartitionConfig, from_mapping, load_toml, merge, parse_partition, to_mapping
+from fedge.plugins.fl.privacy import PrivacyConfig
 
 __all__ = ["FAULTS", "FlConfig", "load_config"]
 
-FAULTS = ("nan", "inf", "shape", "noise")
-"""Fault kinds a client can be told to inject (testing robustness): NaN / Inf / wrongly shaped update, or a
-huge random (Byzantine) update."""
+FAULTS = ("nan", "inf", "shape", "noise", "crash")
+"""Fault kinds a client can be told to inject (testing robustness): NaN / Inf / wrongly shaped update, a
+huge random (Byzantine) update, or a crash (its SuperNode is killed when it is asked to train)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -63,10 +64,8 @@ class FlConfig:
     """Encrypt SuperLink traffic with a development CA and certificate made for this run."""
     auth: bool = False
     """SuperNode authentication: only nodes whose public keys were registered may join (implies ``tls``)."""
-    dp_noise_multiplier: float = 0.0
-    """Central differential privacy (Flower's server-side fixed clipping): Gaussian noise multiplier; 0 is off."""
-    dp_clipping_norm: float = 1.0
-    """L2 norm each client's update is clipped to before noise is added (with ``dp_noise_multiplier`` > 0)."""
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    """Differential privacy and secure aggregation (:mod:`fedge.plugins.fl.privacy`)."""
     warm_workers: bool = True
     """Give each SuperNode a warm worker that keeps torch loaded between rounds (the ClientApp process Flower
     starts per message then skips importing torch); false trains inside the ClientApp process."""
@@ -91,6 +90,8 @@ class FlConfig:
     """Fault injection for robustness tests: partition id -> one of nan, inf, shape, noise."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.privacy, Mapping):  # FlConfig(**cfg.to_mapping()) gives the table back as a dict
+            object.__setattr__(self, "privacy", from_mapping(PrivacyConfig, self.privacy, where="fl.privacy"))
         if self.clients < 1:
             raise ValueError(f"clients must be >= 1, got {self.clients}")
         if self.rounds < 1:
@@ -103,8 +104,6 @@ class FlConfig:
             raise ValueError(f"min_clients must be between 0 and clients ({self.clients}), got {self.min_clients}")
         if self.round_timeout_s <= 0 or self.startup_timeout_s <= 0:
             raise ValueError("round_timeout_s and startup_timeout_s must be > 0")
-        if self.dp_noise_multiplier < 0 or self.dp_clipping_norm <= 0:
-            raise ValueError("dp_noise_multiplier must be >= 0 and dp_clipping_norm > 0")
         if self.clients * self.fraction_train < 1:
             raise ValueError(
                 f"fraction_train {self.fraction_train} of {self.clients} clients samples nobody; "

@@ -86,6 +86,7 @@ class RunResult:
             "wall_s": round(self.wall_s, 2),
             "rejected": self.rejected,
             "metrics": self.metrics,
+            **self.extra,
         }
 
 
@@ -395,6 +396,8 @@ def run(
     else:
         cfg = config if isinstance(config, FlConfig) else load_config(None, config or {})
         check_before_start(cfg)
+        for note in _check_privacy(cfg):
+            (on_status or logger.warning)(note)
         # Read and split the data before the run directory exists: a missing option or file, a malformed
         # file or too many clients fails here and leaves nothing behind.
         split = load_and_split(cfg, num_clients=cfg.clients if remote is None else 0)
@@ -417,6 +420,7 @@ def run(
         loss=float(result["loss"]),
         wall_s=time.monotonic() - started,
         rejected=sum(int(m.get("rejected") or 0) for m in metrics),
+        extra={"privacy": result["privacy"]} if "privacy" in result else {},
     )
 
 
@@ -436,6 +440,18 @@ def _resumed_config(path: Path) -> FlConfig:
     if not path.is_dir():
         raise ConfigError(f"cannot resume {str(path)!r}: no such directory; pass a directory made by fedge fl run")
     return load_config(path / "config.toml")
+
+
+def _check_privacy(cfg: FlConfig) -> list[str]:
+    """Refuse DP / SecAgg+ settings that cannot work with this aggregator or budget, before anything starts."""
+    if not cfg.privacy.enabled:
+        return []
+    from fedge.plugins.aggregators import Sampling, build_strategy
+    from fedge.plugins.fl.privacy import check_privacy
+
+    strategy = build_strategy(cfg.aggregator, cfg.aggregator_options, Sampling(fraction_train=cfg.fraction_train))
+    notes: list[str] = check_privacy(cfg, strategy)
+    return notes
 
 
 def check_before_start(cfg: FlConfig) -> None:

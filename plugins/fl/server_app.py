@@ -27,6 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedge.errors import RuntimeFailure
 from fedge.failure import record_failure
+from fedge.plugins.fl import privacy, secagg
 from fedge.plugins.fl.config import FlConfig, load_config
 from fedge.plugins.fl.guard import Rejection, screen_replies
 from fedge.plugins.fl.liveness import NodeQuarantine, RoundReplies
@@ -48,6 +49,8 @@ STATUS_FILE = "flower/server-status.json"
 """Where the ServerApp says how many clients it waits for (``fedge fl run`` prints it)."""
 _POLL_S = 0.1
 _CKPT = re.compile(r"^round-(\d+)\.pt$")
+LEDGER_FILE = "privacy-ledger.json"
+"""The privacy accountant's state (Flower's RdpAccountant.state_dict), rewritten after each round."""
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
@@ -125,6 +128,7 @@ class ServerLoop:
         self.reference = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         self.arrays = ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in self.model.state_dict().items()})
         self.aggregator = self._build_aggregator()
+        self.ledger = self._privacy_ledger(resumed=last is not None)
         if last is not None:
             self._restore_state(last[1])
         self.train_config = ConfigRecord(_train_config(cfg, dict(self.model.fedge_spec)))  # type: ignore[arg-type]
@@ -135,19 +139,41 @@ class ServerLoop:
 
         sampling = Sampling(fraction_train=self.cfg.fraction_train, min_train_nodes=1)
         aggregator = build_aggregator(self.cfg.aggregator, self.cfg.aggregator_options, sampling)
-        if self.cfg.dp_noise_multiplier > 0:
+        if self.cfg.privacy.dp != "off":  # central DP: Flower's wrapper around the strategy (privacy.py)
             from dataclasses import replace
 
-            from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
-
-            wrapped = DifferentialPrivacyServerSideFixedClipping(
-                aggregator.strategy,
-                noise_multiplier=self.cfg.dp_noise_multiplier,
-                clipping_norm=self.cfg.dp_clipping_norm,
-                num_sampled_clients=self.cfg.num_sampled,
-            )
+            wrapped = privacy.wrap_strategy(aggregator.strategy, self.cfg.privacy, num_sampled_clients=self.cfg.num_sampled)
             aggregator = replace(aggregator, strategy=wrapped)
         return aggregator
+
+    # -- privacy (privacy.py, secagg.py) -------------------------------------------------------------
+    def _privacy_ledger(self, *, resumed: bool) -> privacy.PrivacyLedger | None:
+        """The (ε, δ) ledger; None when DP is off or the accountant's assumptions do not hold (said once)."""
+        if self.cfg.privacy.dp == "off":
+            return None
+        reason = privacy.PrivacyLedger.unaccounted_reason(self.cfg.privacy, self.cfg.aggregator, self.aggregator.strategy)
+        if reason is not None:
+            logger.warning("%s", reason)
+            return None
+        ledger = privacy.PrivacyLedger(self.cfg.privacy, population_size=self.cfg.clients)
+        if resumed and self.run.file(LEDGER_FILE).is_file():
+            ledger.load(self.run.file(LEDGER_FILE))
+        return ledger
+
+    def _budget_stop(self, server_round: int) -> str | None:
+        """Why the run stops before ``server_round`` (the privacy budget), or None."""
+        if self.ledger is None or not self.ledger.would_exceed():
+            return None
+        why = f"stopped before round {server_round}: it would spend more than target_epsilon {self.cfg.privacy.target_epsilon:g}"
+        logger.warning("privacy budget: %s", why)
+        return why
+
+    def _privacy_metrics(self) -> dict[str, Any]:
+        if self.cfg.privacy.dp == "off":
+            return {}
+        if self.ledger is None:  # the accountant's assumptions do not hold: no ε rather than a wrong one
+            return {"epsilon": None, "delta": self.cfg.privacy.delta}
+        return self.ledger.spent()
 
     # -- the loop ------------------------------------------------------------------------------------
     def run_all(self) -> dict[str, Any]:
@@ -155,7 +181,10 @@ class ServerLoop:
         from fedge.plugins.models import save_model
 
         self._record_missing_round()
+        stopped, last_round = None, self.start_round - 1
         for server_round in range(self.start_round, self.cfg.rounds + 1):
+            if stopped := self._budget_stop(server_round):
+                break
             this = _Round(server_round)
             this.messages = self.configure(this)
             self.send_receive(this)
@@ -164,9 +193,13 @@ class ServerLoop:
             self.evaluate(this)
             self.checkpoint(this)
             self.record(this)
+            last_round = server_round
         save_model(self.model, self.run.path, extra={"dataset": self.cfg.dataset, "dataset_options": dict(self.cfg.dataset_options)})
         loss, acc = self._evaluate()
-        return {"status": "completed", "rounds": self.cfg.rounds, "loss": loss, "accuracy": acc}
+        result: dict[str, Any] = {"status": "completed", "rounds": last_round, "loss": loss, "accuracy": acc}
+        if self.cfg.privacy.dp != "off":
+            result["privacy"] = {**self._privacy_metrics(), **({"stopped": stopped} if stopped else {})}
+        return result
 
     def configure(self, this: _Round) -> list[Message]:
         """The strategy's train messages for the nodes online now (the first round waits for the clients)."""
@@ -183,7 +216,10 @@ class ServerLoop:
         if this.server_round == self.start_round:  # also the clients' cold start (processes, imports, data)
             timeout = max(timeout, self.cfg.startup_timeout_s)
         sent = time.perf_counter()
-        this.got = self.quarantine.send_and_receive(self.grid, this.messages, timeout_s=timeout)
+        if self.cfg.privacy.secagg:  # SecAgg+: every reply holds only the unmasked mean of the updates
+            this.got = secagg.secure_round(self.grid, this.server_round, this.messages, self.cfg.privacy, timeout_s=timeout)
+        else:
+            this.got = self.quarantine.send_and_receive(self.grid, this.messages, timeout_s=timeout)
         this.wait_s = time.perf_counter() - sent
 
     def screen(self, this: _Round) -> None:
@@ -203,6 +239,8 @@ class ServerLoop:
         new_arrays = self.aggregator.strategy.aggregate_train(this.server_round, this.good)[0] if this.good else None
         if new_arrays is not None and all(np.isfinite(a.numpy()).all() for a in new_arrays.values()):
             self.arrays = new_arrays
+            if self.ledger is not None:  # a released aggregate spends privacy
+                self.ledger.compose(num_replies=len(this.good), num_sampled=len(this.messages))
         elif new_arrays is not None:
             this.rejected.append(Rejection(0, "aggregate was non-finite; global model kept"))
             logger.warning("round %d: the aggregate was non-finite; the global model is unchanged", this.server_round)
@@ -225,6 +263,8 @@ class ServerLoop:
                 np.savez(f, allow_pickle=False, **state)  # to a file object: given a path, np.savez appends .npz
         else:  # stateless strategy, or no aggregation yet
             state_path.unlink(missing_ok=True)  # a stale file of an earlier attempt at this round
+        if self.ledger is not None:  # before the model: a resumed run never forgets a release
+            self.ledger.save(self.run.file(LEDGER_FILE))
         with atomic_path(path) as tmp:
             torch.save(self.model.state_dict(), tmp)
 
@@ -253,6 +293,7 @@ class ServerLoop:
             "answered_nodes": sorted(int(m.metadata.src_node_id) for m in this.good),
             "dropped_nodes": sorted(this.dropped),
             "late_nodes": sorted([*got.timed_out, *got.quarantined]),
+            **self._privacy_metrics(),
         }
         self.run.append_metrics(record)
         if this.rejected:
@@ -304,8 +345,9 @@ class ServerLoop:
         if self.start_round > 1 and self.start_round - 1 not in done_rounds:
             loss, acc = self._evaluate()
             self.run.append_metrics(
-                {"round": self.start_round - 1, "loss": loss, "accuracy": acc, "num_clients": None, "round_s": None}
-            )
+                {"round": self.start_round - 1, "loss": loss, "accuracy": acc, "num_clients": None, "round_s": None,
+                 **self._privacy_metrics()}
+            )  # fmt: skip
 
 
 def _train_config(cfg: FlConfig, spec: dict[str, Any]) -> dict[str, Any]:
@@ -321,6 +363,7 @@ def _train_config(cfg: FlConfig, spec: dict[str, Any]) -> dict[str, Any]:
         "partition": str(cfg.partition),
         "heterogeneity": cfg.heterogeneity,
         "client-profiles": json.dumps(cfg.client_profiles),
+        **privacy.train_config(cfg.privacy),
     }
 
 

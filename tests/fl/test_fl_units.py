@@ -558,22 +558,6 @@ def test_terminate_tree_kills_detached_grandchildren() -> None:
     assert children and not any(_alive(p) for p in children)
 
 
-def test_round_loop_with_central_differential_privacy(tmp_path: Path) -> None:
-    from fedge.plugins.fl.runner import prepare_data
-    from fedge.plugins.fl.server_app import run_rounds
-    from fedge.rundir import RunDir
-
-    cfg = FlConfig(clients=2, rounds=1, local_epochs=1, model="mlp", model_options={"hidden": [16]},
-                   partition="iid", dp_noise_multiplier=0.1, dp_clipping_norm=1.0)  # fmt: skip
-    run = RunDir(tmp_path)
-    configs = {10 + i: {"data-path": str(f), "partition-id": i} for i, f in enumerate(prepare_data(run, cfg))}
-
-    result = run_rounds(_LoopbackGrid(list(configs), configs), run, cfg)  # type: ignore[arg-type]
-
-    assert run.read_metrics()[0]["num_clients"] == 2
-    assert np.isfinite(result["loss"])
-
-
 # -- CLI errors ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("argv", "expected"),
