@@ -52,7 +52,13 @@ def _check_nproc(nproc: int) -> None:
 
 
 def run_bench(
-    what: str, nproc: int, spec: dict[str, Any], out: Path | None = None, *, show: Callable[[list[dict[str, Any]]], None] | None = None
+    what: str,
+    nproc: int,
+    spec: dict[str, Any],
+    out: Path | None = None,
+    *,
+    show: Callable[[list[dict[str, Any]]], None] | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the bench worker (``collectives`` or ``strategies``) on ``nproc`` processes; rank 0's result rows.
 
@@ -64,7 +70,7 @@ def run_bench(
     _check_nproc(nproc)
     with (
         tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp,
-        RunDir.create("bench", out) if out is not None else RunDir(tmp) as run,
+        RunDir.create("bench", out, overwrite=overwrite) if out is not None else RunDir(tmp) as run,
     ):
         run.write_json("bench.json", {"what": what, **spec})
         try:
@@ -126,6 +132,7 @@ def collectives(
     ring_chunk: Annotated[str, typer.Option("--ring-chunk", help="ring-allreduce pipeline chunk.")] = "4MB",
     tree_chunk: Annotated[str, typer.Option("--tree-chunk", help="tree-allreduce pipeline chunk.")] = "1MB",
     out: Annotated[Path | None, typer.Option("--out", help="Keep bench.json and results.json in this directory.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the bench run already in --out, whole.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of {impl, bytes, algbw_gbps, busbw_gbps, ratio_to_native}.")] = False,
 ) -> int:
     """algbw/busbw of native all_reduce vs ring vs tree vs parameter-server exchange, 4 KB .. 64 MB."""
@@ -137,7 +144,7 @@ def collectives(
         "tree_chunk_bytes": parse_size(tree_chunk),
     }
     show = _show_collectives_json if as_json else _show_collectives
-    show(run_bench("collectives", nproc, spec, out, show=show))
+    show(run_bench("collectives", nproc, spec, out, show=show, overwrite=overwrite))
     return 0
 
 
@@ -193,6 +200,7 @@ def strategies(
     iters: Annotated[int, typer.Option("--iters", help="Steps timed per repetition.")] = 10,
     bucket_mb: Annotated[float, typer.Option("--bucket-mb", help="Bucket size of DDP and of allreduce.")] = 25.0,
     out: Annotated[Path | None, typer.Option("--out", help="Keep bench.json and results.json in this directory.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the bench run already in --out, whole.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of {impl, step_ms, samples_per_s, throughput_vs_ddp}.")] = False,
 ) -> int:
     """Step time of each installed data-parallel strategy (its synchronous setting) against DDP.
@@ -231,7 +239,7 @@ def strategies(
         "strategies": timed,
     }
     show = _show_json if as_json else _show_strategies
-    show(run_bench("strategies", nproc, spec, out, show=show))
+    show(run_bench("strategies", nproc, spec, out, show=show, overwrite=overwrite))
     return 0
 
 

@@ -161,6 +161,23 @@ def test_bench_collectives_json_contract(tmp_path: Path, capsys: pytest.CaptureF
 
 
 @pytest.mark.multiproc
+def test_bench_out_is_refused_when_it_holds_a_run_and_replaced_whole_with_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench"
+    args = ["bench", "collectives", "--nproc", "2", "--sizes", "4KB", "--reps", "1", "--max-iters", "2", "--json",
+            "--out", str(out)]
+    assert main(args) == 0
+    first = (out / "results.json").read_bytes()
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "already holds a bench run; choose a new directory or pass --overwrite" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == first
+    (out / "stale.txt").write_text("from the first run")
+    assert main([*args, "--overwrite"]) == 0
+    assert not (out / "stale.txt").exists() and (out / "results.json").is_file()
+
+
 def test_bench_strategies_times_the_sync_parameter_server_against_ddp(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["bench", "strategies", "--nproc", "2", "--hidden", "16", "--reps", "1", "--iters", "2", "--json"])
 
