@@ -118,8 +118,18 @@ def load_model(path: str | Path, *, registry: Registry[ModelPlugin] | None = Non
         raise DataError(f"{str(spec_file)!r} is not a fedge model.json: {err}") from err
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - random bytes reach unpickling and fail in any way
+        state = err
+    if not isinstance(state, Mapping):
+        # Never torch's own advice here: it suggests weights_only=False, which would run any code the file holds.
+        raise DataError(
+            f"cannot load weights {str(weights)!r}: expected a torch state_dict of tensors (as fedge fl run and "
+            "fedge train write model.pt), found a corrupt file or pickled objects fedge will not unpickle; "
+            "re-save it with torch.save(model.state_dict(), PATH)"
+        ) from (state if isinstance(state, BaseException) else None)
+    try:
         model.load_state_dict(state)
-    except Exception as err:  # torch raises RuntimeError, pickle and zip errors here
+    except Exception as err:  # torch raises RuntimeError for missing, unexpected or mis-shaped keys
         raise DataError(f"cannot load weights {str(weights)!r} into model {spec['model']!r}: {err}") from err
     model.fedge_spec.update({k: v for k, v in spec.items() if k not in model.fedge_spec})  # type: ignore[operator]
     return model
