@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import enum
 import inspect
+import itertools
 import math
 import textwrap
 import tomllib
@@ -215,7 +216,7 @@ def _field_docs(cls: type) -> dict[str, str]:
         except (OSError, TypeError, SyntaxError):
             continue
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for node, after in zip(body, body[1:], strict=False):
+        for node, after in itertools.pairwise(body):
             if (
                 isinstance(node, ast.AnnAssign)
                 and isinstance(node.target, ast.Name)

@@ -312,7 +312,7 @@ class Registry(Generic[T]):
         from fedge.config import from_mapping
 
         plugin = self.get(name)
-        config = from_mapping(getattr(plugin, "Config"), dict(options or {}), where=where or f"{self.kind}.{name}")
+        config = from_mapping(getattr(plugin, "Config"), dict(options or {}), where=where or f"{self.kind}.{name}")  # noqa: B009 - T is any protocol
         return Chosen(name=name, plugin=plugin, config=config)
 
     def load_all(self) -> dict[str, T]:

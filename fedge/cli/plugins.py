@@ -72,7 +72,7 @@ def _show_one(name: str, kinds: list[Kind], *, as_json: bool) -> int:
     for k, registry in found:
         obj = registry.get(name)
         spec = next(s for s in registry.specs() if s.name == name)
-        options = [dataclasses.asdict(f) for f in describe(getattr(obj, "Config"))]
+        options = [dataclasses.asdict(f) for f in describe(obj.Config)]
         rows.append({"name": name, "kind": k.value, "distribution": spec.distribution, "version": spec.version,
                      "summary": summary_of(obj), "options": options})
     if as_json:
