@@ -38,15 +38,26 @@ class DataParallel(Strategy):
 
     replicated: ClassVar[bool] = True
     resizable: ClassVar[bool] = True
+    freezes: ClassVar[bool] = True
+    recomputes: ClassVar[bool] = True
     point_to_point: ClassVar[bool] = False
     """True when :meth:`all_reduce_` uses send/recv (then CUDA tensors over gloo travel via host memory)."""
 
     def setup(self, model: nn.Module) -> None:
         self.model = model.to(self.ctx.device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = self.make_optimizer(self.params)
-        self.flat = flat_grad_buffer(self.params, extra=1)
+        self.blocks = self.control_blocks(self.model)
+        self.optimizer = self.make_optimizer([p for p in self.model.parameters() if p.requires_grad])
+        self.on_freeze()
         self._stage = HostStage()
+
+    def on_freeze(self) -> None:
+        """(Re)build the gradient buffer over the parameters that still train: frozen ones are not sent."""
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.flat = flat_grad_buffer(self.params, extra=1)
+
+    def step_metrics(self) -> dict[str, float]:
+        # The gradient payload each rank hands to the reduction per step (a ring puts 2(W-1)/W of it on the wire).
+        return {"grad_bytes": float((self.flat.numel() - 1) * self.flat.element_size())}
 
     def all_reduce_(self, flat: Tensor) -> None:
         """Sum ``flat`` over all ranks, in place."""
@@ -62,6 +73,8 @@ class DataParallel(Strategy):
     def train_step(self, x: Tensor, y: Tensor, *, step: int) -> float:
         w, r = self.ctx.world_size, self.ctx.rank
         set_lr(self.optimizer, self.lr_at(step, x.shape[0]))
+        if self.blocks.update(step):
+            self.on_freeze()
         xb, yb = batch_rows(x, y, r, w)
         self.flat.zero_()
         self.model.train()

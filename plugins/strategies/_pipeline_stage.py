@@ -16,7 +16,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-from torch.utils.checkpoint import checkpoint
 
 from fedge.errors import ConfigError
 
@@ -108,22 +107,12 @@ def resolve_split(
 class StageModule(nn.Sequential):
     """Consecutive layers of the full model under their original names, so ``state_dict`` keys match it."""
 
-    def __init__(self, named: OrderedDict[str, nn.Module], *, recompute: bool = False) -> None:
-        super().__init__(named)
-        self.recompute = recompute
-
     @classmethod
-    def of(cls, model: nn.Sequential, sizes: Sequence[int], index: int, *, recompute: bool = False) -> StageModule:
+    def of(cls, model: nn.Sequential, sizes: Sequence[int], index: int) -> StageModule:
         """Stage ``index`` of ``model`` split into consecutive runs of ``sizes`` layers."""
         lo = sum(sizes[:index])
         names = list(model._modules)
-        return cls(OrderedDict((names[i], model[i]) for i in range(lo, lo + sizes[index])), recompute=recompute)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self:
-            # Recomputation keeps only each layer's input and redoes its forward in backward.
-            x = checkpoint(layer, x, use_reentrant=False) if self.recompute and torch.is_grad_enabled() else layer(x)
-        return x
+        return cls(OrderedDict((names[i], model[i]) for i in range(lo, lo + sizes[index])))
 
 
 class _TimedStage(PipelineStage):

@@ -38,6 +38,8 @@ class FSDP(Strategy):
     config: Config
     replicated: ClassVar[bool] = False
     resizable: ClassVar[bool] = True
+    freezes: ClassVar[bool] = True
+    recomputes: ClassVar[bool] = True
     parity_cases: ClassVar[Mapping[str, ParityCase]] = {"default": ParityCase()}
 
     def setup(self, model: nn.Module) -> None:
@@ -45,6 +47,9 @@ class FSDP(Strategy):
         from torch.distributed.fsdp import fully_shard
 
         self.model = model.to(self.ctx.device)
+        # Inside each unit's hooks: a frozen unit is gathered for forward only (no backward, no reduce-scatter);
+        # a recomputed one is gathered again for backward anyway, where its forward is redone.
+        self.blocks = self.control_blocks(self.model)
         mesh = init_device_mesh(self.ctx.device.type, (self.ctx.world_size,))
         for child in self.model.children():
             if any(p.requires_grad for p in child.parameters()):
@@ -54,6 +59,7 @@ class FSDP(Strategy):
 
     def train_step(self, x: Tensor, y: Tensor, *, step: int) -> float:
         set_lr(self.optimizer, self.lr_at(step, x.shape[0]))
+        self.blocks.update(step)  # FSDP reduce-scatters only gradients that exist
         xb, yb = batch_rows(x, y, self.ctx.rank, self.ctx.world_size)
         self.optimizer.zero_grad(set_to_none=True)
         self.model.train()
@@ -64,6 +70,10 @@ class FSDP(Strategy):
         total = loss.detach().reshape(1)
         dist.all_reduce(total)
         return float(total) / self.ctx.world_size
+
+    def step_metrics(self) -> dict[str, float]:
+        # What each rank hands to reduce-scatter (the unsharded gradients of the units that still train).
+        return {"grad_bytes": float(sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad))}
 
     def full_state_dict(self) -> dict[str, Tensor] | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

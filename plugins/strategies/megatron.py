@@ -27,6 +27,7 @@ from fedge.plugins.strategies._model_parallel import ModelParallel
 from fedge.plugins.strategies._pipeline_groups import allreduce_grads, gather_to_rank0, make_groups
 from fedge.plugins.strategies._pipeline_stage import StageModule, StageRunner, resolve_split
 from fedge.plugins.train.base import ParityCase, StrategyConfig, batch_rows, set_lr
+from fedge.plugins.train.blocks import model_blocks
 from fedge.registry import plugin
 
 __all__ = ["Megatron"]
@@ -57,6 +58,7 @@ class Megatron(ModelParallel):
                 raise ValueError("tp, pp and microbatches must be >= 1, dp >= 0 (0: world size / (tp x pp))")
 
     config: Config
+    recomputes: ClassVar[bool] = True
     parity_cases: ClassVar[Mapping[str, ParityCase]] = {"tp2": ParityCase(options={"tp": 2}, model="tiny-gpt")}
 
     @classmethod
@@ -77,6 +79,7 @@ class Megatron(ModelParallel):
             model, group=self.tp_group, rank=coords[MeshAxis.TP], size=dims.tp, vocab_parallel=c.vocab_parallel
         )
         self.runner: StageRunner | None = None
+        names = [n for n, _ in model_blocks(model)]
         if dims.pp > 1:
             if not isinstance(model, nn.Sequential):
                 raise ConfigError(
@@ -87,6 +90,8 @@ class Megatron(ModelParallel):
             )
             model = StageModule.of(model, sizes, self.stage_index)
         self.model = model.to(self.ctx.device)
+        # Recomputing a block redoes its forward all-reduces in backward: every tp rank recomputes alike.
+        self.control_blocks(self.model, names=names)
         if dims.pp > 1:
             self.runner = self.make_runner(self.model, stage_index=self.stage_index, group=groups[MeshAxis.PP])
         self.optimizer = self.make_optimizer(self.model.parameters())

@@ -105,6 +105,8 @@ class ParameterServer(Strategy):
     }
     replicated: ClassVar[bool] = False
     resizable: ClassVar[bool] = True
+    freezes: ClassVar[bool] = True
+    recomputes: ClassVar[bool] = True
 
     @classmethod
     def check_world_size(cls, config: StrategyConfig, world_size: int, batch_size: int) -> None:
@@ -132,7 +134,11 @@ class ParameterServer(Strategy):
         self._gstage, self._pstage = HostStage(), HostStage()
         # Under staging a server keeps its shard on the CPU: it only adds and sends, and gloo's p2p is host-only.
         self.model = model if self.is_server and self.staged else model.to(self.ctx.device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        # Servers follow the schedule too: they must know which part of their shard no longer travels.
+        self.blocks = self.control_blocks(self.model)
+        self._layout = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        params = [p for _, p in self._layout]
+        self.frozen_numel = 0
         n = sum(p.numel() for p in params)
         # One trailing slot travels with the last shard: the loss (push) and the mean loss (pull).
         self.bounds = _shard_bounds(n, self.config.num_servers)
@@ -161,7 +167,31 @@ class ParameterServer(Strategy):
     def _last(self, j: int) -> bool:
         return j == self.config.num_servers - 1
 
+    def _region(self, j: int) -> tuple[int, int]:
+        """What travels to and from server j: its slice past the frozen prefix (frozen blocks are the leading
+        parameters), at least its last element so every step keeps one message each way."""
+        a, b = self.bounds[j], self.bounds[j + 1]
+        return min(max(a, self.frozen_numel), b - 1), b
+
+    def _on_step(self, step: int) -> None:
+        if not self.blocks.update(step):
+            return
+        self.frozen_numel = sum(p.numel() for p in self.blocks.frozen_parameters())
+        if self.is_server:  # SGD then leaves the frozen part as it is: zero gradient, zero momentum
+            buf = self.optimizer.state.get(self.shard, {}).get("momentum_buffer")
+            if buf is not None:
+                buf[: self._frozen_local()] = 0.0
+
+    def _frozen_local(self) -> int:
+        a, b = self.bounds[self.ctx.rank - self.num_workers], self.bounds[self.ctx.rank - self.num_workers + 1]
+        return min(max(self.frozen_numel - a, 0), b - a)
+
+    def step_metrics(self) -> dict[str, float]:
+        sent = sum(b - a for a, b in map(self._region, range(self.config.num_servers)))
+        return {"grad_bytes": float(2 * (sent - 1) * 4)}  # push and pull per worker, without the loss slot
+
     def train_step(self, x: Tensor, y: Tensor, *, step: int) -> float:
+        self._on_step(step)
         if self.is_server:
             set_lr(self.optimizer, self.lr_at(step, x.shape[0]))
             return self._serve_sync() if self.config.mode == "sync" else self._serve_async(step)
@@ -175,7 +205,7 @@ class ParameterServer(Strategy):
         push, pull = (self._gstage.out(self.gflat), self._pstage.mirror(self.pflat)) if self.staged else (self.gflat, self.pflat)
         works = []
         for j in range(self.config.num_servers):
-            a, b = self.bounds[j], self.bounds[j + 1]
+            a, b = self._region(j)
             server = self.num_workers + j
             works += [self.pg.send([push[a:b]], server, _PUSH), self.pg.recv([pull[a:b]], server, _PULL)]
         for work in works:
@@ -198,6 +228,7 @@ class ParameterServer(Strategy):
     def _apply(self, grad: Tensor) -> None:
         if self._holds_loss():
             grad[-1] = 0.0  # the trailing slot is not a parameter
+        grad[: self._frozen_local()] = 0.0  # frozen: not sent (or one ignored element)
         self.shard.grad = grad
         self.optimizer.step()
 
@@ -210,15 +241,20 @@ class ParameterServer(Strategy):
         self.shard.data[-1] = mean
         return mean
 
+    def _inbound(self, buf: Tensor) -> Tensor:
+        """The part of a shard-sized buffer that travels this step (see :meth:`_region`)."""
+        j = self.ctx.rank - self.num_workers
+        return buf[self._region(j)[0] - self.bounds[j] :]
+
     def _serve_sync(self) -> float:
-        for work in [self.pg.recv([self.inbox[k]], k, _PUSH) for k in range(self.num_workers)]:
+        for work in [self.pg.recv([self._inbound(self.inbox[k])], k, _PUSH) for k in range(self.num_workers)]:
             work.wait()
         for push in self.inbox:
             self._tally(push)
         self._apply(torch.stack(self.inbox).sum(0).div_(self.num_workers))
         # Every worker's tally holds the same W pushes, so one slot value serves all replies.
         means = [self._report_loss(k) for k in range(self.num_workers)]
-        for work in [self.pg.send([self.shard.data], k, _PULL) for k in range(self.num_workers)]:
+        for work in [self.pg.send([self._inbound(self.shard.data)], k, _PULL) for k in range(self.num_workers)]:
             work.wait()
         return means[0]
 
@@ -226,7 +262,7 @@ class ParameterServer(Strategy):
         """Apply pushes as they come until every worker has pushed for this step; reply within the staleness bound."""
         buf = self.inbox[0]
         while min(self.received) < step + 1:
-            work = self.pg.recv_anysource([buf], _PUSH)
+            work = self.pg.recv_anysource([self._inbound(buf)], _PUSH)
             work.wait()
             k = work._source_rank()
             self.received[k] += 1
@@ -237,7 +273,7 @@ class ParameterServer(Strategy):
             for k in [k for k in self.deferred if self.received[k] - slowest <= self.config.staleness]:
                 self.deferred.remove(k)
                 self._report_loss(k)
-                self.pg.send([self.shard.data], k, _PULL).wait()
+                self.pg.send([self._inbound(self.shard.data)], k, _PULL).wait()
         return float("nan")
 
     def full_state_dict(self) -> dict[str, Tensor] | None:
@@ -278,7 +314,7 @@ class ParameterServer(Strategy):
             self.pflat.copy_(state["params"])
 
     def _trainable(self) -> list[tuple[str, nn.Parameter]]:
-        return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        return self._layout  # the flat layout of setup: frozen blocks keep their place in it
 
     def global_state(self) -> dict[str, Any]:
         """The servers' shards (parameters and momentum) put together on every rank with two all-reduces."""

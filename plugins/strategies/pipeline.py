@@ -27,6 +27,7 @@ from fedge.plugins.strategies._model_parallel import ModelParallel, check_pipeli
 from fedge.plugins.strategies._pipeline_groups import allreduce_grads, gather_to_rank0, make_groups
 from fedge.plugins.strategies._pipeline_stage import StageModule, resolve_split
 from fedge.plugins.train.base import ParityCase, StrategyConfig, batch_rows, set_lr
+from fedge.plugins.train.blocks import model_blocks
 from fedge.registry import plugin
 
 __all__ = ["Pipeline", "check_pipeline", "sample_input"]
@@ -72,8 +73,6 @@ class Pipeline(ModelParallel):
         """Automatic split: equal parameter counts, or equal measured forward+backward time per stage."""
         split: tuple[int, ...] = ()
         """Explicit layers per stage (e.g. ``1,3,2``); overrides ``balance``."""
-        recompute: bool = False
-        """Recompute each layer's activations in backward instead of keeping them (less memory, ~1/3 more compute)."""
         dp: int = 0
         """Data-parallel replicas of the whole pipeline (world size = stages x dp); 0 means world size / stages,
         or 1 when ``stages`` is 0 too."""
@@ -86,6 +85,7 @@ class Pipeline(ModelParallel):
                 raise ValueError(f"split gives {len(self.split)} stages but stages = {self.stages}")
 
     config: Config
+    recomputes: ClassVar[bool] = True
     parity_cases: ClassVar[Mapping[str, ParityCase]] = {
         "1f1b": ParityCase(options={"stages": 2, "microbatches": 4}, model="tiny-gpt"),
     }
@@ -142,7 +142,9 @@ class Pipeline(ModelParallel):
         self.sizes = sizes
         if rank == 0:
             logger.info("pipeline: layers per stage %s (%s)", sizes, "split" if c.split else f"balance={c.balance}")
-        self.model = StageModule.of(model, sizes, self.stage_index, recompute=c.recompute).to(self.ctx.device)
+        names = [n for n, _ in model_blocks(model)]
+        self.model = StageModule.of(model, sizes, self.stage_index).to(self.ctx.device)
+        self.control_blocks(self.model, names=names)  # recompute: this stage's chosen blocks
         self.runner = self.make_runner(self.model, stage_index=self.stage_index, group=groups[MeshAxis.PP])
         self.optimizer = self.make_optimizer(self.model.parameters())
 

@@ -55,6 +55,8 @@ if TYPE_CHECKING:
     import torch
     from torch import Tensor, nn
 
+    from fedge.plugins.train.blocks import BlockControl
+
 __all__ = [
     "DistContext",
     "ParityCase",
@@ -88,8 +90,19 @@ class StrategyConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     """``bf16``: forward and backward under torch.autocast(bfloat16), CPU or GPU; weights, gradients and the
     optimizer stay fp32 (master weights)."""
+    freeze: str = ""
+    """Layer freezing schedule over the model's blocks (top-level layers with parameters): ``first:K`` freezes
+    the first K blocks, ``first:K@S`` from step S; ``progressive:N[@S]`` freezes block 0 at step S, one more every
+    N steps, never the last. Frozen blocks get no gradient, are not communicated and run forward without autograd."""
+    recompute: str = ""
+    """Activation recomputation per block: ``all``, or block indices such as ``0,2`` or ``1-3``; each chosen block
+    keeps only its input and redoes its forward in backward (torch.utils.checkpoint, non-reentrant)."""
 
     def __post_init__(self) -> None:
+        from fedge.plugins.train.blocks import parse_freeze, parse_recompute
+
+        parse_freeze(self.freeze)
+        parse_recompute(self.recompute)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if not 0 <= self.momentum < 1:
@@ -178,7 +191,22 @@ def strategy_config(cls: type[Strategy], options: Mapping[str, Any], name: str) 
     """Build ``cls.Config`` from the ``[strategy_options]`` table (the one place strategy options are typed)."""
     from fedge.config import from_mapping
 
-    return from_mapping(cls.Config, dict(options), where=f"strategy_options ({name})")
+    config = from_mapping(cls.Config, dict(options), where=f"strategy_options ({name})")
+    for option, supported in (("freeze", cls.freezes), ("recompute", cls.recomputes)):
+        if getattr(config, option, "") and not supported:
+            able = [n for n in strategy_registry().names() if getattr(_safe_get(n), option + "s", False)]
+            raise ConfigError(
+                f"strategy {name!r} does not support {option} (got {option}={getattr(config, option)!r}); "
+                f"leave it out, or use one of: {', '.join(able)}"
+            )
+    return config
+
+
+def _safe_get(name: str) -> object:
+    try:
+        return strategy_registry().get(name)
+    except FedgeError:
+        return None
 
 
 def sgd_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -190,10 +218,9 @@ def sgd_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, A
     import torch
 
     momentum = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            buf = optimizer.state.get(p, {}).get("momentum_buffer")
-            momentum[name] = buf if buf is not None else torch.zeros_like(p)
+    for name, p in model.named_parameters():  # frozen ones too: the layout stays the same when a block freezes
+        buf = optimizer.state.get(p, {}).get("momentum_buffer")
+        momentum[name] = buf if buf is not None else torch.zeros_like(p)
     return {"model": model.state_dict(), "momentum": momentum}
 
 
@@ -232,6 +259,10 @@ class Strategy(abc.ABC):
     and a job restarted with a different world size (``--nnodes MIN:MAX``) can still resume from it."""
     parity_cases: ClassVar[Mapping[str, ParityCase]] = {"default": ParityCase()}
     """Settings that must match single-process SGD; empty for a strategy that is not synchronous."""
+    freezes: ClassVar[bool] = False
+    """True when the strategy applies the ``freeze`` schedule (see :class:`~fedge.plugins.train.blocks.BlockControl`)."""
+    recomputes: ClassVar[bool] = False
+    """True when the strategy applies ``recompute``."""
     resizable: ClassVar[bool] = False
     """True when the strategy has :meth:`global_state`: its checkpoints are world-size independent (DCP), so a
     job resumes at another world size (2 -> 4 -> 2, an elastic job that lost a node, a migrated job)."""
@@ -312,6 +343,12 @@ class Strategy(abc.ABC):
         import torch
 
         return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+
+    def control_blocks(self, model: nn.Module, *, names: list[str] | None = None) -> BlockControl:
+        """This config's freezing and recomputation applied to ``model`` (call :meth:`BlockControl.update` per step)."""
+        from fedge.plugins.train.blocks import BlockControl
+
+        return BlockControl(model, freeze=self.config.freeze, recompute=self.config.recompute, names=names)
 
     def lr_at(self, step: int, global_batch: int) -> float:
         """The learning rate for ``step``: linear scaling to ``global_batch`` with linear warm-up."""

@@ -171,19 +171,22 @@ def _strategies(spec: dict[str, Any], partial: _Partial) -> list[dict[str, Any]]
         ddp_opt.step()
 
     impls: dict[str, Callable[[], object]] = {"ddp": ddp_step}
+    params = sum(p.numel() for p in ddp.parameters())
+    sent: dict[str, Callable[[], float | None]] = {"ddp": lambda: float(params * 4)}
     for name, options in spec["strategies"].items():
         cls = resolve_strategy(options.get("plugin", name))
         scfg = strategy_config(cls, {k: v for k, v in options.items() if k != "plugin"} | {"lr": 0.01}, name)
         strategy = cls(scfg, ctx)
         strategy.setup(model())
         impls[name] = _stepper(strategy, x, y)
-    params = sum(p.numel() for p in ddp.parameters())
+        sent[name] = lambda s=strategy: s.step_metrics().get("grad_bytes")
 
     def rows(times: dict[str, float]) -> list[dict[str, Any]]:
         return [
-            {"impl": name, "step_ms": t * 1e3, "samples_per_s": batch / t, "throughput_vs_ddp": times["ddp"] / t, "params": params}
+            {"impl": name, "step_ms": t * 1e3, "samples_per_s": batch / t, "throughput_vs_ddp": times["ddp"] / t,
+             "params": params, "grad_bytes": sent[name]()}
             for name, t in times.items()
-        ]
+        ]  # fmt: skip
 
     reps_done = itertools.count(1)
     times = _interleaved(

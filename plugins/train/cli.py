@@ -42,13 +42,14 @@ _GONE = {
 }
 
 
-def parse_options(pairs: list[str]) -> dict[str, Any]:
+def parse_options(pairs: list[str], *, flag: str = "--option") -> dict[str, Any]:
     """``["chunk_bytes=65536", "mode=async"]`` -> a dict (values stay strings; the Config coerces them)."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--option takes KEY=VALUE (e.g. -o chunk_bytes=65536), got {pair!r}")
+            example = "-o chunk_bytes=65536" if flag == "--option" else f"{flag} hidden=64,32"
+            raise ConfigError(f"{flag} takes KEY=VALUE (e.g. {example}), got {pair!r}")
         out[key.strip().replace("-", "_")] = value.strip()
     return out
 
@@ -173,9 +174,11 @@ def _check_before_start(cfg: TrainConfig, *, last_call_given: bool) -> None:
         names = Registry(kind).names()
         if name not in names:
             raise PluginNotFoundError(f"unknown {kind} {name!r}; valid: {', '.join(names) or 'none installed'}")
-    _check_data(cfg, dataset_config(cfg.dataset, cfg.dataset_options, command="fedge train"))
+    data = _check_data(cfg, dataset_config(cfg.dataset, cfg.dataset_options, command="fedge train"))
     cls = resolve_strategy(cfg.strategy)
     scfg = strategy_config(cls, cfg.strategy_options, cfg.strategy)
+    if scfg.freeze or scfg.recompute:
+        _check_blocks(cfg, scfg, data)
     lo, hi = parse_nnodes(cfg.nnodes)
     for nodes in range(lo, hi + 1):
         cls.check_world_size(scfg, nodes * cfg.nproc, cfg.batch_size)
@@ -187,7 +190,17 @@ def _check_before_start(cfg: TrainConfig, *, last_call_given: bool) -> None:
         _check_gpus(1, flag="--device cuda")
 
 
-def _check_data(cfg: TrainConfig, dataset_cfg: Any) -> None:
+def _check_blocks(cfg: TrainConfig, scfg: Any, data: Any) -> None:
+    """``freeze`` and ``recompute`` name blocks of the model: check them against it before anything starts."""
+    from fedge.plugins.models import build_model
+    from fedge.plugins.train.blocks import BlockControl
+
+    options = {"seed": cfg.seed, **cfg.model_options}
+    model = build_model(cfg.model, options, input_shape=data.input_shape, num_classes=data.num_classes)
+    BlockControl(model, freeze=scfg.freeze, recompute=scfg.recompute)
+
+
+def _check_data(cfg: TrainConfig, dataset_cfg: Any) -> Any:
     """Read the training set once here, so a missing or malformed file, or a batch larger than the set, is one
     line before the run directory is made (every rank reads it again)."""
     from fedge.plugins.data import load_dataset
@@ -199,12 +212,14 @@ def _check_data(cfg: TrainConfig, dataset_cfg: Any) -> None:
                 f"dataset {cfg.dataset}: {f.name} {str(value)!r} does not exist; set [dataset_options] {f.name} to an "
                 "existing file or folder"
             )
-    n = len(load_dataset(cfg.dataset, cfg.dataset_options).x_train)
+    data = load_dataset(cfg.dataset, cfg.dataset_options)
+    n = len(data.x_train)
     if cfg.batch_size > n:
         raise ConfigError(
             f"--batch-size {cfg.batch_size} is larger than the training set of {cfg.dataset} ({n} samples); "
             f"use at most {n}"
         )
+    return data
 
 
 def _check_gpus(nproc: int, *, flag: str = "--backend nccl") -> None:

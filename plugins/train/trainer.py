@@ -271,9 +271,17 @@ class Trainer:
         summary = {
             "strategy": cfg.strategy, "world_size": self.env.world_size, "backend": self.backend, "steps": num_steps,
             "resumed_from_step": start or None, "restarts": self.env.restart, "final_loss": loss,
-            "test_loss": test_loss, "test_accuracy": accuracy, "device": self.device.type, **_cuda_memory(self.device),
+            "test_loss": test_loss, "test_accuracy": accuracy, "device": self.device.type,
+            "peak_rss_bytes": _peak_rss_bytes(), **_cuda_memory(self.device),
         }  # fmt: skip
         self.run.write_json("summary.json", summary)
+
+
+def _peak_rss_bytes() -> int:
+    """Rank 0's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _cuda_memory(device: torch.device) -> dict[str, int]:

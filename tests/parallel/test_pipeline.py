@@ -17,7 +17,7 @@ STEPS = 3
     ("config", "resume_at"),
     [
         ({"stages": 2, "microbatches": 4, "schedule": "gpipe"}, 2),
-        ({"stages": 2, "microbatches": 4, "schedule": "1f1b", "recompute": True, "balance": "time"}, None),
+        ({"stages": 2, "microbatches": 4, "schedule": "1f1b", "recompute": "all", "balance": "time"}, None),
     ],
     ids=["gpipe-resumed", "1f1b-recompute-timebalance"],
 )

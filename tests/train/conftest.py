@@ -70,9 +70,13 @@ def _run_workers(world: int, run_dirs: list[Path], *, timeout_s: float = 300) ->
 
 
 def _reference_state(
-    num_steps: int, *, lr: float = 0.05, momentum: float = 0.9, lr_of_step: Any = None, model: str = "", model_options: Any = None
+    num_steps: int, *, lr: float = 0.05, momentum: float = 0.9, lr_of_step: Any = None, model: str = "", model_options: Any = None,
+    frozen_of_step: Any = None,
 ) -> tuple[dict, list[float]]:
-    """Single-process SGD on the same global batches: final state_dict and per-step losses."""
+    """Single-process SGD on the same global batches: final state_dict and per-step losses.
+
+    ``frozen_of_step(step)``: how many leading layers with parameters are frozen (requires_grad off) in that step.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -94,6 +98,10 @@ def _reference_state(
         if lr_of_step is not None:
             for g in opt.param_groups:
                 g["lr"] = lr_of_step(step)
+        if frozen_of_step is not None:
+            holders = [c for c in model.children() if list(c.parameters())]
+            for block in holders[: frozen_of_step(step)]:
+                block.requires_grad_(False)
         idx = order.indices(step)
         opt.zero_grad()
         loss = F.cross_entropy(model(x[idx]), y[idx])
