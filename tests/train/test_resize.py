@@ -25,19 +25,34 @@ def _assert_same(state: dict, ref: dict) -> None:
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize(
-    ("strategy", "worlds"),
-    # parameter-server: one server, 2 -> 3 -> 2 workers; fsdp: DTensor shards resharded by DCP
-    [("allreduce", (2, 4, 2)), ("parameter-server", (3, 4, 3)), ("fsdp", (2, 4, 2))],
-)
-def test_resized_resume_matches_an_uninterrupted_run(
-    tmp_path: Path, write_run, run_workers, reference_state, strategy: str, worlds: tuple[int, ...]
-) -> None:
-    run_dir = tmp_path / "run"
-    for leg, world in enumerate(worlds, start=1):
-        write_run(run_dir, strategy=strategy, steps=LEG_STEPS * leg, checkpoint_every=LEG_STEPS)
-        run_workers(world, [run_dir])
-        meta = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
+# parameter-server: one server, 2 -> 3 -> 2 workers; fsdp: DTensor shards resharded by DCP
+RESIZES = {"allreduce": (2, 4, 2), "parameter-server": (3, 4, 3), "fsdp": (2, 4, 2)}
+
+
+@pytest.fixture(scope="module")
+def resized(tmp_path_factory: pytest.TempPathFactory, write_run, run_workers) -> dict[str, tuple[Path, list[dict]]]:
+    """Every strategy's run, leg by leg; the legs at one world size share one start of the processes (start-up
+    dominates). Per strategy: its run directory and ``latest.json`` as it was after each leg."""
+    tmp = tmp_path_factory.mktemp("resize")
+    metas: dict[str, list[dict]] = {s: [] for s in RESIZES}
+    for leg in range(3):
+        by_world: dict[int, list[str]] = {}
+        for strategy, worlds in RESIZES.items():
+            by_world.setdefault(worlds[leg], []).append(strategy)
+        for world, names in by_world.items():
+            for strategy in names:
+                write_run(tmp / strategy, strategy=strategy, steps=LEG_STEPS * (leg + 1), checkpoint_every=LEG_STEPS)
+            run_workers(world, [tmp / s for s in names])
+            for strategy in names:
+                metas[strategy].append(json.loads((tmp / strategy / "checkpoints" / "latest.json").read_text()))
+    return {s: (tmp / s, metas[s]) for s in RESIZES}
+
+
+@pytest.mark.parametrize("strategy", sorted(RESIZES))
+def test_resized_resume_matches_an_uninterrupted_run(resized, reference_state, strategy: str) -> None:
+    run_dir, metas = resized[strategy]
+    worlds = RESIZES[strategy]
+    for leg, (world, meta) in enumerate(zip(worlds, metas, strict=True), start=1):
         assert (meta["format"], meta["world_size"], meta["step"]) == ("dcp", world, LEG_STEPS * leg)
 
     summary = json.loads((run_dir / "summary.json").read_text())
