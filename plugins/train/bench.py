@@ -19,7 +19,7 @@ import typer
 from fedge.errors import ConfigError, Interrupted
 from fedge.rundir import RunDir
 
-__all__ = ["app", "parse_size", "run_bench"]
+__all__ = ["app", "parse_size", "run_bench", "strategies_spec"]
 
 app = typer.Typer(
     name="bench",
@@ -191,10 +191,37 @@ def _timed_strategies(nproc: int, batch_size: int, bucket_mb: float) -> dict[str
     return timed
 
 
+def strategies_spec(
+    nproc: int, *, model: str, model_options: dict[str, Any], batch_size: int, reps: int, iters: int, bucket_mb: float
+) -> dict[str, Any]:
+    """What the bench worker needs to time every data-parallel strategy on ``model`` (checked here, before any
+    process starts)."""
+    from fedge.plugins.models import build_model
+
+    _check_nproc(nproc)
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if batch_size % nproc:
+        raise ConfigError(f"--batch-size {batch_size} must be divisible by --nproc {nproc}")
+    if not bucket_mb > 0:  # else every worker fails, and their train.log goes with the temporary directory
+        raise ConfigError(f"--bucket-mb must be > 0 MiB, got {bucket_mb:g}")
+    try:
+        build_model(model, model_options, input_shape=(1, 8, 8), num_classes=10)  # the bench's digits-shaped input
+    except ValueError as err:
+        raise ConfigError(f"model {model}: {err}") from err
+    return {
+        "model": model, "model_options": model_options, "batch_size": batch_size, "bucket_mb": bucket_mb,
+        "reps": _at_least_one("--reps", reps), "iters": _at_least_one("--iters", iters),
+        "strategies": _timed_strategies(nproc, batch_size, bucket_mb),
+    }  # fmt: skip
+
+
 @app.command()
 def strategies(
     nproc: Annotated[int, typer.Option("--nproc", help="Processes (gloo, this machine).")] = 2,
     hidden: Annotated[str, typer.Option("--hidden", help="MLP hidden widths (the model whose gradients travel).")] = "1024,1024",
+    model: Annotated[str, typer.Option("--model", help="Model plugin timed (digits-shaped 1x8x8 input, 10 classes).")] = "mlp",
+    model_option: Annotated[list[str] | None, typer.Option("--model-option", "-m", help="A model Config field, KEY=VALUE (repeatable); --hidden is mlp's hidden.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch size.")] = 64,
     reps: Annotated[int, typer.Option("--reps", help="Interleaved repetitions; the median is reported.")] = 7,
     iters: Annotated[int, typer.Option("--iters", help="Steps timed per repetition.")] = 10,
@@ -217,27 +244,16 @@ def strategies(
     so a ratio to DDP would compare different training. Judge it by time to
     accuracy with fedge train -o mode=async instead.
     """
+    from fedge.plugins.train.cli import parse_options
+
     try:
         widths = [int(h) for h in hidden.split(",") if h.strip()]
     except ValueError:
         raise ConfigError(f"--hidden takes comma-separated integers, got {hidden!r}") from None
-    _check_nproc(nproc)
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    if batch_size % nproc:
-        raise ConfigError(f"--batch-size {batch_size} must be divisible by --nproc {nproc}")
-    if not bucket_mb > 0:  # else every worker fails, and their train.log goes with the temporary directory
-        raise ConfigError(f"--bucket-mb must be > 0 MiB, got {bucket_mb:g}")
-    timed = _timed_strategies(nproc, batch_size, bucket_mb)
-    spec = {
-        "model": "mlp",
-        "model_options": {"hidden": widths},
-        "batch_size": batch_size,
-        "bucket_mb": bucket_mb,
-        "reps": _at_least_one("--reps", reps),
-        "iters": _at_least_one("--iters", iters),
-        "strategies": timed,
-    }
+    options = ({"hidden": widths} if model == "mlp" else {}) | parse_options(model_option or [], flag="--model-option")
+    spec = strategies_spec(
+        nproc, model=model, model_options=options, batch_size=batch_size, reps=reps, iters=iters, bucket_mb=bucket_mb
+    )
     show = _show_json if as_json else _show_strategies
     show(run_bench("strategies", nproc, spec, out, show=show, overwrite=overwrite))
     return 0

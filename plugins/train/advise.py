@@ -1,0 +1,214 @@
+"""``fedge advise``: which data-parallel strategy will be fastest for a model on W processes of this machine.
+
+It fits an alpha-beta model to ``fedge bench collectives`` at that world size (stored and reused: see
+``--calibration``), measures the model's compute per step, predicts each strategy's step time
+(:mod:`fedge.plugins.train.cost_model`), ranks them and says why. ``--check`` then runs ``fedge bench
+strategies`` and prints predicted against measured, with the error of each.
+
+Example::
+
+    fedge advise mlp --nproc 2
+    fedge advise tiny-gpt --nproc 4 -m d_model=64 --check
+    fedge advise cnn --nproc 2 --json --refit
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import statistics
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fedge.errors import ConfigError
+from fedge.rundir import RunDir, atomic_write_text
+
+__all__ = ["advise", "calibrate", "measure_compute"]
+
+CALIBRATION_SIZES = "4KB,16KB,64KB,256KB,1MB,4MB,16MB"
+_INPUT_SHAPE, _CLASSES = (1, 8, 8), 10  # the benches' digits-shaped input
+
+
+def _default_calibration(nproc: int) -> Path:
+    return Path.home() / ".cache" / "fedge" / f"collectives-{socket.gethostname()}-w{nproc}.json"
+
+
+def calibrate(nproc: int, path: Path, *, refit: bool, sizes: str = CALIBRATION_SIZES, reps: int = 5) -> dict[str, Any]:
+    """The collectives measurement at ``nproc`` processes: read from ``path`` when it was made here at that
+    world size (and not ``refit``), else measured with ``fedge bench collectives`` at ``sizes`` and stored there."""
+    from fedge.plugins.train.bench import parse_size, run_bench
+
+    if path.is_file() and not refit:
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ConfigError(
+                f"calibration {str(path)!r} is not a fedge collectives calibration ({err}); pass --refit to measure again"
+            ) from err
+        if stored.get("world_size") == nproc and stored.get("host") == socket.gethostname():
+            return dict(stored)
+    typer.echo(f"fedge advise: measuring collectives on {nproc} processes (stored in {path}) ...", err=True)
+    spec = {
+        "sizes": [parse_size(s) for s in sizes.split(",") if s.strip()], "reps": reps, "max_iters": 20,
+        "ring_chunk_bytes": 4 << 20, "tree_chunk_bytes": 1 << 20,
+    }  # fmt: skip
+    rows = run_bench("collectives", nproc, spec)
+    record = {"world_size": nproc, "host": socket.gethostname(), "measured_at": time.time(), "rows": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def measure_compute(model: str, options: dict[str, Any], *, rows: int, iters: int = 15) -> float:
+    """Median seconds of one forward + backward + SGD step of ``model`` on ``rows`` samples, one thread."""
+    import torch
+    import torch.nn.functional as F
+
+    from fedge.plugins.models import build_model
+
+    net = build_model(model, options, input_shape=_INPUT_SHAPE, num_classes=_CLASSES)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(rows, *_INPUT_SHAPE, generator=gen), torch.randint(0, _CLASSES, (rows,), generator=gen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each bench rank runs
+    try:
+        times = []
+        for i in range(iters + 3):
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)
+
+
+def _model_facts(model: str, options: dict[str, Any]) -> tuple[float, int]:
+    """(gradient bytes, FSDP units) of the model."""
+    from fedge.plugins.models import build_model
+    from fedge.plugins.train.blocks import model_blocks
+
+    try:
+        net = build_model(model, options, input_shape=_INPUT_SHAPE, num_classes=_CLASSES)
+    except ValueError as err:
+        raise ConfigError(f"model {model}: {err}") from err
+    grad_bytes = float(sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad))
+    return grad_bytes, len(model_blocks(net)) + 1
+
+
+def _predictions(model: str, options: dict[str, Any], nproc: int, batch_size: int, record: dict[str, Any]) -> list[Any]:
+    from fedge.plugins.train.cost_model import fit_collectives, predict, rank
+
+    fits = fit_collectives(record["rows"])
+    grad_bytes, units = _model_facts(model, options)
+    cores = len(os.sched_getaffinity(0))
+    share = max(1.0, nproc / cores)  # W single-thread ranks on fewer cores take turns
+    load = os.getloadavg()[0]
+    if load > cores:
+        typer.echo(
+            f"fedge advise: warning: this machine is busy (load average {load:.1f} on {cores} cores); other "
+            "processes delay every measurement, so predictions and measurements may be far apart", err=True,
+        )  # fmt: skip
+    compute = {"dp": measure_compute(model, options, rows=batch_size // nproc) * share}
+    if nproc > 1 and batch_size % (nproc - 1) == 0:
+        compute["ps"] = measure_compute(model, options, rows=batch_size // (nproc - 1)) * share
+    return rank(predict(fits, grad_bytes=grad_bytes, num_units=units, compute_s=compute, world_size=nproc))
+
+
+def _check(spec: dict[str, Any], nproc: int, predictions: list[Any]) -> list[dict[str, Any]]:
+    """Measured step of every predicted strategy (``fedge bench strategies``), and the prediction's error."""
+    from fedge.plugins.train.bench import run_bench
+
+    spec = dict(spec)
+    spec["strategies"] = {k: v for k, v in spec["strategies"].items() if k in {p.strategy for p in predictions}}
+    typer.echo(f"fedge advise: measuring {', '.join(spec['strategies'])} with fedge bench strategies ...", err=True)
+    measured = {r["impl"]: r["step_ms"] / 1e3 for r in run_bench("strategies", nproc, spec)}
+    rows = []
+    for p in predictions:
+        if p.strategy in measured:
+            m = measured[p.strategy]
+            rows.append({"strategy": p.strategy, "predicted_ms": p.step_s * 1e3, "measured_ms": m * 1e3, "error_pct": 100 * (p.step_s - m) / m})
+    return rows
+
+
+def _summary(checked: list[dict[str, Any]]) -> dict[str, Any]:
+    if not checked:
+        return {}
+    fastest_measured = min(checked, key=lambda r: r["measured_ms"])["strategy"]
+    fastest_predicted = min(checked, key=lambda r: r["predicted_ms"])["strategy"]
+    return {
+        "fastest_predicted": fastest_predicted, "fastest_measured": fastest_measured,
+        "fastest_right": fastest_predicted == fastest_measured,
+        "median_abs_error_pct": statistics.median(abs(r["error_pct"]) for r in checked),
+    }  # fmt: skip
+
+
+def _show(result: dict[str, Any]) -> None:
+    typer.echo(f"{result['model']} on {result['world_size']} processes, global batch {result['batch_size']} "
+               f"({result['grad_bytes'] / 1e6:.2f} MB of gradients), fastest first:")  # fmt: skip
+    for i, p in enumerate(result["ranking"], 1):
+        typer.echo(f"{i}. {p['strategy']}: {p['step_s'] * 1e3:.2f} ms/step (compute {p['compute_s'] * 1e3:.2f} + "
+                   f"comm {p['comm_s'] * 1e3:.2f}); {p['reason']}")  # fmt: skip
+    if result.get("check"):
+        typer.echo("predicted vs measured (fedge bench strategies):")
+        for r in result["check"]:
+            typer.echo(f"  {r['strategy']}: predicted {r['predicted_ms']:.2f} ms, measured {r['measured_ms']:.2f} ms, "
+                       f"error {r['error_pct']:+.0f}%")  # fmt: skip
+        s = result["check_summary"]
+        typer.echo(f"fastest: predicted {s['fastest_predicted']}, measured {s['fastest_measured']}; "
+                   f"median |error| {s['median_abs_error_pct']:.0f}%")  # fmt: skip
+
+
+def advise(
+    model: Annotated[str, typer.Argument(help="Model plugin (fedge plugins --kind model).")],
+    nproc: Annotated[int, typer.Option("--nproc", help="World size: processes on this machine (gloo).")] = 2,
+    model_option: Annotated[list[str] | None, typer.Option("--model-option", "-m", help="A model Config field, KEY=VALUE (repeatable).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch size.")] = 64,
+    check: Annotated[bool, typer.Option("--check", help="Also run fedge bench strategies and print predicted vs measured.")] = False,
+    calibration: Annotated[Path | None, typer.Option("--calibration", help="Where the collectives measurement is stored and reused (default ~/.cache/fedge/collectives-HOST-wN.json).")] = None,
+    refit: Annotated[bool, typer.Option("--refit", help="Measure the collectives again instead of reusing --calibration.")] = False,
+    sizes: Annotated[str, typer.Option("--sizes", help="Buffer sizes the collectives are measured at (when they are).")] = CALIBRATION_SIZES,
+    reps: Annotated[int, typer.Option("--reps", help="Interleaved repetitions of each measurement; medians are used.")] = 5,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/advise-<timestamp>/).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the advise run already in --out, whole.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the ranking (and the check) as JSON.")] = False,
+) -> int:
+    """Predict each data-parallel strategy's step time here from a fitted alpha-beta model, rank them, say why."""
+    from fedge.plugins.train.bench import strategies_spec
+    from fedge.plugins.train.cli import parse_options
+
+    from fedge.plugins.train.bench import parse_size
+
+    options = parse_options(model_option or [], flag="--model-option")
+    if len({parse_size(s) for s in sizes.split(",") if s.strip()}) < 2:
+        raise ConfigError(f"--sizes needs two or more sizes for the alpha-beta fit, got {sizes!r}")
+    if reps < 1:
+        raise ConfigError(f"--reps must be >= 1, got {reps}")
+    grad_bytes, _ = _model_facts(model, options)  # a bad model or option: one line before anything is measured
+    # Checked up front too, so a batch that does not split is one line before the collectives are measured.
+    spec = strategies_spec(nproc, model=model, model_options=options, batch_size=batch_size, reps=reps, iters=5, bucket_mb=25.0)
+    record = calibrate(nproc, calibration or _default_calibration(nproc), refit=refit, sizes=sizes, reps=reps)
+    with RunDir.create("advise", out, overwrite=overwrite) as run:
+        run.write_json("collectives.json", record)
+        ranking = _predictions(model, options, nproc, batch_size, record)
+        result: dict[str, Any] = {
+            "model": model, "model_options": options, "world_size": nproc, "batch_size": batch_size,
+            "grad_bytes": grad_bytes, "ranking": [dataclasses.asdict(p) for p in ranking],
+        }  # fmt: skip
+        if check:
+            result["check"] = _check(spec, nproc, ranking)
+            result["check_summary"] = _summary(result["check"])
+        run.write_json("advice.json", result)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        _show(result)
+    return 0

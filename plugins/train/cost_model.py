@@ -1,0 +1,155 @@
+"""The cost model behind ``fedge advise``: an alpha-beta (latency-bandwidth) fit of each collective, measured by
+``fedge bench collectives`` on this machine, plus a measured compute time, predicts each strategy's step time.
+
+A collective on ``n`` bytes takes ``alpha + beta * n`` seconds (Hockney's model): ``alpha`` is the per-call
+latency, ``1 / beta`` the bandwidth. The fit minimises the *relative* squared error, so the 4 KB points
+(latency) weigh as much as the 16 MB ones (bandwidth); a negative intercept is clamped to 0 and the slope
+refit; points more than twice the fit (another process held the core) are dropped and the rest refit.
+
+Step time of a strategy = compute (forward + backward + SGD on its rows of the global batch, measured on one
+process and scaled by how many processes share each core) + its communication from the fit:
+
+- ``allreduce``, ``ring-allreduce``, ``tree-allreduce``: one all-reduce of the gradients by that implementation
+  (``native``, ``ring``, ``tree``);
+- ``parameter-server`` (sync, one server): one push/pull round (``parameter-server``), compute on W - 1 workers;
+- ``fsdp``: per unit two all-gathers (forward, backward) and one reduce-scatter, which gloo runs as an all-reduce:
+  ``3 U alpha + 2 beta G`` on the native fit (an all-gather moves half an all-reduce's bytes).
+
+Communication is taken as not overlapped with compute (on a few CPU cores they compete for the same cores).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+
+from fedge.errors import ConfigError
+
+__all__ = ["AlphaBeta", "Prediction", "fit_alpha_beta", "fit_collectives", "predict", "rank"]
+
+
+@dataclass(frozen=True, slots=True)
+class AlphaBeta:
+    """One collective's cost: ``alpha_s + beta_s_per_byte * bytes`` seconds."""
+
+    alpha_s: float
+    beta_s_per_byte: float
+    max_rel_error: float = 0.0
+    """The largest relative error of the fit on the points it was fitted to."""
+
+    def time_s(self, num_bytes: float) -> float:
+        return self.alpha_s + self.beta_s_per_byte * num_bytes
+
+    def to_json(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def fit_alpha_beta(points: Iterable[tuple[float, float]], *, outlier_factor: float = 2.0) -> AlphaBeta:
+    """Least-squares ``t = alpha + beta * n`` over ``(bytes, seconds)`` points, in relative error.
+
+    Delays from other processes only ever add time, so a point measured more than ``outlier_factor`` times
+    the fit is dropped and the rest refit (twice at most, keeping at least three points and two sizes).
+
+    Raises:
+        ConfigError: fewer than two distinct sizes, or a time that is not positive.
+    """
+    pts = [(float(n), float(t)) for n, t in points]
+    if len({n for n, _ in pts}) < 2:
+        raise ConfigError("an alpha-beta fit needs timings at two or more buffer sizes; measure more --sizes")
+    if any(not (t > 0 and math.isfinite(t)) for _, t in pts):
+        raise ConfigError("an alpha-beta fit needs positive, finite times; the collectives measurement is broken")
+    fit = _fit(pts)
+    for _ in range(2):
+        kept = [(n, t) for n, t in pts if t <= outlier_factor * fit.time_s(n)]
+        if len(kept) == len(pts) or len(kept) < 3 or len({n for n, _ in kept}) < 2:
+            break
+        pts, fit = kept, _fit(kept)
+    return fit
+
+
+def _fit(pts: list[tuple[float, float]]) -> AlphaBeta:
+    # Weighted normal equations with weights 1/t^2: minimise sum(((alpha + beta n) - t) / t)^2.
+    w = [1.0 / (t * t) for _, t in pts]
+    s0 = sum(w)
+    s1 = sum(wi * n for wi, (n, _) in zip(w, pts, strict=True))
+    s2 = sum(wi * n * n for wi, (n, _) in zip(w, pts, strict=True))
+    b0 = sum(wi * t for wi, (_, t) in zip(w, pts, strict=True))
+    b1 = sum(wi * n * t for wi, (n, t) in zip(w, pts, strict=True))
+    det = s0 * s2 - s1 * s1
+    alpha, beta = (b0 * s2 - b1 * s1) / det, (s0 * b1 - s1 * b0) / det
+    if alpha < 0:
+        alpha, beta = 0.0, b1 / s2
+    beta = max(beta, 0.0)
+    worst = max(abs(alpha + beta * n - t) / t for n, t in pts)
+    return AlphaBeta(alpha, beta, worst)
+
+
+def fit_collectives(rows: Iterable[Mapping[str, float | str]]) -> dict[str, AlphaBeta]:
+    """``{impl: AlphaBeta}`` from ``fedge bench collectives`` rows (``impl``, ``bytes``, ``algbw_gbps``)."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        size = float(row["bytes"])
+        points.setdefault(str(row["impl"]), []).append((size, size / (float(row["algbw_gbps"]) * 1e9)))
+    return {impl: fit_alpha_beta(pts) for impl, pts in points.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """One strategy's predicted step, in seconds, and why."""
+
+    strategy: str
+    step_s: float
+    compute_s: float
+    comm_s: float
+    reason: str
+
+
+def _bound(fit: AlphaBeta, num_bytes: float) -> str:
+    latency, transfer = fit.alpha_s, fit.beta_s_per_byte * num_bytes
+    kind = "latency" if latency >= transfer else "bandwidth"
+    return f"{kind} bound (alpha {latency * 1e6:.0f} us vs beta x n {transfer * 1e6:.0f} us)"
+
+
+_ALLREDUCE_IMPL = {"allreduce": "native", "ring-allreduce": "ring", "tree-allreduce": "tree"}
+
+
+def predict(
+    fits: Mapping[str, AlphaBeta],
+    *,
+    grad_bytes: float,
+    num_units: int,
+    compute_s: Mapping[str, float],
+    world_size: int,
+) -> list[Prediction]:
+    """The step time of every built-in data-parallel strategy the fits cover.
+
+    Args:
+        fits: :func:`fit_collectives` of a bench at ``world_size``.
+        grad_bytes: the model's gradient bytes (float32 parameters x 4).
+        num_units: FSDP units (top-level children with parameters, plus the root).
+        compute_s: measured compute seconds per step keyed ``"dp"`` (B/W rows) and ``"ps"`` (B/(W-1) rows).
+    """
+    mb = grad_bytes / 1e6
+    out = []
+    for name, impl in _ALLREDUCE_IMPL.items():
+        if impl in fits:
+            comm = fits[impl].time_s(grad_bytes)
+            why = f"{mb:.2f} MB of gradients through {impl} all-reduce is {_bound(fits[impl], grad_bytes)}"
+            out.append(Prediction(name, compute_s["dp"] + comm, compute_s["dp"], comm, why))
+    if "parameter-server" in fits and "ps" in compute_s:
+        fit = fits["parameter-server"]
+        comm = fit.time_s(grad_bytes)
+        why = f"{world_size - 1} workers share the batch and one server; push/pull is {_bound(fit, grad_bytes)}"
+        out.append(Prediction("parameter-server", compute_s["ps"] + comm, compute_s["ps"], comm, why))
+    if "native" in fits:
+        fit = fits["native"]
+        comm = 3 * num_units * fit.alpha_s + 2 * fit.beta_s_per_byte * grad_bytes
+        why = f"3 collectives x {num_units} units = {3 * num_units * fit.alpha_s * 1e3:.2f} ms of latency alone"
+        out.append(Prediction("fsdp", compute_s["dp"] + comm, compute_s["dp"], comm, why))
+    return out
+
+
+def rank(predictions: Iterable[Prediction]) -> list[Prediction]:
+    """Fastest first."""
+    return sorted(predictions, key=lambda p: p.step_s)

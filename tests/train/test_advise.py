@@ -1,0 +1,138 @@
+"""``fedge advise``: the alpha-beta fit, the ranking it gives, the command end to end, and its bad inputs."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+from pathlib import Path
+
+import pytest
+
+from fedge.cli.app import main
+from fedge.plugins.train.cost_model import fit_alpha_beta, fit_collectives, predict, rank
+
+SIZES = [4096 * 4**i for i in range(7)]  # 4 KB .. 16 MB, as the calibration measures
+
+
+@pytest.mark.parametrize(("alpha", "beta"), [(50e-6, 1 / 2e9), (1e-3, 1 / 0.2e9), (0.0, 1 / 5e9)])
+def test_the_fit_recovers_known_latency_and_bandwidth(alpha: float, beta: float) -> None:
+    rng = random.Random(0)
+    points = [(n, (alpha + beta * n) * (1 + rng.uniform(-0.02, 0.02))) for n in SIZES for _ in range(3)]
+
+    fit = fit_alpha_beta(points)
+
+    assert fit.beta_s_per_byte == pytest.approx(beta, rel=0.03)
+    assert fit.alpha_s == pytest.approx(alpha, rel=0.05, abs=2e-6)
+    assert fit.max_rel_error < 0.05
+
+
+def test_the_fit_drops_a_point_another_process_delayed() -> None:
+    alpha, beta = 100e-6, 1 / 1e9
+    points = [(n, alpha + beta * n) for n in SIZES]
+    points[1] = (SIZES[1], 20 * points[1][1])  # descheduled while it waited
+
+    fit = fit_alpha_beta(points)
+
+    assert fit.alpha_s == pytest.approx(alpha, rel=1e-6) and fit.beta_s_per_byte == pytest.approx(beta, rel=1e-6)
+
+
+def test_the_fit_needs_two_sizes_and_positive_times() -> None:
+    from fedge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="two or more buffer sizes"):
+        fit_alpha_beta([(4096, 1e-4), (4096, 2e-4)])
+    with pytest.raises(ConfigError, match="positive, finite times"):
+        fit_alpha_beta([(4096, 1e-4), (8192, 0.0)])
+
+
+def _rows(costs: dict[str, tuple[float, float]]) -> list[dict]:
+    return [{"impl": impl, "bytes": n, "algbw_gbps": n / (a + b * n) / 1e9} for impl, (a, b) in costs.items() for n in SIZES]
+
+
+def test_small_gradients_favour_the_low_latency_collective_and_large_ones_the_high_bandwidth_one() -> None:
+    # Prepare: tree has the least latency, native the most bandwidth
+    fits = fit_collectives(_rows({"native": (400e-6, 1 / 2e9), "ring": (900e-6, 1 / 1.5e9), "tree": (100e-6, 1 / 0.5e9),
+                                  "parameter-server": (300e-6, 1 / 0.4e9)}))  # fmt: skip
+    assert fits["tree"].alpha_s == pytest.approx(100e-6, rel=1e-6)
+    compute = {"dp": 1e-3, "ps": 2e-3}
+    # Execute
+    small = rank(predict(fits, grad_bytes=40e3, num_units=4, compute_s=compute, world_size=2))
+    large = rank(predict(fits, grad_bytes=40e6, num_units=4, compute_s=compute, world_size=2))
+    # Assert
+    assert small[0].strategy == "tree-allreduce"
+    assert "latency bound" in small[0].reason
+    assert large[0].strategy == "allreduce"
+    assert "bandwidth bound" in large[0].reason
+    assert {p.strategy for p in small} == {"allreduce", "ring-allreduce", "tree-allreduce", "parameter-server", "fsdp"}
+    assert small[-1].step_s >= small[0].step_s
+
+
+def _calibration(path: Path, nproc: int) -> Path:
+    rows = _rows({"native": (200e-6, 1 / 1e9), "ring": (600e-6, 1 / 1e9), "tree": (150e-6, 1 / 0.5e9),
+                  "parameter-server": (300e-6, 1 / 0.5e9)})  # fmt: skip
+    path.write_text(json.dumps({"world_size": nproc, "host": socket.gethostname(), "rows": rows}))
+    return path
+
+
+def test_advise_reuses_a_stored_calibration_ranks_and_prints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cal = _calibration(tmp_path / "cal.json", 2)
+
+    code = main(["advise", "mlp", "--nproc", "2", "-m", "hidden=16", "--calibration", str(cal), "--out", str(tmp_path / "a")])
+
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    lines = out.out.splitlines()
+    assert lines[0].startswith("mlp on 2 processes, global batch 64 (0.00 MB of gradients), fastest first:")
+    ranked = [line.split(":")[0].split(". ")[1] for line in lines[1:]]
+    assert sorted(ranked) == ["allreduce", "fsdp", "parameter-server", "ring-allreduce", "tree-allreduce"]
+    assert ranked[0] == "tree-allreduce" and "latency bound" in lines[1]  # the least alpha wins on 3 KB
+    advice = json.loads((tmp_path / "a" / "advice.json").read_text())
+    assert advice["ranking"][0]["strategy"] == "tree-allreduce"
+    assert "measuring collectives" not in out.err  # reused, not measured
+
+
+@pytest.mark.multiproc
+def test_advise_check_measures_both_sides_on_this_machine(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cal = tmp_path / "cal.json"
+
+    code = main(["advise", "mlp", "--nproc", "2", "-m", "hidden=16", "--calibration", str(cal), "--check", "--json",
+                 "--sizes", "4KB,64KB", "--reps", "1", "--out", str(tmp_path / "a")])  # fmt: skip
+
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    result = json.loads(out.out)
+    assert json.loads(cal.read_text())["world_size"] == 2  # stored for the next advise
+    checked = {r["strategy"]: r for r in result["check"]}
+    assert set(checked) == {p["strategy"] for p in result["ranking"]}
+    for r in checked.values():
+        assert r["measured_ms"] > 0 and r["error_pct"] == pytest.approx(100 * (r["predicted_ms"] / r["measured_ms"] - 1))
+    assert result["check_summary"]["fastest_measured"] in checked
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["no-such-model"], "unknown model"),
+        (["mlp", "--nproc", "1"], "--nproc must be >= 2"),
+        (["mlp", "--nproc", "3"], "--batch-size 64 must be divisible by --nproc 3"),
+        (["mlp", "-m", "hidden=0"], "hidden widths must be >= 1"),
+        (["mlp", "-m", "depth=3"], "unknown setting"),
+        (["mlp", "-m", "hidden"], "--model-option takes KEY=VALUE"),
+        (["mlp", "--calibration", "{tmp}/bad.json"], "is not a fedge collectives calibration"),
+        (["mlp", "--sizes", "4KB"], "--sizes needs two or more sizes"),
+        (["mlp", "--sizes", "4XB,8KB"], "bad size '4XB'"),
+        (["mlp", "--reps", "0"], "--reps must be >= 1"),
+    ],
+)
+def test_advise_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch, args, message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.json").write_text("{not json")
+
+    code = main(["advise", *[a.replace("{tmp}", str(tmp_path)) for a in args]])
+
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
