@@ -182,10 +182,8 @@ def advise(
     as_json: Annotated[bool, typer.Option("--json", help="Print the ranking (and the check) as JSON.")] = False,
 ) -> int:
     """Predict each data-parallel strategy's step time here from a fitted alpha-beta model, rank them, say why."""
-    from fedge.plugins.train.bench import strategies_spec
+    from fedge.plugins.train.bench import parse_size, strategies_spec
     from fedge.plugins.train.cli import parse_options
-
-    from fedge.plugins.train.bench import parse_size
 
     options = parse_options(model_option or [], flag="--model-option")
     if len({parse_size(s) for s in sizes.split(",") if s.strip()}) < 2:
