@@ -216,6 +216,11 @@ class RunDir:
         """The kind of run this directory holds, from its marker."""
         return run_kind(self.path)
 
+    @property
+    def replacing(self) -> bool:
+        """True while an ``overwrite`` is unfinished: if it fails, the replaced run comes back."""
+        return self._replaced is not None
+
     def commit(self) -> None:
         """Finish an ``overwrite``: delete the run this one replaced. Idempotent."""
         if self._replaced is not None:
