@@ -108,6 +108,8 @@ CASES = [
     ("supernode-connect-timeout-nan", ["fl", "supernode", "--superlink", "127.0.0.1:9092", "--partition", "0/2", "--connect-timeout", "nan"], 1, "--connect-timeout must be a finite number"),
     ("supernode-split-nan", ["fl", "supernode", "--superlink", "127.0.0.1:9092", "--partition", "0/2", "--split", "dirichlet:nan"], 1, "ALPHA must be a finite number"),
     ("supernode-key-without-tls", ["fl", "supernode", "--superlink", "127.0.0.1:9092", "--partition", "0/2", "--auth-key", "{garbage_pub}"], 1, "--auth-key needs TLS"),
+    ("supernode-workdir-holds-certs", ["fl", "supernode", "--superlink", "127.0.0.1:9092", "--partition", "0/2", "--workdir", "{certs}"], 1, "--workdir '{certs}' already holds a certs run; the node's files would mix into it"),
+    ("supernode-workdir-is-file", ["fl", "supernode", "--superlink", "127.0.0.1:9092", "--partition", "0/2", "--workdir", "{a_file}"], 1, "--workdir '{a_file}' is a file, not a directory"),
     # fl certs
     ("certs-again", ["fl", "certs", "--out", "{certs}"], 1, "already holds certificates; nodes deployed with them would stop working"),
     ("certs-negative-nodes", ["fl", "certs", "--out", "{a_dir}", "--nodes", "-1"], 1, "--nodes must be between 0 and 10000"),
@@ -143,6 +145,7 @@ def test_bad_input_is_one_line_and_writes_nothing(
     # Assert
     err = capsys.readouterr().err.strip()
     assert got == code, err
+    expected = expected.format(**names)
     assert expected in err and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert _tree(tmp_path) == before
     assert list(cwd.iterdir()) == []
