@@ -308,7 +308,7 @@ class ServerLoop:
 
     # -- helpers -------------------------------------------------------------------------------------
     def _evaluate(self) -> tuple[float, float]:
-        from fedge.plugins.training import evaluate
+        from fedge.plugins.train.single_process import evaluate
 
         return evaluate(self.model, self.x_test, self.y_test)
 
