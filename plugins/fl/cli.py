@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 
 from fedge.cli.options import config_options
-from fedge.errors import ConfigError
+from fedge.errors import ConfigError, Interrupted
 from fedge.plugins.fl.config import FlConfig
 from fedge.plugins.fl.privacy import PrivacyConfig
 
@@ -320,13 +320,16 @@ def supernode_command(
     tls = TlsFiles(ca_cert=root_certificates.resolve()) if root_certificates else None
     fed = Federation(workdir / "flower", tls=tls, host=host)
     fed.fleet_port = port
-    with sigterm_as_interrupt(), fed:
-        node_config["worker"] = fed.start_worker(0)
-        daemon = fed.start_supernode(0, node_config=node_config, auth_key=auth_key.resolve() if auth_key else None)
-        typer.echo(f"SuperNode started (pid {daemon.proc.pid}) for {superlink}; log: {daemon.log}; Ctrl-C stops it", err=True)
-        _wait_until_joined(daemon, superlink, connect_timeout)
-        while daemon.proc.poll() is None:
-            time.sleep(0.5)
+    try:
+        with sigterm_as_interrupt(), fed:
+            node_config["worker"] = fed.start_worker(0)
+            daemon = fed.start_supernode(0, node_config=node_config, auth_key=auth_key.resolve() if auth_key else None)
+            typer.echo(f"SuperNode started (pid {daemon.proc.pid}) for {superlink}; log: {daemon.log}; Ctrl-C stops it", err=True)
+            _wait_until_joined(daemon, superlink, connect_timeout)
+            while daemon.proc.poll() is None:
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        raise Interrupted(f"stopped the SuperNode for {superlink}; kept {workdir}; the same command starts it again") from None
     return 0 if daemon.proc.returncode == 0 else 3
 
 

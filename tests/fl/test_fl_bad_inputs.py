@@ -4,6 +4,7 @@ expected, what was found, what to do), the right exit code, no traceback, and no
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -255,3 +256,29 @@ def test_client_data_on_a_full_disk_leaves_no_partial_file(tmp_path: Path, monke
         write_data(RunDir(tmp_path), cfg, *split)
 
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["client-0.npz"]
+
+
+@pytest.mark.multiproc
+def test_ctrl_c_on_a_supernode_is_one_line_and_stops_its_processes(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from fedge.supervisor import free_port, processes_with_env
+
+    port, workdir = free_port(), tmp_path / "node"  # nothing listens there: the node keeps retrying
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from fedge.cli.app import main; sys.exit(main())", "fl", "supernode",
+         "--superlink", f"127.0.0.1:{port}", "--partition", "0/2", "--workdir", str(workdir)],
+        env=dict(os.environ, PYTHONSAFEPATH="1"), stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "cannot reach the SuperLink" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == [f"fedge: error: stopped the SuperNode for 127.0.0.1:{port}; kept {workdir}; the same command starts it again"]
+    assert not processes_with_env("FEDGE_FEDERATION", str((workdir / "flower").resolve()))
