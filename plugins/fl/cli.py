@@ -156,7 +156,7 @@ def _settings(config: Path | None, settings: dict[str, Any], options: list[str] 
 @_privacy_flags
 @config_options(FlConfig, exclude=_TABLES, short=_FLAGS)
 def run_command(
-    config: Annotated[Path | None, typer.Argument(help="TOML file with run settings (top level or an [fl] table).")] = None,
+    config: Annotated[Path | None, typer.Argument(help="TOML file with run settings (top level or an \\[fl] table).")] = None,
     aggregator_option: Annotated[list[str] | None, typer.Option("--aggregator-option", "-O", help="An option of the aggregator, KEY=VALUE; repeatable.")] = None,
     fault: Annotated[list[str] | None, typer.Option("--fault", help="Inject a fault for robustness tests: PARTITION=nan|inf|shape|noise.")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue an interrupted run directory after its last checkpoint.")] = None,
