@@ -90,7 +90,7 @@ def factorize(model: nn.Module, rank_fraction: float) -> tuple[nn.Module, dict[s
     number of classes, and cutting it costs the most accuracy for the fewest weights).
 
     Returns:
-        The factorized copy (its ``fedge_spec`` carried over), and the kept rank per replaced layer's name.
+        The factorized copy (no longer what its model plugin builds), and the kept rank per replaced layer's name.
 
     Raises:
         ValueError: ``rank_fraction`` is not in (0, 1).

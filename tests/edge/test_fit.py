@@ -72,7 +72,7 @@ def test_the_frontier_shows_size_arena_and_accuracy_of_each_method_and_picks_the
 
 def test_the_chosen_model_is_written_as_an_export_writes_it(fitted, digits, tmp_path: Path, compile_c_array) -> None:
     from fedge.edge import load_edge_model
-    from fedge.plugins.models import load_model
+    from fedge.plugins.models import load_model, model_spec
 
     _, out, report = fitted
     chosen = _rows(report)[report["chosen"]]
@@ -89,7 +89,7 @@ def test_the_chosen_model_is_written_as_an_export_writes_it(fitted, digits, tmp_
     assert accuracy == chosen["accuracy"]
     if chosen["method"] == "distill":  # a student is a plugin model: its run directory is a MODEL again
         student = load_model(out)
-        assert student.fedge_spec["config"]["channels"] == chosen["setting"]["config"]["channels"]
+        assert model_spec(student)["config"]["channels"] == chosen["setting"]["config"]["channels"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["name"] for m in metrics] == [c["name"] for c in report["candidates"]]
 
