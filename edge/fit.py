@@ -340,7 +340,10 @@ class FitWorkflow:
         """Build, train, export and verify one candidate (skipped when its weights alone exceed the flash)."""
         from fedge.edge.low_rank import num_params
 
-        model = candidate.make()
+        try:
+            model = candidate.make()
+        except ValueError as err:  # a student Config its plugin refuses (e.g. heads that no longer divide)
+            return Trial(candidate, skipped=f"cannot build it: {err}")
         trial = Trial(candidate, model, params=num_params(model))
         flash = self.board.model_flash_bytes
         if candidate.method != AS_IS and self.board.flash_kb and trial.params > flash:
