@@ -184,3 +184,18 @@ def test_distillation_is_seeded_and_learns_from_the_teacher(digits) -> None:
     after = gap(a)
     assert np.isfinite(after) and after < before
     assert torch.get_num_threads() == threads  # distillation's single thread is given back
+
+
+def test_a_student_config_the_plugin_refuses_is_a_skipped_candidate(trained_run: Path) -> None:
+    from fedge.edge.fit import Candidate, FitConfig, FitWorkflow
+
+    def refused() -> nn.Module:
+        raise ValueError("d_model must be divisible by num_heads")
+
+    workflow = FitWorkflow(trained_run, FitConfig(target="xiao-samd21"))
+    candidate = Candidate("distill-0.3", "distill", {"width": 0.3}, make=refused, train=lambda model: None)
+
+    trial = workflow.attempt(candidate, None, None)  # type: ignore[arg-type]  # refused before either is read
+
+    assert trial.exported is None and not trial.eligible
+    assert trial.to_json(0.9)["reason"] == "cannot build it: d_model must be divisible by num_heads"
