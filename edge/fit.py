@@ -132,7 +132,8 @@ class Trial:
         return e is not None and e.check.problem is None and e.fit is not None and e.fit.fits
 
     def to_json(self, baseline: float | None) -> dict[str, Any]:
-        c, row = self.candidate, {"name": self.candidate.name, "method": self.candidate.method}
+        c = self.candidate
+        row: dict[str, Any] = {"name": c.name, "method": c.method}
         row.update(setting=c.setting, params=self.params, train_s=round(self.train_s, 3))
         if self.exported is None:
             return {**row, "exported": False, "fits": False, "reason": self.skipped}
@@ -403,7 +404,7 @@ class FitWorkflow:
         from fedge.plugins.models import save_model
 
         assert chosen.model is not None
-        keep = {k: src.spec[k] for k in ("dataset", "dataset_options") if k in src.spec}
+        keep: dict[str, Any] = {k: src.spec[k] for k in ("dataset", "dataset_options") if k in src.spec}
         save_model(chosen.model, run.path, extra={**keep, "distilled_from": str(self.source_path)})
 
 

@@ -32,7 +32,11 @@ def _rank(out_dim: int, in_dim: int, fraction: float) -> int | None:
     return rank if rank * (out_dim + in_dim) < out_dim * in_dim else None
 
 
-def _linear(layer: nn.Linear, fraction: float) -> nn.Module | None:
+def _pair(value: tuple[int, ...]) -> tuple[int, int]:
+    return (value[0], value[-1])
+
+
+def _linear(layer: nn.Linear, fraction: float) -> nn.Sequential | None:
     rank = _rank(layer.out_features, layer.in_features, fraction)
     if rank is None:
         return None
@@ -42,12 +46,12 @@ def _linear(layer: nn.Linear, fraction: float) -> nn.Module | None:
     with torch.no_grad():
         down.weight.copy_(first)
         up.weight.copy_(second)
-        if layer.bias is not None:
+        if layer.bias is not None and up.bias is not None:
             up.bias.copy_(layer.bias)
     return nn.Sequential(down, up)
 
 
-def _conv(layer: nn.Conv2d, fraction: float) -> nn.Module | None:
+def _conv(layer: nn.Conv2d, fraction: float) -> nn.Sequential | None:
     if layer.groups != 1:  # grouped and depthwise convs are thin already
         return None
     cout, cin, kh, kw = layer.weight.shape
@@ -59,9 +63,9 @@ def _conv(layer: nn.Conv2d, fraction: float) -> nn.Module | None:
         cin,
         rank,
         (kh, kw),
-        stride=layer.stride,
-        padding=layer.padding,
-        dilation=layer.dilation,
+        stride=_pair(layer.stride),
+        padding=layer.padding if isinstance(layer.padding, str) else _pair(layer.padding),
+        dilation=_pair(layer.dilation),
         bias=False,
         padding_mode=layer.padding_mode,
     )
@@ -69,12 +73,12 @@ def _conv(layer: nn.Conv2d, fraction: float) -> nn.Module | None:
     with torch.no_grad():
         spatial.weight.copy_(first.reshape(rank, cin, kh, kw))
         mix.weight.copy_(second.reshape(cout, rank, 1, 1))
-        if layer.bias is not None:
+        if layer.bias is not None and mix.bias is not None:
             mix.bias.copy_(layer.bias)
     return nn.Sequential(spatial, mix)
 
 
-def _factor(layer: nn.Module, fraction: float) -> nn.Module | None:
+def _factor(layer: nn.Module, fraction: float) -> nn.Sequential | None:
     if type(layer) is nn.Linear:
         return _linear(layer, fraction)
     if type(layer) is nn.Conv2d:
@@ -110,7 +114,9 @@ def factorize(model: nn.Module, rank_fraction: float) -> tuple[nn.Module, dict[s
         parent_name, _, child = name.rpartition(".")
         parent = result.get_submodule(parent_name) if parent_name else result
         setattr(parent, child, replacement)
-        ranks[name] = replacement[0].out_features if isinstance(layer, nn.Linear) else replacement[0].out_channels
+        first = replacement[0]
+        assert isinstance(first, (nn.Linear, nn.Conv2d))
+        ranks[name] = int(first.weight.shape[0])  # out_features, or out_channels: the rank kept
     return result, ranks
 
 
