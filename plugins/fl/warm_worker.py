@@ -7,7 +7,7 @@ training to this process over a Unix socket (``multiprocessing.connection`` with
 
 Run (``fedge fl run`` and ``fedge fl supernode`` start one per SuperNode)::
 
-    python -m fedge.plugins.fl.worker /path/to/worker.sock
+    python -m fedge.plugins.fl.warm_worker /path/to/worker.sock
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def serve(socket_path: str) -> None:
     import torch  # noqa: F401
 
     import fedge.plugins.models
-    import fedge.plugins.training  # noqa: F401
+    import fedge.plugins.train.single_process  # noqa: F401
     from fedge.plugins.fl.local import train_round
 
     path = Path(socket_path)
@@ -80,6 +80,6 @@ def serve(socket_path: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m fedge.plugins.fl.worker SOCKET_PATH")
+        sys.exit("usage: python -m fedge.plugins.fl.warm_worker SOCKET_PATH")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     serve(sys.argv[1])
