@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from itertools import pairwise
 
 import numpy as np
 
@@ -116,13 +115,12 @@ class _Walk:
         self.ends = k.end[self.by_end]
         is_sync = np.array([n.startswith(_SYNC) for n in trace.names] or [False], dtype=bool)
         self.syncs = np.flatnonzero(np.isin(cpu.cat, LAUNCH_CATEGORIES) & is_sync[cpu.name])
-        self.prev_on_stream: dict[int, int] = {}
-        by_stream: dict[int, list[int]] = defaultdict(list)
-        for i in np.argsort(k.ts, kind="stable").tolist():
-            by_stream[int(k.stream[i])].append(i)
-        for rows in by_stream.values():
-            for a, b in pairwise(rows):
-                self.prev_on_stream[b] = a
+        # The previous event on each event's stream (-1 for the first), as an array: a dict would cost ~100 bytes
+        # per kernel on a multi-GB trace.
+        order = np.lexsort((k.ts, k.stream))
+        self.prev_on_stream = np.full(len(k), -1, dtype=np.int64)
+        same = k.stream[order[1:]] == k.stream[order[:-1]]
+        self.prev_on_stream[order[1:][same]] = order[:-1][same]
         ops = np.flatnonzero((cpu.cat == CPU_OP) | (cpu.cat == ANNOTATION))
         self.bursts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for tid in np.unique(cpu.tid[ops]).tolist():
@@ -172,7 +170,8 @@ class _Walk:
         another stream that ended last before it (a cross-stream dependency, cudaStreamWaitEvent)."""
         k, cpu, names = self.k, self.trace.cpu, self.trace.names
         ts = float(k.ts[i])
-        prev = self.prev_on_stream.get(i)
+        prev_row = int(self.prev_on_stream[i])
+        prev = prev_row if prev_row >= 0 else None
         launch = int(self.launch[i])
         launch_end = float(cpu.ts[launch] + cpu.dur[launch]) if launch >= 0 else -np.inf
         prev_end = float(k.end[prev]) if prev is not None else -np.inf
