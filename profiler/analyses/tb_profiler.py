@@ -312,9 +312,8 @@ def _worker(trace: Trace) -> _Worker:
     table = table[np.argsort(table[:, 0], kind="stable")]
     steps = [(s, s + d) for s, d in zip(table[:, 0].tolist(), table[:, 1].tolist())]
     labels = [str(int(n)) for n in table[:, 2].tolist()]
-    if not steps:
-        host = [(float(cpu.ts[op].min()), float((cpu.ts[op] + cpu.dur[op]).max()))] if len(op) else [(sys.maxsize, -sys.maxsize - 1)]
-        steps, labels = host, ["0"]
+    if not steps and len(op):  # no ProfilerStep: the plugin takes the CPU ops' span as step "0"
+        steps, labels = [(float(cpu.ts[op].min()), float((cpu.ts[op] + cpu.dur[op]).max()))], ["0"]
     steps, labels = _stretch_steps(steps, labels, _device_steps(trace, steps))
     comm_role, kernel_role = _merged(comm_ranges), _merged(kernel_ranges)
     computation = kernel_role or _merged(cpu_op_ranges)
