@@ -36,7 +36,7 @@ def main() -> None:
     from fedge.edge.tflite_info import inspect_tflite
     from fedge.plugins.data import load_dataset
     from fedge.plugins.models import build_model, save_model
-    from fedge.plugins.training import train_epochs
+    from fedge.plugins.train.single_process import train_epochs
 
     ds = load_dataset("digits")
     options = {"channels": [int(c) for c in args.channels.split(",")], "hidden": args.hidden}

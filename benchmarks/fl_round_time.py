@@ -58,7 +58,7 @@ def centralized(epochs: int) -> dict:
     from fedge.plugins.data import load_dataset
     from fedge.plugins.fl.config import FlConfig
     from fedge.plugins.models import build_model
-    from fedge.plugins.training import evaluate, train_epochs
+    from fedge.plugins.train.single_process import evaluate, train_epochs
 
     cfg = FlConfig()
     torch.set_num_threads(1)

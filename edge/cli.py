@@ -127,7 +127,7 @@ def export(
         typer.Option("--target", "-t", help="Board to check flash and RAM against (see: fedge edge boards)."),
     ] = None,
     boards: Annotated[
-        Path | None, typer.Option(help="TOML file with your own [boards.NAME] tables (flash_kb, ram_kb, notes).")
+        Path | None, typer.Option(help="TOML file with your own \\[boards.NAME] tables (flash_kb, ram_kb, notes).")
     ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="TOML file with these settings (flags win).")
@@ -199,7 +199,7 @@ def inspect(
 
 @app.command("boards")
 def list_boards(
-    boards: Annotated[Path | None, typer.Option(help="TOML file with your own [boards.NAME] tables.")] = None,
+    boards: Annotated[Path | None, typer.Option(help="TOML file with your own \\[boards.NAME] tables.")] = None,
     as_json: Annotated[
         bool,
         typer.Option(

@@ -79,8 +79,11 @@ def load_source(path: str | Path) -> SourceModel:
     path = Path(path)
     if source_kind(path) == "keras":
         return SourceModel(model=str(path), kind="keras", description=f"Keras model {path.name}", dataset=None)
+    from fedge.plugins.models import model_spec
+
     model = _load_torch(path)
-    spec = dict(model.fedge_spec)
+    spec = model_spec(model)
+    assert spec is not None  # load_model made it
     return SourceModel(
         model=model,
         kind="torch",

@@ -11,6 +11,7 @@ directory. Example::
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import enum
 import inspect
@@ -20,7 +21,7 @@ import textwrap
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -70,42 +71,25 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
+    """``value`` as a ``tp``, or one ConfigError naming ``where``, what was expected and what was found."""
     if tp is Any:
         return value
+    origin = typing.get_origin(tp)
     if origin is typing.Union or origin is types.UnionType:
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+        return _coerce_union(typing.get_args(tp), value, where)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value in choices:
             return value
         raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))}; got {value!r}")
     if origin in (tuple, list):
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list; got {value!r}")
-        args = typing.get_args(tp)
-        item = args[0] if args else Any
-        items = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return _coerce_sequence(origin, typing.get_args(tp), value, where)
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where} must be a table; got {value!r}")
         return dict(value)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if dataclasses.is_dataclass(value) and isinstance(value, tp):
+        if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where} must be a table of settings; got {value!r}")
@@ -114,50 +98,82 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         try:
             return tp(value)
         except ValueError:
-            raise ConfigError(
-                f"{where} must be one of {', '.join(str(m.value) for m in tp)}; got {value!r}"
-            ) from None
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where} must be true or false; got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where} must be an integer; got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where} must be an integer; got {value!r}")
-    if tp is float:
-        number: float | None = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise ConfigError(f"{where} must be one of {', '.join(str(m.value) for m in tp)}; got {value!r}") from None
+    scalar = _SCALARS.get(tp)
+    return value if scalar is None else scalar(value, where)
+
+
+def _coerce_union(args: tuple[Any, ...], value: Any, where: str) -> Any:
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(arg, value, where)
+        except ConfigError as err:
+            errors.append(str(err))
+    raise ConfigError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+
+
+def _coerce_sequence(origin: type, args: tuple[Any, ...], value: Any, where: str) -> Any:
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where} must be a list; got {value!r}")
+    item = args[0] if args else Any
+    items = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+def _to_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ConfigError(f"{where} must be true or false; got {value!r}")
+
+
+def _to_int(value: Any, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value)
+    raise ConfigError(f"{where} must be an integer; got {value!r}")
+
+
+def _to_float(value: Any, where: str) -> float:
+    number: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
             number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is None:
-            raise ConfigError(f"{where} must be a number; got {value!r}")
-        if not math.isfinite(number):
-            # NaN passes every `x <= 0` check after it, so it is refused here, once, for every setting.
-            raise ConfigError(f"{where} must be a finite number; got {value!r}")
-        return number
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where} must be a string; got {value!r}")
-    if tp is Path:
-        if isinstance(value, (str, Path)):
-            return Path(value)
-        raise ConfigError(f"{where} must be a path; got {value!r}")
-    return value
+    if number is None:
+        raise ConfigError(f"{where} must be a number; got {value!r}")
+    if not math.isfinite(number):
+        # NaN passes every `x <= 0` check after it, so it is refused here, once, for every setting.
+        raise ConfigError(f"{where} must be a finite number; got {value!r}")
+    return number
+
+
+def _to_str(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"{where} must be a string; got {value!r}")
+
+
+def _to_path(value: Any, where: str) -> Path:
+    if isinstance(value, (str, Path)):
+        return Path(value)
+    raise ConfigError(f"{where} must be a path; got {value!r}")
+
+
+_SCALARS: dict[Any, Callable[[Any, str], Any]] = {
+    bool: _to_bool, int: _to_int, float: _to_float, str: _to_str, Path: _to_path,
+}  # fmt: skip
 
 
 def from_mapping(cls: type[C], data: Mapping[str, Any], *, where: str = "config") -> C:

@@ -119,6 +119,7 @@ class RunDir:
         overwrite: bool = False,
         resumable: bool = False,
         min_free_bytes: int = _MIN_FREE_BYTES,
+        flag: str = "--out",
     ) -> RunDir:
         """The run directory of a new (or resumed) run of ``kind``, checked before any work.
 
@@ -130,6 +131,7 @@ class RunDir:
                 ``with`` block fails; it is deleted when the block ends without error.
             resumable: the command has ``--resume`` (named in the refusal).
             min_free_bytes: refuse a filesystem with less free space than this.
+            flag: the option ``out`` came from, as the messages name it.
 
         Raises:
             ConfigError: ``out`` holds a run (and neither ``resume`` nor ``overwrite``), or nothing to resume.
@@ -140,7 +142,7 @@ class RunDir:
         if out is None:
             run = cls(cls._fresh_path(kind, Path(root)))
         else:
-            run = cls._at(kind, Path(out), resume=resume, overwrite=overwrite, resumable=resumable)
+            run = cls._at(kind, Path(out), resume=resume, overwrite=overwrite, resumable=resumable, flag=flag)
         run._check_space(min_free_bytes)
         if not resume or not (run.path / RUN_MARKER).exists():
             run._write_marker(kind)
@@ -164,13 +166,13 @@ class RunDir:
                 raise _storage_error(root, err, "create a run directory in") from err
 
     @classmethod
-    def _at(cls, kind: str, out: Path, *, resume: bool, overwrite: bool, resumable: bool) -> RunDir:
+    def _at(cls, kind: str, out: Path, *, resume: bool, overwrite: bool, resumable: bool, flag: str) -> RunDir:
         if out.exists() and not out.is_dir():
-            raise StorageError(f"--out {str(out)!r} is a file, not a directory; choose a directory")
+            raise StorageError(f"{flag} {str(out)!r} is a file, not a directory; choose a directory")
         held = run_kind(out)
         if resume:
             if held is None:
-                raise ConfigError(f"nothing to resume in {str(out)!r}: it holds no run; start one with --out {out}")
+                raise ConfigError(f"nothing to resume in {str(out)!r}: it holds no run; start one with {flag} {out}")
             if held not in (kind, "unknown"):
                 raise ConfigError(f"{str(out)!r} holds a {held} run, not a {kind} run; resume it with fedge's {held} command")
             return cls(out)
@@ -180,7 +182,7 @@ class RunDir:
             also = f", --resume {out} to continue it," if resumable and held in (kind, "unknown") else ""
             what = f"a {held} run" if held != "unknown" else "a run"
             raise ConfigError(
-                f"--out {str(out)!r} already holds {what}; choose a new directory{also} or pass --overwrite to replace it"
+                f"{flag} {str(out)!r} already holds {what}; choose a new directory{also} or pass --overwrite to replace it"
             )
         aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
         try:
@@ -215,6 +217,11 @@ class RunDir:
     def kind(self) -> str | None:
         """The kind of run this directory holds, from its marker."""
         return run_kind(self.path)
+
+    @property
+    def replacing(self) -> bool:
+        """True while an ``overwrite`` is unfinished: if it fails, the replaced run comes back."""
+        return self._replaced is not None
 
     def commit(self) -> None:
         """Finish an ``overwrite``: delete the run this one replaced. Idempotent."""

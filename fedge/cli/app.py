@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         if verbose:
             traceback.print_exc()
         return _fail(f"internal error: {type(err).__name__}: {err} (re-run with --verbose for the traceback)", 70)
+    if result == 130:
+        # Typer returns 130 for a KeyboardInterrupt no command turned into Interrupted, and says nothing.
+        print("fedge: interrupted", file=sys.stderr)
     return result if isinstance(result, int) else 0
 
 

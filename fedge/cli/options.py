@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 
-from fedge.config import describe
+from fedge.config import FieldDoc, describe
 
 __all__ = ["config_options", "option_type"]
 
@@ -77,24 +77,10 @@ def config_options(
         base = inspect.signature(func, eval_str=True)
         kept = [p for p in base.parameters.values() if p.name != "settings"]
         taken = {p.name for p in kept}
-        added = []
-        for name in names:
-            if name in taken:
-                raise TypeError(f"{func.__name__} already has a parameter {name!r}")
-            doc, tp = docs[name], option_type(hints[name])
-            flag = "--" + name.replace("_", "-")
-            decls = [f"{flag}/--no-{flag[2:]}"] if tp is bool else [flag]
-            if name in short:
-                decls.append(short[name])
-            text = doc.doc.replace("``", "") or name.replace("_", " ")
-            if " | " in doc.type:
-                text += f" One of: {doc.type}."
-            if doc.default:
-                text += f" (default: {doc.default})"  # not [..]: rich reads brackets as markup
-            option = typer.Option(*decls, help=text, show_default=False, rich_help_panel=panel)
-            added.append(
-                inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[tp | None, option])
-            )
+        clash = taken.intersection(names)
+        if clash:
+            raise TypeError(f"{func.__name__} already has a parameter {min(clash)!r}")
+        added = [_option(name, docs[name], hints[name], short.get(name), panel) for name in names]
 
         @functools.wraps(func)
         def command(*args: Any, **kwargs: Any) -> Any:
@@ -108,3 +94,19 @@ def config_options(
         return typing.cast(F, command)
 
     return decorate
+
+
+def _option(name: str, doc: FieldDoc, hint: Any, short: str | None, panel: str | None) -> inspect.Parameter:
+    """The keyword parameter that gives field ``name`` its ``--flag``, typed and helped from the field."""
+    tp = option_type(hint)
+    flag = "--" + name.replace("_", "-")
+    decls = [f"{flag}/--no-{flag[2:]}"] if tp is bool else [flag]
+    if short:
+        decls.append(short)
+    text = doc.doc.replace("``", "") or name.replace("_", " ")
+    if " | " in doc.type:
+        text += f" One of: {doc.type}."
+    if doc.default:
+        text += f" (default: {doc.default})"  # not [..]: rich reads brackets as markup
+    option = typer.Option(*decls, help=text, show_default=False, rich_help_panel=panel)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[tp | None, option])

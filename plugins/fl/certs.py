@@ -44,62 +44,74 @@ def make_certs(directory: str | Path, *, hosts: list[str] | None = None, days: i
         days: validity.
     """
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
-    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
     ca_name = _name("fedge dev CA")
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca_cert = _signed(
+        ca_name, ca_name, ca_key.public_key(), ca_key, days,
+        (x509.BasicConstraints(ca=True, path_length=0), True),
+        (x509.KeyUsage(True, False, False, False, False, True, True, False, False), True),
+    )  # fmt: skip
+    server_cert = _signed(
+        _name("fedge superlink"), ca_name, server_key.public_key(), ca_key, days,
+        (x509.SubjectAlternativeName(_sans(["127.0.0.1", "localhost", *(hosts or [])])), False),
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False),
+    )  # fmt: skip
+    paths = CertPaths(directory / "ca.crt", directory / "server.pem", directory / "server.key")
+    _write(paths.ca_cert, ca_cert)
+    _write(directory / "ca.key", ca_key)
+    _write(paths.server_cert, server_cert)
+    _write(paths.server_key, server_key)
+    return paths
+
+
+def _sans(hosts: list[str]):  # type: ignore[no-untyped-def]
+    from cryptography import x509
+
     sans: list[x509.GeneralName] = []
-    for host in dict.fromkeys(["127.0.0.1", "localhost", *(hosts or [])]):
+    for host in dict.fromkeys(hosts):
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             sans.append(x509.DNSName(host))
-    server_key = ec.generate_private_key(ec.SECP384R1())
-    server_cert = (
+    return sans
+
+
+def _signed(subject, issuer, public_key, issuer_key, days: int, *extensions):  # type: ignore[no-untyped-def]
+    """A certificate for ``subject`` signed by ``issuer_key``, valid from 5 minutes ago (clock skew) for ``days``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(_name("fedge superlink"))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now)
         .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
     )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write(path: Path, item) -> None:  # type: ignore[no-untyped-def]
+    """A certificate as PEM, or a private key as unencrypted PKCS8 PEM readable by its owner only."""
+    from cryptography.hazmat.primitives import serialization
+
     pem = serialization.Encoding.PEM
-    key_format = {
-        "encoding": pem,
-        "format": serialization.PrivateFormat.PKCS8,
-        "encryption_algorithm": serialization.NoEncryption(),
-    }
-    paths = CertPaths(directory / "ca.crt", directory / "server.pem", directory / "server.key")
-    atomic_write_bytes(paths.ca_cert, ca_cert.public_bytes(pem))
-    atomic_write_bytes(directory / "ca.key", ca_key.private_bytes(**key_format))
-    atomic_write_bytes(paths.server_cert, server_cert.public_bytes(pem))
-    atomic_write_bytes(paths.server_key, server_key.private_bytes(**key_format))
-    (directory / "ca.key").chmod(0o600)
-    paths.server_key.chmod(0o600)
-    return paths
+    if hasattr(item, "private_bytes"):
+        data = item.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        atomic_write_bytes(path, data)
+        path.chmod(0o600)
+    else:
+        atomic_write_bytes(path, item.public_bytes(pem))
 
 
 def make_node_keys(directory: str | Path, *, num_nodes: int, prefix: str = "node") -> list[tuple[Path, Path]]:

@@ -15,14 +15,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from fedge.cli.options import config_options
-from fedge.errors import ConfigError
+from fedge.errors import ConfigError, Interrupted
 from fedge.plugins.fl.config import FlConfig
 from fedge.plugins.fl.privacy import PrivacyConfig
+
+if TYPE_CHECKING:
+    from fedge.config import PartitionConfig
 
 __all__ = ["app"]
 
@@ -153,7 +156,7 @@ def _settings(config: Path | None, settings: dict[str, Any], options: list[str] 
 @_privacy_flags
 @config_options(FlConfig, exclude=_TABLES, short=_FLAGS)
 def run_command(
-    config: Annotated[Path | None, typer.Argument(help="TOML file with run settings (top level or an [fl] table).")] = None,
+    config: Annotated[Path | None, typer.Argument(help="TOML file with run settings (top level or an \\[fl] table).")] = None,
     aggregator_option: Annotated[list[str] | None, typer.Option("--aggregator-option", "-O", help="An option of the aggregator, KEY=VALUE; repeatable.")] = None,
     fault: Annotated[list[str] | None, typer.Option("--fault", help="Inject a fault for robustness tests: PARTITION=nan|inf|shape|noise.")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue an interrupted run directory after its last checkpoint.")] = None,
@@ -307,24 +310,41 @@ def supernode_command(
     node_config: dict[str, str | int | float] = {}
     if data is not None:
         _check_node_data(data)
+        _open_workdir(workdir)
     else:
         assert partition is not None
         index, total = _parse_share(partition)
-        data = _materialize_partition(workdir, index, total, dataset, split, seed)
+        scheme = _parse_split(split, seed)
+        _open_workdir(workdir)
+        data = _materialize_partition(workdir, index, total, dataset, scheme)
         node_config["partition-id"], node_config["num-partitions"] = index, total
     node_config["data-path"] = str(data.resolve())
     node_config["device"] = device
     tls = TlsFiles(ca_cert=root_certificates.resolve()) if root_certificates else None
     fed = Federation(workdir / "flower", tls=tls, host=host, supernode_poll_s=poll_s)
     fed.fleet_port = port
-    with sigterm_as_interrupt(), fed:
-        node_config["worker"] = fed.start_worker(0)
-        daemon = fed.start_supernode(0, node_config=node_config, auth_key=auth_key.resolve() if auth_key else None)
-        typer.echo(f"SuperNode started (pid {daemon.proc.pid}) for {superlink}; log: {daemon.log}; Ctrl-C stops it", err=True)
-        _wait_until_joined(daemon, superlink, connect_timeout)
-        while daemon.proc.poll() is None:
-            time.sleep(0.5)
+    try:
+        with sigterm_as_interrupt(), fed:
+            node_config["worker"] = fed.start_worker(0)
+            daemon = fed.start_supernode(0, node_config=node_config, auth_key=auth_key.resolve() if auth_key else None)
+            typer.echo(f"SuperNode started (pid {daemon.proc.pid}) for {superlink}; log: {daemon.log}; Ctrl-C stops it", err=True)
+            _wait_until_joined(daemon, superlink, connect_timeout)
+            while daemon.proc.poll() is None:
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        raise Interrupted(f"stopped the SuperNode for {superlink}; kept {workdir}; the same command starts it again") from None
     return 0 if daemon.proc.returncode == 0 else 3
+
+
+def _open_workdir(workdir: Path) -> None:
+    """A SuperNode reopens its own workdir across restarts, but never writes into another command's run."""
+    from fedge.rundir import RunDir, run_kind
+
+    held = run_kind(workdir)
+    if held not in (None, "supernode"):
+        what = f"a {held} run" if held != "unknown" else "a run"
+        raise ConfigError(f"--workdir {str(workdir)!r} already holds {what}; the node's files would mix into it: choose another --workdir")
+    RunDir.create("supernode", workdir, resume=held == "supernode", flag="--workdir")
 
 
 def _parse_address(address: str) -> tuple[str, int]:
@@ -386,15 +406,20 @@ def _parse_share(spec: str) -> tuple[int, int]:
     return index, total
 
 
-def _materialize_partition(workdir: Path, index: int, total: int, dataset: str, split: str, seed: int) -> Path:
+def _parse_split(split: str, seed: int) -> PartitionConfig:
     from fedge.config import parse_partition
-    from fedge.plugins.data import load_dataset
-    from fedge.plugins.data import partition as split_indices
-    from fedge.plugins.fl.runner import _savez
 
     scheme = parse_partition(split, seed=seed)
     if not math.isfinite(scheme.alpha):
         raise ConfigError(f"bad --split {split!r}: ALPHA must be a finite number > 0, e.g. dirichlet:0.5")
+    return scheme
+
+
+def _materialize_partition(workdir: Path, index: int, total: int, dataset: str, scheme: PartitionConfig) -> Path:
+    from fedge.plugins.data import load_dataset
+    from fedge.plugins.data import partition as split_indices
+    from fedge.plugins.fl.runner import _savez
+
     ds = load_dataset(dataset)
     idx = split_indices(ds.y_train, total, scheme)[index]
     path = workdir / f"{dataset}-{index}-of-{total}.npz"

@@ -3,7 +3,7 @@
 Flower starts a fresh ``flwr-clientapp`` process per message, so this module keeps its imports few.
 The SuperNode's ``--node-config`` says where its data is (see :func:`.local.load_local_data`: ``data-path``
 or ``partition-id`` / ``num-partitions``) and, with ``worker="<socket>"``, which warm worker trains for it
-(:mod:`.worker`), so this process need not import torch.
+(:mod:`.warm_worker`), so this process need not import torch.
 
 ``fault=nan|inf|shape|noise`` makes the node send a corrupted update, and ``fault=crash`` kills its SuperNode
 when it is asked to train (robustness tests and demos).
@@ -66,7 +66,7 @@ def _crash() -> None:
 
 def _train(config: dict[str, Any], node: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, float], bool]:
     if worker := str(node.get("worker", "")):
-        from fedge.plugins.fl.worker import call_worker
+        from fedge.plugins.fl.warm_worker import call_worker
 
         try:
             new_arrays, metrics = call_worker(worker, {"config": config, "node": node, "arrays": arrays})

@@ -38,7 +38,7 @@ Daemon = Child  # a started Flower process: name, Popen handle, log file
 _NODE_ID = re.compile(rb"SuperNode ID: (\d+)")  # what flower-supernode logs once the SuperLink activated it
 _LOG_EXCEPTION = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exit|Exception): (.+)$")
 _LOG_ERROR = re.compile(r"(?:ERROR|CRITICAL)\s*:?\s*(.+)$")
-_RECORDED = ("flower-", "fedge.plugins.fl.worker")
+_RECORDED = ("flower-", "fedge.plugins.fl.warm_worker")
 
 
 def log_cause(log: Path) -> str | None:
@@ -305,15 +305,15 @@ class Federation:
         return node_id
 
     def start_worker(self, index: int) -> str:
-        """Start SuperNode ``index``'s warm training worker (:mod:`fedge.plugins.fl.worker`); returns its socket."""
-        from fedge.plugins.fl.worker import make_key
+        """Start SuperNode ``index``'s warm training worker (:mod:`fedge.plugins.fl.warm_worker`); returns its socket."""
+        from fedge.plugins.fl.warm_worker import make_key
 
         if self._socket_dir is None:
             # Unix socket paths are limited to ~100 bytes, so they live in a short temporary directory.
             self._socket_dir = Path(tempfile.mkdtemp(prefix="fedge-"))
         path = self._socket_dir / f"w{index}.sock"
         make_key(path)
-        self._start(f"worker-{index}", [sys.executable, "-m", "fedge.plugins.fl.worker", str(path)])
+        self._start(f"worker-{index}", [sys.executable, "-m", "fedge.plugins.fl.warm_worker", str(path)])
         self.worker_sockets.append(str(path))
         return str(path)
 

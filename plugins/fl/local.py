@@ -1,6 +1,6 @@
 """One client's round of local training on plain data (dicts of numpy arrays in and out).
 
-Used by the ClientApp directly, or by a SuperNode's warm worker (:mod:`.worker`) that keeps torch
+Used by the ClientApp directly, or by a SuperNode's warm worker (:mod:`.warm_worker`) that keeps torch
 imported and the node's data loaded between rounds. torch is imported inside the functions.
 """
 
@@ -79,7 +79,7 @@ def train_round(
     import torch
 
     from fedge.plugins.models import build_model
-    from fedge.plugins.training import train_epochs
+    from fedge.plugins.train.single_process import train_epochs
 
     torch.set_num_threads(1)
     x, y = load_local_data(config, node)

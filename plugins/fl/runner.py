@@ -478,6 +478,11 @@ def _clear_previous_attempt(run_dir: RunDir, on_status: Callable[[str], None] | 
 
 def _interrupted(run_dir: RunDir, cfg: FlConfig) -> Interrupted:
     done = max((int(m["round"]) for m in run_dir.read_metrics() if "round" in m), default=0)
+    if run_dir.replacing:
+        return Interrupted(
+            f"interrupted after round {done} of {cfg.rounds}; the new run was discarded and the run it was to "
+            f"replace is back in {run_dir.path}"
+        )
     return Interrupted(
         f"interrupted after round {done} of {cfg.rounds}; kept {run_dir.path}; "
         f"resume with: fedge fl run --resume {run_dir.path}"

@@ -111,7 +111,7 @@ class ServerLoop:
     def __init__(self, grid: Grid, run: RunDir, cfg: FlConfig) -> None:
         import torch
 
-        from fedge.plugins.models import build_model
+        from fedge.plugins.models import build_model, model_spec
 
         torch.set_num_threads(1)
         self.grid, self.run, self.cfg = grid, run, cfg
@@ -131,7 +131,9 @@ class ServerLoop:
         self.ledger = self._privacy_ledger(resumed=last is not None)
         if last is not None:
             self._restore_state(last[1])
-        self.train_config = ConfigRecord(_train_config(cfg, dict(self.model.fedge_spec)))  # type: ignore[arg-type]
+        spec = model_spec(self.model)
+        assert spec is not None  # built by build_model above
+        self.train_config = ConfigRecord(_train_config(cfg, spec))  # type: ignore[arg-type]
         self.quarantine = NodeQuarantine(poll_s=_POLL_S)
 
     def _build_aggregator(self) -> Aggregator:
@@ -307,7 +309,7 @@ class ServerLoop:
 
     # -- helpers -------------------------------------------------------------------------------------
     def _evaluate(self) -> tuple[float, float]:
-        from fedge.plugins.training import evaluate
+        from fedge.plugins.train.single_process import evaluate
 
         return evaluate(self.model, self.x_test, self.y_test)
 

@@ -7,6 +7,7 @@ by position and the composition of its children equals its forward.
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,12 @@ from fedge.errors import DataError
 from fedge.registry import Kind, Registry
 from fedge.rundir import atomic_path, atomic_write_text
 
-__all__ = ["ModelConfig", "ModelPlugin", "build_model", "load_model", "save_model"]
+__all__ = ["ModelConfig", "ModelPlugin", "build_model", "load_model", "model_spec", "save_model"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+# What built each model (plugin name, config, shapes), kept beside the module rather than set on it.
+_SPECS: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -70,7 +74,7 @@ def build_model(
         torch.manual_seed(getattr(config, "seed", 0))
         model = plugin.build(config, input_shape=tuple(input_shape), num_classes=num_classes)
     model.to(getattr(config, "torch_dtype", torch.float32))
-    model.fedge_spec = {  # type: ignore[assignment]
+    _SPECS[model] = {
         "model": name,
         "config": to_mapping(config),
         "input_shape": list(input_shape),
@@ -79,11 +83,18 @@ def build_model(
     return model
 
 
+def model_spec(model: nn.Module) -> dict[str, Any] | None:
+    """What built ``model``: plugin name, config, input shape and classes (and, after ``load_model``, what its
+    ``model.json`` adds, e.g. the dataset). A copy; None for a module ``build_model`` did not make."""
+    spec = _SPECS.get(model)
+    return None if spec is None else dict(spec)
+
+
 def save_model(model: nn.Module, directory: str | Path, *, extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``model.pt`` (a state_dict) and ``model.json`` (plugin name, config, shapes) atomically."""
     directory = Path(directory)
-    spec = dict(getattr(model, "fedge_spec", {}))
-    if not spec:
+    spec = model_spec(model)
+    if spec is None:
         raise ValueError("save_model needs a model made by build_model (it carries its plugin spec)")
     spec.update(extra or {})
     with atomic_path(directory / "model.pt") as tmp:
@@ -131,5 +142,6 @@ def load_model(path: str | Path, *, registry: Registry[ModelPlugin] | None = Non
         model.load_state_dict(state)
     except Exception as err:  # torch raises RuntimeError for missing, unexpected or mis-shaped keys
         raise DataError(f"cannot load weights {str(weights)!r} into model {spec['model']!r}: {err}") from err
-    model.fedge_spec.update({k: v for k, v in spec.items() if k not in model.fedge_spec})  # type: ignore[operator]
+    built = _SPECS[model]
+    built.update({k: v for k, v in spec.items() if k not in built})
     return model

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from fedge.errors import ConfigError
 from fedge.parallel import MeshAxis, ParallelDims
+from fedge.plugins.models import model_spec
 from fedge.plugins.strategies._model_parallel import ModelParallel, check_pipeline
 from fedge.plugins.strategies._pipeline_groups import allreduce_grads, gather_to_rank0, make_groups
 from fedge.plugins.strategies._pipeline_stage import StageModule, resolve_split
@@ -36,8 +37,8 @@ logger = logging.getLogger(__name__)
 
 def sample_input(model: nn.Module, rows: int = 8) -> Tensor | None:
     """A random batch the model accepts, from the input shape a fedge-built model carries; None if unknown."""
-    spec = getattr(model, "fedge_spec", None)
-    if not spec:
+    spec = model_spec(model)
+    if spec is None:
         return None
     shape = (rows, *spec["input_shape"])
     vocab = int(spec.get("config", {}).get("vocab_size", 0) or 0)

@@ -1,1 +1,1 @@
-"""Cluster training through torchrun: the worker loop, checkpoints, and the launcher."""
+"""Cluster training through torchrun (the trainer, checkpoints, the launcher) and the single-process reference."""

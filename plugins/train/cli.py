@@ -243,6 +243,8 @@ def _interrupted_line(cfg: TrainConfig, run: RunDir, last_step: int) -> str:
     except FedgeError:
         meta = None
     of = f" of {cfg.steps}" if not cfg.epochs else ""
+    if run.replacing:
+        return f"interrupted after step {last_step}{of}; the new run was discarded and the run it was to replace is back in {run.path}"
     if meta is None:
         return (
             f"interrupted after step {last_step}{of}; kept {run.path} (no checkpoint: it cannot be resumed; "

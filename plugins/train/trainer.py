@@ -261,7 +261,7 @@ class Trainer:
 
     def _finish(self, data: ArrayDataset, state: dict[str, torch.Tensor], *, num_steps: int, start: int, loss: float) -> None:
         from fedge.plugins.models import save_model
-        from fedge.plugins.training import evaluate
+        from fedge.plugins.train.single_process import evaluate
 
         cfg = self.cfg
         final = self._build_model(data)

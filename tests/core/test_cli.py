@@ -21,6 +21,39 @@ def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.startswith("fedge 0.")
 
 
+def _leaf_commands(group, path=()):  # type: ignore[no-untyped-def]
+    import click
+
+    for name, cmd in sorted(getattr(group, "commands", {}).items()):
+        if isinstance(cmd, click.Group):
+            yield from _leaf_commands(cmd, (*path, name))
+        else:
+            yield (*path, name), cmd
+
+
+def test_every_help_text_is_shown_as_written(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each argument's and option's help appears in ``--help`` (no text dropped by a click/typer mismatch, no
+    ``[table]`` eaten as rich markup)."""
+    import click
+    import typer
+
+    from fedge.cli.app import build_app
+
+    monkeypatch.setenv("COLUMNS", "400")
+    checked = 0
+    for path, cmd in _leaf_commands(typer.main.get_command(build_app())):
+        assert main([*path, "--help"]) == 0
+        shown = " ".join(capsys.readouterr().out.split())
+        for param in cmd.params:
+            if isinstance(param, click.Argument):
+                assert param.help, (path, param.name)  # every argument is documented (click 8.5 + typer 0.20 drop it)
+            text = " ".join((getattr(param, "help", None) or "").replace("\\[", "[").split())
+            if text and not getattr(param, "hidden", False):
+                checked += 1
+                assert text[:60] in shown, (path, param.name, text)
+    assert checked > 100
+
+
 def test_plugins_json_lists_builtins(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plugins", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -19,7 +19,7 @@ def digits():
 def trained_run(tmp_path_factory: pytest.TempPathFactory, digits) -> Path:
     """A fedge run directory as `fedge fl run` / `fedge train` leave it: the default cnn, trained on digits."""
     from fedge.plugins.models import build_model, save_model
-    from fedge.plugins.training import train_epochs
+    from fedge.plugins.train.single_process import train_epochs
 
     model = build_model("cnn", {}, input_shape=digits.input_shape, num_classes=digits.num_classes)
     train_epochs(model, digits.x_train, digits.y_train, epochs=3, seed=0)

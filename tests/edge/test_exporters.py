@@ -24,7 +24,7 @@ BIN = Path(sys.executable).parent
 def small_mlp(digits):
     from torch import nn
 
-    from fedge.plugins.training import train_epochs
+    from fedge.plugins.train.single_process import train_epochs
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
     train_epochs(model, digits.x_train, digits.y_train, epochs=2, seed=0)

@@ -4,6 +4,7 @@ expected, what was found, what to do), the right exit code, no traceback, and no
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,6 +111,8 @@ CASES = [
     ("supernode-connect-timeout-nan", ["fl", "supernode", "--superlink", "127.0.0.1:9092", "--partition", "0/2", "--connect-timeout", "nan"], 1, "--connect-timeout must be a finite number"),
     ("supernode-split-nan", ["fl", "supernode", "--superlink", "127.0.0.1:9092", "--partition", "0/2", "--split", "dirichlet:nan"], 1, "ALPHA must be a finite number"),
     ("supernode-key-without-tls", ["fl", "supernode", "--superlink", "127.0.0.1:9092", "--partition", "0/2", "--auth-key", "{garbage_pub}"], 1, "--auth-key needs TLS"),
+    ("supernode-workdir-holds-certs", ["fl", "supernode", "--superlink", "127.0.0.1:9092", "--partition", "0/2", "--workdir", "{certs}"], 1, "--workdir '{certs}' already holds a certs run; the node's files would mix into it"),
+    ("supernode-workdir-is-file", ["fl", "supernode", "--superlink", "127.0.0.1:9092", "--partition", "0/2", "--workdir", "{a_file}"], 1, "--workdir '{a_file}' is a file, not a directory"),
     # fl certs
     ("certs-again", ["fl", "certs", "--out", "{certs}"], 1, "already holds certificates; nodes deployed with them would stop working"),
     ("certs-negative-nodes", ["fl", "certs", "--out", "{a_dir}", "--nodes", "-1"], 1, "--nodes must be between 0 and 10000"),
@@ -145,6 +148,7 @@ def test_bad_input_is_one_line_and_writes_nothing(
     # Assert
     err = capsys.readouterr().err.strip()
     assert got == code, err
+    expected = expected.format(**names)
     assert expected in err and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert _tree(tmp_path) == before
     assert list(cwd.iterdir()) == []
@@ -254,3 +258,29 @@ def test_client_data_on_a_full_disk_leaves_no_partial_file(tmp_path: Path, monke
         write_data(RunDir(tmp_path), cfg, *split)
 
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["client-0.npz"]
+
+
+@pytest.mark.multiproc
+def test_ctrl_c_on_a_supernode_is_one_line_and_stops_its_processes(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from fedge.supervisor import free_port, processes_with_env
+
+    port, workdir = free_port(), tmp_path / "node"  # nothing listens there: the node keeps retrying
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from fedge.cli.app import main; sys.exit(main())", "fl", "supernode",
+         "--superlink", f"127.0.0.1:{port}", "--partition", "0/2", "--workdir", str(workdir)],
+        env=dict(os.environ, PYTHONSAFEPATH="1"), stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "cannot reach the SuperLink" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == [f"fedge: error: stopped the SuperNode for 127.0.0.1:{port}; kept {workdir}; the same command starts it again"]
+    assert not processes_with_env("FEDGE_FEDERATION", str((workdir / "flower").resolve()))

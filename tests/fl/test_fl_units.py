@@ -192,7 +192,7 @@ def test_byzantine_aggregators_refuse_meaningless_counts(name: str, options: dic
 def _trained_mlp() -> tuple[object, np.ndarray, np.ndarray]:
     from fedge.plugins.data import load_dataset
     from fedge.plugins.models import build_model
-    from fedge.plugins.training import train_epochs
+    from fedge.plugins.train.single_process import train_epochs
 
     data = load_dataset("digits")
     model = build_model("mlp", {}, input_shape=data.input_shape, num_classes=data.num_classes)
@@ -205,7 +205,7 @@ def _accuracy_after(name: str, replies: list[Message], model: object, x: np.ndar
 
     from fedge.plugins.aggregators import build_strategy
     from fedge.plugins.fl.server_app import _NodeSnapshot
-    from fedge.plugins.training import evaluate
+    from fedge.plugins.train.single_process import evaluate
 
     strategy = build_strategy(name, {"num_malicious_nodes": 1} if "krum" in name else {})
     state = model.state_dict()  # type: ignore[attr-defined]

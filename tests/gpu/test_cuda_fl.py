@@ -16,12 +16,12 @@ pytestmark = pytest.mark.gpu
 
 def _round_config() -> dict[str, object]:
     from fedge.plugins.data import load_dataset
-    from fedge.plugins.models import build_model
+    from fedge.plugins.models import build_model, model_spec
 
     data = load_dataset("digits")
     model = build_model("cnn", {}, input_shape=data.input_shape, num_classes=data.num_classes)
     return {
-        "model-spec": json.dumps(model.fedge_spec), "local-epochs": 1, "batch-size": 16, "lr": 0.05, "seed": 0,
+        "model-spec": json.dumps(model_spec(model)), "local-epochs": 1, "batch-size": 16, "lr": 0.05, "seed": 0,
         "server-round": 1, "dataset": "digits", "dataset-options": "{}", "partition": "iid",
         "arrays": {k: v.numpy() for k, v in model.state_dict().items()},
     }

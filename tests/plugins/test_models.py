@@ -10,7 +10,7 @@ import torch
 from fedge.errors import ConfigError, DataError
 from fedge.plugins.data import load_dataset
 from fedge.plugins.models import build_model, load_model, save_model
-from fedge.plugins.training import evaluate, train_epochs
+from fedge.plugins.train.single_process import evaluate, train_epochs
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "tiny-gpt"])

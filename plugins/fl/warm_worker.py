@@ -7,7 +7,7 @@ training to this process over a Unix socket (``multiprocessing.connection`` with
 
 Run (``fedge fl run`` and ``fedge fl supernode`` start one per SuperNode)::
 
-    python -m fedge.plugins.fl.worker /path/to/worker.sock
+    python -m fedge.plugins.fl.warm_worker /path/to/worker.sock
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def serve(socket_path: str) -> None:
     """Answer training requests one at a time until killed."""
     # Imported and initialised once here (before the socket exists), so that no request pays for them.
     import fedge.plugins.models
-    import fedge.plugins.training  # noqa: F401
+    import fedge.plugins.train.single_process  # noqa: F401
     from fedge.plugins.fl.local import train_round
 
     _warm_up()
@@ -94,6 +94,6 @@ def serve(socket_path: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m fedge.plugins.fl.worker SOCKET_PATH")
+        sys.exit("usage: python -m fedge.plugins.fl.warm_worker SOCKET_PATH")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     serve(sys.argv[1])
