@@ -9,9 +9,10 @@ Run from the repository root:
 Prints one JSON line per quantization and a summary with the int8 / float32 size ratio; times are wall-clock
 seconds on this machine, and CPU seconds (this process + the converter child), which vary less when cores are shared.
 
-``--startup`` times an int8 export of the default CNN two ways in the same run, alternating: the conversion
-child started ahead, importing litert-torch while the model and data load (what fedge does), and started only
-when the conversion begins (what fedge did before); it prints each time and the ratio.
+``--startup`` times an int8 export of the default CNN three ways in the same run, alternating: the conversion
+child started ahead, importing litert-torch while the model and data load, with one OpenMP thread (what fedge
+does); the same with the libraries' default threads (one per core: what fedge did before); and the child started
+only when the conversion begins, default threads (what fedge did first). It prints each time and the ratios.
 """
 
 from __future__ import annotations
@@ -87,13 +88,15 @@ def _startup(tmp: Path, reps: int) -> None:
     from fedge.edge.convert import ConversionWorker
     from fedge.edge.export_workflow import ExportConfig, ExportWorkflow
 
-    times: dict[str, list[float]] = {"ahead": [], "at_conversion": []}
+    times: dict[str, list[float]] = {"ahead": [], "ahead_default_threads": [], "at_conversion": []}
     for rep in range(reps):
         for how, runs in times.items():
             t0 = time.perf_counter()
             worker = None
+            if how == "ahead_default_threads":  # started now: it imports while the workflow loads, as "ahead"
+                worker = ConversionWorker("torch", num_threads=None)
             if how == "at_conversion":  # a closed worker starts its child again on the first job, as before
-                worker = ConversionWorker("torch")
+                worker = ConversionWorker("torch", num_threads=None)
                 worker.close()
             out = tmp / f"{how}-{rep}"
             ExportWorkflow(tmp / "run", ExportConfig(quantize="int8"), out=out, worker=worker).run()
@@ -107,6 +110,7 @@ def _startup(tmp: Path, reps: int) -> None:
             {
                 "best_s": {k: round(v, 2) for k, v in best.items()},
                 "ahead_over_at_conversion": round(best["ahead"] / best["at_conversion"], 3),
+                "ahead_over_ahead_default_threads": round(best["ahead"] / best["ahead_default_threads"], 3),
             }
         )
     )

@@ -22,6 +22,7 @@ __all__ = [
     "check_fit",
     "export_model",
     "export_tflite",
+    "fit_model",
     "inspect_tflite",
     "load_boards",
     "load_edge_model",
@@ -29,9 +30,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    # export_model pulls in the dataset and model plugins (torch): load it only when asked for.
+    # export_model and fit_model pull in the dataset and model plugins (torch): load them only when asked for.
     if name == "export_model":
         from fedge.edge.export_workflow import export_model
 
         return export_model
+    if name == "fit_model":
+        from fedge.edge.fit import fit_model
+
+        return fit_model
     raise AttributeError(f"module 'fedge.edge' has no attribute {name!r}")

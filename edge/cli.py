@@ -1,7 +1,8 @@
-"""``fedge edge``: export a trained model to TFLite for a board (verified on LiteRT and TFLite Micro), inspect a
-``.tflite`` file, list boards.
+"""``fedge edge``: export a trained model to TFLite for a board (verified on LiteRT and TFLite Micro), make a
+smaller one that fits a board, inspect a ``.tflite`` file, list boards.
 
-Run ``fedge edge export runs/fl-XXXX --quantize int8 --target arduino-nano-33-ble-sense``.
+Run ``fedge edge export runs/fl-XXXX --quantize int8 --target arduino-nano-33-ble-sense``, or
+``fedge edge fit runs/fl-XXXX --target xiao-samd21``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import Annotated, Any
 
 import typer
 
+from fedge.cli.options import config_options
 from fedge.config import from_mapping, load_toml, merge
+from fedge.edge.fit import FitConfig
 from fedge.errors import ConfigError
 
 app = typer.Typer(
@@ -21,6 +24,15 @@ app = typer.Typer(
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+BoardsOption = Annotated[
+    Path | None, typer.Option(help="TOML file with your own \\[boards.NAME] tables (flash_kb, ram_kb, notes).")
+]
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with these settings (flags win).")]
+OverwriteOption = Annotated[
+    bool, typer.Option("--overwrite", help="Replace the run already in --out (whole, once the new one is written).")
+]
 
 
 def _limit(total_kb: int, reserved_kb: int) -> str:
@@ -126,16 +138,10 @@ def export(
         str | None,
         typer.Option("--target", "-t", help="Board to check flash and RAM against (see: fedge edge boards)."),
     ] = None,
-    boards: Annotated[
-        Path | None, typer.Option(help="TOML file with your own \\[boards.NAME] tables (flash_kb, ram_kb, notes).")
-    ] = None,
-    config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="TOML file with these settings (flags win).")
-    ] = None,
+    boards: BoardsOption = None,
+    config: ConfigOption = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/edge-<timestamp>).")] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace the run already in --out (whole, once the new one is written).")
-    ] = False,
+    overwrite: OverwriteOption = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print edge-report.json instead of the summary.")] = False,
 ) -> None:
     """Convert a trained model with an exporter (TFLite + C array by default), verify it on LiteRT and TFLite
@@ -158,6 +164,78 @@ def export(
     with Console(stderr=True).status(f"exporting {model} ({cfg.exporter}): convert, then run on LiteRT/TFLM"):
         report = workflow.run()
     _print_report(report)
+
+
+def _print_fit_report(r: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    b = r["board"]
+    console.print(
+        f"{r['source']} on {b['name']} ({_kb(b['model_flash_bytes'])} of flash and {_kb(b['arena_ram_bytes'])} of RAM "
+        f"left by the firmware); int8 teacher accuracy {r['teacher_accuracy_int8']:.4f}"
+    )
+    table = Table("candidate", "params", "flash", "arena", "LiteRT", "TFLM", "drop", "fits", box=None)
+    for c in r["candidates"]:
+        if not c["exported"]:
+            table.add_row(c["name"], f"{c['params']:,}", "", "", "", "", "", f"skipped: {c['reason']}")
+            continue
+        tflm = "-" if c["accuracy_tflm"] is None else f"{c['accuracy_tflm']:.4f}"
+        fits = "yes" if c["fits"] else ("no: " + (c.get("reason") or _misfit(c)))
+        table.add_row(
+            c["name"],
+            f"{c['params']:,}",
+            f"{c['size_bytes'] / 1024:.1f} KB",
+            f"{c['arena_bytes'] / 1024:.1f} KB" if c["arena_bytes"] is not None else "-",
+            f"{c['accuracy']:.4f}",
+            tflm,
+            f"{c['accuracy_drop_points']:+.2f}",
+            fits + (" <- chosen" if c["name"] == r["chosen"] else ""),
+        )
+    console.print(table)
+    if r["fits_as_is"]:
+        console.print("the int8 model fits as it is: nothing to search")
+    console.print("accuracy: int8, on the held-out samples; drop: points below the int8 teacher")
+    console.print(f"written: {r['run_dir']}/ model.tflite model_data.cc model_data.h edge-report.json fit-report.json")
+
+
+def _misfit(c: dict[str, Any]) -> str:
+    return " and ".join(w for w, ok in (("flash", c["flash_ok"]), ("RAM", c["ram_ok"])) if not ok) or "-"
+
+
+@app.command(no_args_is_help=True)
+@config_options(FitConfig, short={"target": "-t"})
+def fit(
+    model: Annotated[
+        Path, typer.Argument(help="fedge run directory (model.pt + model.json), or a .pt beside model.json.")
+    ],
+    boards: BoardsOption = None,
+    config: ConfigOption = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run directory (default runs/edge-fit-<timestamp>).")
+    ] = None,
+    overwrite: OverwriteOption = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print fit-report.json instead of the table.")] = False,
+    *,
+    settings: dict[str, Any],
+) -> None:
+    """When the int8 model does not fit the board, find the most accurate smaller one that does: low-rank
+    factorizations and distilled students, each exported to int8 and verified on LiteRT and TFLite Micro."""
+    from fedge.edge.fit import FitWorkflow
+
+    cfg = from_mapping(FitConfig, merge(load_toml(config) if config else {}, settings), where="edge fit")
+    if as_json:
+        typer.echo(json.dumps(FitWorkflow(model, cfg, out=out, boards=boards, overwrite=overwrite).run(), indent=2))
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"fitting {model} to {cfg.target}") as status:
+        workflow = FitWorkflow(
+            model, cfg, out=out, boards=boards, overwrite=overwrite, progress=lambda line: status.update(line)
+        )
+        report = workflow.run()
+    _print_fit_report(report)
 
 
 @app.command(no_args_is_help=True)

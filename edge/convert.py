@@ -146,9 +146,12 @@ def load_edge_model(path: str | Path) -> EdgeModel:
     return EdgeModel(data=data, quantization=quant)
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(num_threads: int | None) -> dict[str, str]:
     # TensorFlow's C++ start-up chatter is not news to a user; errors still come through.
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if num_threads is not None:
+        env.setdefault("OMP_NUM_THREADS", str(num_threads))  # the user's own setting wins
+    return env
 
 
 def _is_torch_module(model: object) -> bool:
@@ -210,6 +213,10 @@ class ConversionWorker:
     Args:
         source: ``torch`` or ``keras``: which converter the child imports ahead.
         timeout_s: a conversion that takes longer stops the child (the next one starts a fresh child).
+        num_threads: the child's OpenMP threads (None: the libraries' default, one per core). Calibration runs
+            one sample at a time through a small model, where more threads only add synchronisation: an int8
+            export of the default CNN converted in 4.1-5.0 s with one thread against 7.0-7.7 s with two on a
+            loaded 2-core machine.
 
     Example::
 
@@ -218,9 +225,12 @@ class ConversionWorker:
             fp32 = export_tflite(model, x_train, quantization="none", worker=worker)
     """
 
-    def __init__(self, source: str = "torch", *, timeout_s: float = CONVERT_TIMEOUT_S) -> None:
+    def __init__(
+        self, source: str = "torch", *, timeout_s: float = CONVERT_TIMEOUT_S, num_threads: int | None = 1
+    ) -> None:
         self.source = source
         self.timeout_s = timeout_s
+        self.num_threads = num_threads
         self._proc: subprocess.Popen[str] | None = None
         self._log: Any = None
         self._ready = False
@@ -239,7 +249,7 @@ class ConversionWorker:
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
-            env=_child_env(),
+            env=_child_env(self.num_threads),
         )
         self._ready = False
 

@@ -30,7 +30,7 @@ from fedge.rundir import RunDir
 if TYPE_CHECKING:
     from fedge.plugins.data.base import ArrayDataset
 
-__all__ = ["ExportConfig", "ExportWorkflow", "export_model"]
+__all__ = ["ExportConfig", "ExportWorkflow", "Exported", "export_model"]
 
 DEFAULT_EXPORTER = "c-array"
 
@@ -93,12 +93,12 @@ def resolve_board(target: str | None, boards: str | Path | Mapping[str, Any] | N
 
 
 @contextlib.contextmanager
-def _run_dir(out: str | Path | None, *, overwrite: bool) -> Iterator[RunDir]:
+def run_dir(out: str | Path | None, *, overwrite: bool, kind: str = "edge") -> Iterator[RunDir]:
     """The core's run directory (a previous run refused, or replaced whole with ``overwrite``); one this made
-    is removed again if the export fails before writing, so the same ``--out`` can be used for the retry."""
+    is removed again if the command fails before writing, so the same ``--out`` can be used for the retry."""
     fresh = out is None or not Path(out).is_dir() or not any(Path(out).iterdir())
     root_made = out is None and not Path("runs").exists()
-    with RunDir.create("edge", out, overwrite=overwrite) as run:
+    with RunDir.create(kind, out, overwrite=overwrite) as run:
         try:
             yield run
         except BaseException:
@@ -108,6 +108,17 @@ def _run_dir(out: str | Path | None, *, overwrite: bool) -> Iterator[RunDir]:
                 with contextlib.suppress(OSError):
                     Path("runs").rmdir()
             raise
+
+
+@dataclass(frozen=True, slots=True)
+class Exported:
+    """One model converted, verified and fitted to the board, not yet written."""
+
+    artefacts: Artefacts
+    check: Verification
+    fit: Fit | None
+    report: dict[str, Any]
+    """``edge-report.json`` without ``run_dir``."""
 
 
 class ExportWorkflow:
@@ -144,7 +155,7 @@ class ExportWorkflow:
                 f"TFLite Micro on {self.board.name} cannot run {quant.value} models (no float16 or hybrid kernels); "
                 "use --quantize int8 or none"
             )
-        self._worker = worker
+        self.worker = worker
 
     def run(self) -> dict[str, Any]:
         """Export, verify, write; returns the report (also ``edge-report.json``) with ``run_dir`` added.
@@ -157,28 +168,31 @@ class ExportWorkflow:
         """
         kind = source_kind(self.source_path)
         with contextlib.ExitStack() as stack:
-            run = stack.enter_context(_run_dir(self.out, overwrite=self.overwrite))
-            if self._worker is None:  # starts importing its converter while the model and data load
-                self._worker = stack.enter_context(ConversionWorker(kind))
+            run = stack.enter_context(run_dir(self.out, overwrite=self.overwrite))
+            if self.worker is None:  # starts importing its converter while the model and data load
+                self.worker = stack.enter_context(ConversionWorker(kind))
             try:
-                report, check, fit = self._export(run)
+                src = load_source(self.source_path)
+                done = self.export_source(src, self.load_dataset(src))
+                self.write(run, done.artefacts, done.report)
             except KeyboardInterrupt:
                 raise Interrupted(f"interrupted during the export of {self.source_path}; no run was written") from None
+        report, check, fit = done.report, done.check, done.fit
         if check.problem is not None:
             raise type(check.problem)(f"{check.problem} (report in {report['run_dir']})") from check.problem
         if fit is not None and not fit.fits:
             raise ConfigError(f"{fit.message()} (report in {report['run_dir']})")
         return report
 
-    def _export(self, run: RunDir) -> tuple[dict[str, Any], Verification, Fit | None]:
-        src = load_source(self.source_path)
-        dataset = self.load_dataset(src)
+    def export_source(self, src: SourceModel, dataset: ArrayDataset) -> Exported:
+        """Convert ``src`` with the exporter, verify it on ``dataset``'s held-out samples, fit it to the board;
+        nothing is written (``fedge edge fit`` exports many candidates and writes one)."""
         source_out, shape = run_source(src, dataset.x_test, dataset=f"dataset {dataset.name!r}")
         x_train, x_test = to_layout(dataset.x_train, shape), to_layout(dataset.x_test, shape)
         accuracy_source = float((source_out.argmax(1) == dataset.y_test).mean())
 
         t0 = time.perf_counter()
-        artefacts = self.convert(ExportSource(src.model, x_train, worker=self._worker))
+        artefacts = self.convert(ExportSource(src.model, x_train, worker=self.worker))
         convert_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         check = verify(artefacts.edge, x_test, dataset.y_test, require_tflm=self.requires_tflm(artefacts))
@@ -191,8 +205,7 @@ class ExportWorkflow:
 
         report = self.report(src, dataset.name, artefacts, check, accuracy_source=accuracy_source, fit=fit)
         report.update(held_out_samples=len(x_test), convert_s=round(convert_s, 3), verify_s=round(verify_s, 3))
-        self.write(run, artefacts, report)
-        return report, check, fit
+        return Exported(artefacts, check, fit, report)
 
     def load_dataset(self, src: SourceModel) -> ArrayDataset:
         """The dataset model.json names (with its options), else ``--dataset`` (digits by default).

@@ -126,7 +126,7 @@ def _group() -> None:
 
 _Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON (schema in docs/profiler.md).")]
 _Html = Annotated[str | None, typer.Option("--html", help="Also write a self-contained HTML page to FILE.")]
-_ModeOpt = Annotated[str, typer.Option("--mode", help="Definitions: fedge (default) or hta (reproduces HTA 0.5.0).")]
+_ModeOpt = Annotated[str, typer.Option("--mode", help="Definitions: fedge (default), hta (reproduces HTA 0.5.0) or tb-profiler (torch-tb-profiler 0.4.3's distributed view).")]
 _Out = Annotated[str | None, typer.Option("--out", help="Also write config.toml, report.json and report.html to DIR.")]
 _Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --out, whole.")]
 _LastStep = Annotated[

@@ -1,11 +1,12 @@
 """Kernel classification: which GPU kernels compute, communicate or move memory, and which collective
 a communication kernel or CPU op is.
 
-Two classifications exist. ``fedge`` mode recognises collectives that are not named ``nccl*``
+Three classifications exist. ``fedge`` mode recognises collectives that are not named ``nccl*``
 (symmetric-memory ``multimem_*`` all-reduce, DeepEP, vLLM custom all-reduce...) and takes memory
 kernels from the event category. ``hta`` mode reproduces Holistic Trace Analysis 0.5.0: a name
 starting with ``nccl`` is communication, a name containing ``Memcpy``/``Memset`` is memory, the rest
-computation.
+computation. ``tb-profiler`` mode reproduces torch-tb-profiler 0.4.3: a kernel is communication when it
+belongs (by ``External id``) to one of the ops in ``TB_PROFILER_COLLECTIVES``, whatever its name.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from enum import IntEnum, StrEnum
 
 __all__ = [
     "DTYPE_BYTES",
+    "TB_PROFILER_COLLECTIVES",
     "KernelKind",
     "Mode",
     "classify_kernel",
@@ -29,6 +31,14 @@ class Mode(StrEnum):
 
     FEDGE = "fedge"
     HTA = "hta"
+    TB_PROFILER = "tb-profiler"
+
+
+#: The only collective ops torch-tb-profiler 0.4.3 knows (its ``NcclOpNameSet`` and ``GlooOpNameSet``): a kernel
+#: is communication there only when its ``External id`` is one of theirs.
+TB_PROFILER_COLLECTIVES = frozenset(
+    f"{lib}:{op}" for lib in ("nccl", "gloo") for op in ("broadcast", "reduce", "all_reduce", "all_gather", "reduce_scatter")
+)
 
 
 class KernelKind(IntEnum):

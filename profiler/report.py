@@ -71,6 +71,8 @@ def choose_analyses(
     chosen: list[Chosen[AnalysisPlugin]] = []
     notes: list[str] = []
     broken: set[str] = set()
+    other_mode: dict[str, str] = {}
+    mode = Mode(common.get("mode", Mode.FEDGE))
     for name in registry.names():
         try:
             plugin = registry.get(name)
@@ -80,10 +82,16 @@ def choose_analyses(
             continue
         if getattr(plugin, "inputs", 1) != inputs:
             continue
+        modes = getattr(plugin, "modes", None)  # an analysis of one mode's definitions (tb-profiler's view)
+        if modes is not None and mode not in tuple(Mode(m) for m in modes):
+            other_mode[name] = ", ".join(Mode(m).value for m in modes)
+            continue
         declared = {f.name for f in dataclasses.fields(plugin.Config)}
         settings = {k: v for k, v in common.items() if k in declared} | dict(options.get(name, {}))
         chosen.append(registry.choose(name, settings, where=f"analysis {name}"))
     elsewhere = sorted(set(options) - {c.name for c in chosen} - broken)
+    if elsewhere and elsewhere[0] in other_mode:
+        raise ConfigError(f"analysis {elsewhere[0]!r} runs only with --mode {other_mode[elsewhere[0]]}; add it or drop its -o settings")
     if elsewhere:
         other = "fedge profile report" if inputs == 2 else "fedge profile diff"
         raise ConfigError(f"analysis {elsewhere[0]!r} does not run here but in {other}; drop its -o settings")

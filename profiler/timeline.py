@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedge.profiler.kinds import KernelKind, Mode, classify_kernel
-from fedge.profiler.trace import ANNOTATION, CPU_OP, MEMCPY, MEMSET, Trace
+from fedge.profiler.kinds import TB_PROFILER_COLLECTIVES, KernelKind, Mode, classify_kernel
+from fedge.profiler.trace import ANNOTATION, CPU_OP, GPU_ANNOTATION, KERNEL, MEMCPY, MEMSET, Trace
 
 __all__ = [
     "Kernels",
@@ -24,6 +24,7 @@ __all__ = [
     "kernels",
     "launch_rows",
     "merge",
+    "tb_profiler_comm_ops",
     "union_us",
 ]
 
@@ -128,13 +129,34 @@ def _kinds_of_names(trace: Trace, mode: Mode) -> np.ndarray:
     return kinds[inverse] if len(uniq) else np.empty(0, dtype=np.int8)
 
 
+def tb_profiler_comm_ops(trace: Trace) -> np.ndarray:
+    """``cpu`` rows of the collective ops torch-tb-profiler knows (``TB_PROFILER_COLLECTIVES``), in start order;
+    their GPU-track copies (``gpu_user_annotation``) count there as ops of their own."""
+    cpu = trace.cpu
+    known = np.array([n in TB_PROFILER_COLLECTIVES for n in trace.names] or [False], dtype=bool)
+    rows = np.flatnonzero(known[cpu.name] & np.isin(cpu.cat, (CPU_OP, ANNOTATION, GPU_ANNOTATION)))
+    return rows[np.argsort(cpu.ts[rows], kind="stable")]
+
+
+def _tb_profiler_kinds(trace: Trace) -> np.ndarray:
+    """torch-tb-profiler's kinds: a kernel of one of its collective ops (by ``External id``) communicates,
+    memcpy/memset move memory, every other kernel computes (so an all_to_all's kernels compute there)."""
+    gpu = trace.gpu
+    comm_ext = np.unique(trace.cpu.ext[tb_profiler_comm_ops(trace)])
+    kind = np.full(len(gpu), int(KernelKind.COMPUTATION), dtype=np.int8)
+    kind[(gpu.cat == KERNEL) & np.isin(gpu.ext, comm_ext)] = int(KernelKind.COMMUNICATION)
+    kind[(gpu.cat == MEMCPY) | (gpu.cat == MEMSET)] = int(KernelKind.MEMORY)
+    return kind
+
+
 def kernels(trace: Trace, mode: Mode | str = Mode.FEDGE, *, include_last_step: bool = False) -> Kernels:
     """The GPU events of ``trace`` that the analyses use under ``mode``.
 
     hta: timestamps rounded as HTA 0.5.0 does (start up, end down, to whole µs); a step is any
     ``ProfilerStep#N`` name on either track; kernels are kept when their launch (matched by correlation id)
     starts before the last step. fedge: exact timestamps; steps from the CPU track only; a kernel whose
-    launch was not recorded is kept when it starts before the last step.
+    launch was not recorded is kept when it starts before the last step. tb-profiler: exact timestamps, every
+    step kept (as torch-tb-profiler does), kinds from ``External id`` (see ``_tb_profiler_kinds``).
     """
     mode = Mode(mode)
     gpu, cpu = trace.gpu, trace.cpu
@@ -144,7 +166,7 @@ def kernels(trace: Trace, mode: Mode | str = Mode.FEDGE, *, include_last_step: b
         ts, end = gpu.ts, gpu.ts + gpu.dur
     keep = np.ones(len(gpu), dtype=bool)
     steps = trace.steps if mode is Mode.FEDGE else np.concatenate([trace.steps, trace.gpu_steps])
-    if has_last_step(steps):
+    if mode is not Mode.TB_PROFILER and has_last_step(steps):
         if mode is Mode.HTA:
             step_start, step_end = np.ceil(steps[:, 0]), np.floor(steps[:, 0] + steps[:, 1])
         else:
@@ -160,21 +182,27 @@ def kernels(trace: Trace, mode: Mode | str = Mode.FEDGE, *, include_last_step: b
             limit = step_end.max() if include_last_step else step_start.max()
             keep |= ~has & (gpu.ts < limit)
     rows = np.flatnonzero(keep)
-    kind = _kinds_of_names(trace, mode)
+    kind = _tb_profiler_kinds(trace) if mode is Mode.TB_PROFILER else _kinds_of_names(trace, mode)
     return Kernels(ts=ts[rows], end=end[rows], kind=kind[rows], stream=gpu.tid[rows], name=gpu.name[rows], row=rows)
 
 
-def cpu_intervals(trace: Trace, *, include_last_step: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def cpu_intervals(
+    trace: Trace, *, include_last_step: bool = False, mode: Mode | str = Mode.FEDGE
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """For traces without GPU activity: CPU ``compute`` (ops that are not collectives) and ``comm``
     (collective ops such as ``gloo:all_reduce``, ``c10d::allreduce_``) intervals, last step dropped as for
-    kernels."""
+    kernels (tb-profiler mode: only its own collective ops communicate, and every step is kept)."""
     cpu = trace.cpu
     is_op = (cpu.cat == CPU_OP) | (cpu.cat == ANNOTATION)
-    coll = trace.collective_names[cpu.name] & is_op
+    if Mode(mode) is Mode.TB_PROFILER:
+        coll = np.zeros(len(cpu), dtype=bool)
+        coll[tb_profiler_comm_ops(trace)] = True
+    else:
+        coll = trace.collective_names[cpu.name] & is_op
     step_name = np.array([n.startswith("ProfilerStep") for n in trace.names], dtype=bool)[cpu.name]
     keep = is_op & ~step_name
     steps = trace.steps
-    if has_last_step(steps):
+    if Mode(mode) is not Mode.TB_PROFILER and has_last_step(steps):
         limit = (steps[:, 0] + steps[:, 1]).max() if include_last_step else steps[:, 0].max()
         keep &= (cpu.ts <= limit) if include_last_step else (cpu.ts < limit)
     end = cpu.ts + cpu.dur

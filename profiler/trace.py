@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -55,7 +56,7 @@ CHUNK_BYTES = 1 << 20
 
 # Event categories kept, new and legacy (2021) Kineto spellings. Codes: GPU events < 10 <= CPU events.
 KERNEL, MEMCPY, MEMSET = 0, 1, 2
-CPU_OP, ANNOTATION, RUNTIME, GPU_ANNOTATION = 10, 11, 12, 13
+CPU_OP, ANNOTATION, RUNTIME, GPU_ANNOTATION, DRIVER, LEGACY_RUNTIME = 10, 11, 12, 13, 14, 15
 _CATEGORIES = {
     "kernel": KERNEL, "Kernel": KERNEL,
     "gpu_memcpy": MEMCPY, "Memcpy": MEMCPY,
@@ -63,8 +64,11 @@ _CATEGORIES = {
     "cpu_op": CPU_OP, "Operator": CPU_OP,
     "user_annotation": ANNOTATION,
     "gpu_user_annotation": GPU_ANNOTATION,
-    "cuda_runtime": RUNTIME, "Runtime": RUNTIME, "cuda_driver": RUNTIME,
+    "cuda_runtime": RUNTIME, "Runtime": LEGACY_RUNTIME, "cuda_driver": DRIVER,
 }
+#: Categories of the host calls that launch GPU work (a kernel finds its launch among them by correlation id).
+#: They are told apart because torch-tb-profiler reads only the 2021 ``Runtime`` spelling.
+LAUNCH_CATEGORIES = (RUNTIME, DRIVER, LEGACY_RUNTIME)
 _STEP_RE = re.compile(r"^ProfilerStep\s*#\s*(\d+)")
 _RANK_IN_NAME_RE = re.compile(r"(?:rank|worker)[-_]?(\d+)", re.IGNORECASE)
 
@@ -76,16 +80,18 @@ _ARG_FIELDS = (
     ("dtype", "dtype"), ("pg_name", "Process Group Name"), ("pg_desc", "Process Group Description"),
     ("pg_ranks", "Process Group Ranks"), ("input_dims", "Input Dims"), ("input_type", "Input type"),
 )
+# The autograd op id that ties an op to its launches and kernels (legacy traces spell it in lower case).
+_ID_FIELDS = (("ext", "External id"), ("ext_legacy", "external id"))
 _EVENT_FIELDS = ("cat", "name", "ts", "dur", "pid", "tid")
 
 
 class _PlainArgs:
     """The args the loader keeps, from a dict (fallback path)."""
 
-    __slots__ = tuple(a for a, _ in _ARG_FIELDS)
+    __slots__ = tuple(a for a, _ in _ARG_FIELDS + _ID_FIELDS)
 
     def __init__(self, args: dict[str, Any]) -> None:
-        for attr, key in _ARG_FIELDS:
+        for attr, key in _ARG_FIELDS + _ID_FIELDS:
             setattr(self, attr, args.get(key, -1 if attr == "correlation" else None))
 
 
@@ -105,7 +111,8 @@ try:  # msgspec decodes straight into these structs, skipping unneeded keys: ~3x
     import msgspec
 
     _Args = msgspec.defstruct(
-        "_Args", [(a, Any, msgspec.field(default=-1 if a == "correlation" else None, name=k)) for a, k in _ARG_FIELDS]
+        "_Args",
+        [(a, Any, msgspec.field(default=-1 if a == "correlation" else None, name=k)) for a, k in _ARG_FIELDS + _ID_FIELDS],
     )
     _Event = msgspec.defstruct("_Event", [(a, Any, None) for a in _EVENT_FIELDS] + [("args", _Args | None, None)])
     _DECODER: Any = msgspec.json.Decoder(list[_Event])  # type: ignore[valid-type]
@@ -137,7 +144,7 @@ def _decode(text: bytes) -> list[Any]:
 class Table:
     """Columns of equal length: ``ts``/``dur`` (µs, float64, as written in the file), ``name`` (index into
     ``Trace.names``), ``cat`` (category code), ``tid`` (stream for GPU events), ``device``, ``corr``
-    (correlation id, -1 if none)."""
+    (correlation id, -1 if none), ``ext`` (``External id``: the op a launch or kernel belongs to, -1 if none)."""
 
     ts: np.ndarray
     dur: np.ndarray
@@ -146,6 +153,7 @@ class Table:
     tid: np.ndarray
     device: np.ndarray
     corr: np.ndarray
+    ext: np.ndarray
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -159,7 +167,8 @@ class Trace:
         path: the file it was read from.
         rank: the rank (from ``distributedInfo``, else the file name, else file order; see ``rank_source``).
         gpu: kernels, memcpy and memset events (``tid`` is the stream).
-        cpu: CPU ops, user annotations and runtime calls (launches carry ``corr``).
+        cpu: CPU ops, user annotations and runtime/driver calls (launches carry ``corr``), plus the GPU-track
+            copies of collective annotations (category ``GPU_ANNOTATION``; torch-tb-profiler counts them).
         names: event names; ``Table.name`` indexes it.
         steps: ``(ts, dur, number)`` of each ``ProfilerStep#N`` on the CPU track, sorted by ts.
         gpu_steps: the same on the GPU track (newer traces repeat steps there).
@@ -371,7 +380,7 @@ def _why_no_events(rest: bytes) -> str:
     return "traceEvents holds values that are not events (expected objects with ph, name, ts)"
 
 
-_DTYPES = (np.float64, np.float64, np.int32, np.int8, np.int64, np.int32, np.int64)
+_DTYPES = (np.float64, np.float64, np.int32, np.int8, np.int64, np.int32, np.int64, np.int64)
 
 
 def _release_free_memory() -> None:
@@ -421,6 +430,13 @@ def _comm_args(args: Any) -> dict[str, Any]:
     return {key: getattr(args, attr) for attr, key in _ARG_FIELDS[3:] if getattr(args, attr) is not None}
 
 
+def _ext(args: Any) -> int:
+    if args is None:
+        return -1
+    ext = args.ext_legacy if args.ext_legacy is not None else args.ext
+    return ext if type(ext) is int else -1
+
+
 def _ingest(
     events: list[Any],
     gpu: _Columns,
@@ -432,8 +448,8 @@ def _ingest(
 ) -> None:
     """Append the kept events of one chunk to the columns. ``flags[name id]``: 1 = ProfilerStep, 2 = collective op."""
     categories = _CATEGORIES
-    g_ts, g_dur, g_name, g_cat, g_tid, g_dev, g_corr = gpu.lists
-    c_ts, c_dur, c_name, c_cat, c_tid, c_dev, c_corr = cpu.lists
+    g_ts, g_dur, g_name, g_cat, g_tid, g_dev, g_corr, g_ext = gpu.lists
+    c_ts, c_dur, c_name, c_cat, c_tid, c_dev, c_corr, c_ext = cpu.lists
     for e in events:
         cat = e.cat
         code = categories.get(cat) if type(cat) is str else None
@@ -467,13 +483,14 @@ def _ingest(
             g_tid.append(stream)
             g_dev.append(device)
             g_corr.append(corr if type(corr) is int else -1)
+            g_ext.append(_ext(args))
             gpu.count += 1
             continue
-        flag = flags[nid] if code != RUNTIME else 0
+        flag = flags[nid] if code < RUNTIME or code == GPU_ANNOTATION else 0
         if flag == 1:
             m = _STEP_RE.match(name)
             steps.append((float(ts), float(dur), int(m.group(1)) if m else -1, code == GPU_ANNOTATION))
-        if code == GPU_ANNOTATION:
+        if code == GPU_ANNOTATION and flag != 2:  # GPU-track copies: only collectives' are kept (tb-profiler reads them)
             continue
         tid = e.tid
         corr = args.correlation if args is not None else -1
@@ -488,6 +505,7 @@ def _ingest(
         c_tid.append(tid if type(tid) is int else _int_tid(tid))
         c_dev.append(-1)
         c_corr.append(corr if type(corr) is int else -1)
+        c_ext.append(_ext(args))
         cpu.count += 1
     gpu.flush()
     cpu.flush()
@@ -563,13 +581,21 @@ def _load(p: Path, rank: int | None, chunk_bytes: int) -> Trace:
     comm_args: dict[tuple[str, int], dict[str, Any]] = {}
     meta: dict[str, Any] = {}
     seen_events = False
-    with _open(p) as f:
-        for item in _iter_chunks(f, chunk_bytes):
-            if isinstance(item, dict):
-                meta.update(item)
-            else:
-                seen_events = True
-                _ingest(item, gpu, cpu, names, flags, steps, comm_args)
+    # The parsed events are short-lived and hold no cycles: the cyclic collector would only rescan them (each
+    # chunk allocates ~10^5 objects), so it is paused while reading.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with _open(p) as f:
+            for item in _iter_chunks(f, chunk_bytes):
+                if isinstance(item, dict):
+                    meta.update(item)
+                else:
+                    seen_events = True
+                    _ingest(item, gpu, cpu, names, flags, steps, comm_args)
+    finally:
+        if collecting:
+            gc.enable()
     if not seen_events:
         logger.debug("%s: traceEvents is empty", p)
     notes: list[str] = []
@@ -589,7 +615,7 @@ def _load(p: Path, rank: int | None, chunk_bytes: int) -> Trace:
     gpu_step_arr = np.array(sorted((s[0], s[1], s[2]) for s in steps if s[3]), dtype=np.float64).reshape(-1, 3)
     ordered = sorted(names, key=names.__getitem__)
     cpu_table = cpu.table()
-    launch = np.flatnonzero((cpu_table.cat == RUNTIME) & (cpu_table.corr >= 0))
+    launch = np.flatnonzero(np.isin(cpu_table.cat, LAUNCH_CATEGORIES) & (cpu_table.corr >= 0))
     by_corr = np.argsort(cpu_table.corr[launch], kind="stable")
     return Trace(
         path=str(p),

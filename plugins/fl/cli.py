@@ -115,7 +115,7 @@ def _run_with_progress(as_json: bool, rounds: int | None, **kwargs: Any) -> Any:
             progress.stop()
 
 
-_LOCAL_ONLY = ("tls", "auth", "warm_workers")  # settings of a federation whose SuperNodes run here
+_LOCAL_ONLY = ("tls", "auth", "warm_workers", "supernode_poll_s")  # settings of a federation whose SuperNodes run here
 _TABLES = ("dataset_options", "model_options", "aggregator_options", "faults", "client_profiles", "privacy")  # tables
 _FLAGS = {"clients": "-n", "rounds": "-r", "aggregator": "-a", "round_timeout_s": "--round-timeout"}
 
@@ -285,6 +285,7 @@ def supernode_command(
     connect_timeout: Annotated[float, typer.Option("--connect-timeout", help="Seconds to keep trying to join the SuperLink before giving up.")] = 60.0,
     workdir: Annotated[Path, typer.Option("--workdir", help="Where logs, Flower state and the node's data file go.")] = Path("runs/supernode"),
     device: Annotated[str, typer.Option("--device", help="Where this node trains: auto (the GPU if torch sees one), cpu or cuda.")] = "auto",
+    poll_s: Annotated[float, typer.Option("--poll-s", help="Seconds between requests for a message while idle (Flower's own SuperNode: 3).")] = 0.5,
 ) -> int:
     """Join a SuperLink as one client (a SuperNode in the foreground until Ctrl-C or the SuperLink goes away)."""
     from fedge.plugins.fl.federation import Federation, TlsFiles
@@ -304,6 +305,8 @@ def supernode_command(
         raise ConfigError("give exactly one of --data FILE.npz or --partition I/N")
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if not (math.isfinite(poll_s) and 0 < poll_s <= 60):
+        raise ConfigError(f"--poll-s must be a number of seconds in (0, 60]; got {poll_s}")
     node_config: dict[str, str | int | float] = {}
     if data is not None:
         _check_node_data(data)
@@ -318,7 +321,7 @@ def supernode_command(
     node_config["data-path"] = str(data.resolve())
     node_config["device"] = device
     tls = TlsFiles(ca_cert=root_certificates.resolve()) if root_certificates else None
-    fed = Federation(workdir / "flower", tls=tls, host=host)
+    fed = Federation(workdir / "flower", tls=tls, host=host, supernode_poll_s=poll_s)
     fed.fleet_port = port
     try:
         with sigterm_as_interrupt(), fed:

@@ -69,6 +69,9 @@ class FlConfig:
     warm_workers: bool = True
     """Give each SuperNode a warm worker that keeps torch loaded between rounds (the ClientApp process Flower
     starts per message then skips importing torch); false trains inside the ClientApp process."""
+    supernode_poll_s: float = 0.5
+    """Seconds an idle SuperNode waits before asking the SuperLink again for a message (Flower 1.39 hard-codes
+    3 s; fedge starts Flower's SuperNode with this one sleep shortened, see ``fedge.plugins.fl.flower_internals``)."""
     heterogeneity: str = ""
     """Client speeds drawn per client: ``lognormal:SIGMA`` gives client i the slowdown exp(|N(0, SIGMA)|) (seeded);
     empty means all equal. See ``client_profiles`` for exact per-client settings."""
@@ -104,6 +107,8 @@ class FlConfig:
             raise ValueError(f"min_clients must be between 0 and clients ({self.clients}), got {self.min_clients}")
         if self.round_timeout_s <= 0 or self.startup_timeout_s <= 0:
             raise ValueError("round_timeout_s and startup_timeout_s must be > 0")
+        if not 0 < self.supernode_poll_s <= 60:
+            raise ValueError(f"supernode_poll_s must be in (0, 60] seconds, got {self.supernode_poll_s}")
         if self.clients * self.fraction_train < 1:
             raise ValueError(
                 f"fraction_train {self.fraction_train} of {self.clients} clients samples nobody; "

@@ -113,6 +113,8 @@ class Federation:
         auth: SuperNode authentication (needs ``tls``).
         host: address the SuperLink binds.
         env: extra environment for every process.
+        supernode_poll_s: how often an idle SuperNode asks the SuperLink for a message (Flower's own: 3 s;
+            :mod:`.flower_internals`).
     """
 
     workdir: Path
@@ -122,6 +124,7 @@ class Federation:
     env: Mapping[str, str] = field(default_factory=dict)
     fleet_port: int = 0
     control_port: int = 0
+    supernode_poll_s: float = 0.5
     worker_sockets: list[str] = field(default_factory=list)
     _socket_dir: Path | None = None
     supervisor: Supervisor = field(init=False)
@@ -269,16 +272,19 @@ class Federation:
         self, index: int, *, node_config: Mapping[str, str | int | float], auth_key: Path | None = None
     ) -> Daemon:
         """Start ``flower-supernode`` number ``index`` with its own runtime port and node config."""
+        from fedge.plugins.fl.flower_internals import check_supernode_poll, supernode_argv
+
+        check_supernode_poll()  # here, in one line, rather than in each SuperNode's log
         config = " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items())
-        argv = [
-            str(self.bin_dir() / "flower-supernode"),
+        args = [
             "--superlink", f"{'127.0.0.1' if self.host == '0.0.0.0' else self.host}:{self.fleet_port}",
             "--port", str(free_port()),
             "--node-config", config,
             *self._tls_client_args(),
         ]  # fmt: skip
         if auth_key is not None:
-            argv += ["--auth-supernode-private-key", str(auth_key)]
+            args += ["--auth-supernode-private-key", str(auth_key)]
+        argv = supernode_argv(args, poll_s=self.supernode_poll_s)
         return self._start(f"supernode-{index}", argv, home=f"flwr-node-{index}")
 
     def unregister_supernode(self, daemon: Daemon) -> int | None:

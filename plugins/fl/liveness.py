@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from flwr.common.constant import ErrorCode
@@ -45,6 +45,8 @@ class RoundReplies:
     """Nodes the SuperLink reported unavailable (offline or unregistered)."""
     quarantined: list[int]
     """Quarantined nodes that had not replied when the waited-for ones were done; not waited for."""
+    reply_s: dict[int, float] = field(default_factory=dict)
+    """Per node that replied: seconds from sending the round's messages to pulling its reply."""
 
 
 def _is_node_unavailable(msg: Message) -> bool:
@@ -80,8 +82,10 @@ class NodeQuarantine:
         node_of = {mid: m.metadata.dst_node_id for mid, m in zip(grid.push_messages(list(messages)), messages) if mid}
         wait_all = all(n in self._nodes for n in node_of.values())
         pending = set(node_of)
-        deadline = time.monotonic() + timeout_s
+        sent = time.monotonic()
+        deadline = sent + timeout_s
         replies: list[Message] = []
+        reply_s: dict[int, float] = {}
         offline: list[int] = []
         while True:
             for msg in grid.pull_messages(pending | set(self._unanswered)):
@@ -97,6 +101,7 @@ class NodeQuarantine:
                     offline.append(node_of[mid])
                     continue
                 replies.append(msg)
+                reply_s[node_of[mid]] = round(time.monotonic() - sent, 3)
                 if msg.metadata.src_node_id == node_of[mid]:
                     self._release(node_of[mid], "answered")
             waiting = [m for m in pending if wait_all or node_of[m] not in self._nodes]
@@ -111,7 +116,7 @@ class NodeQuarantine:
             if node not in self._nodes:
                 logger.warning("node %d did not answer; later rounds do not wait for it until it answers again", node)
             self._nodes.add(node)
-        return RoundReplies(replies=replies, timed_out=timed_out, offline=sorted(offline), quarantined=skipped)
+        return RoundReplies(replies=replies, timed_out=timed_out, offline=sorted(offline), quarantined=skipped, reply_s=reply_s)
 
     def _release(self, node: int, why: str) -> None:
         if node in self._nodes:

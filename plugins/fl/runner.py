@@ -295,7 +295,9 @@ class LocalFederation(_Federated):
         return prepare_data(self.run, self.cfg)
 
     def federation(self) -> Federation:
-        return Federation(self.run.file("flower"), tls=self._tls_files(), auth=self.cfg.auth)
+        return Federation(
+            self.run.file("flower"), tls=self._tls_files(), auth=self.cfg.auth, supernode_poll_s=self.cfg.supernode_poll_s
+        )
 
     def start(self, fed: Federation, files: list[Path]) -> None:
         fed.start_superlink(timeout_s=self.cfg.startup_timeout_s)

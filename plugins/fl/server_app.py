@@ -295,6 +295,7 @@ class ServerLoop:
             "answered_nodes": sorted(int(m.metadata.src_node_id) for m in this.good),
             "dropped_nodes": sorted(this.dropped),
             "late_nodes": sorted([*got.timed_out, *got.quarantined]),
+            "reply_s": {str(node): got.reply_s[node] for node in sorted(got.reply_s)},
             **self._privacy_metrics(),
         }
         self.run.append_metrics(record)

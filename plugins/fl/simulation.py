@@ -5,7 +5,10 @@ clients are virtual SuperNodes in Ray actors; each takes its partition (``partit
 ``num-partitions``, which the Simulation Engine gives every node) from one copy of the dataset per actor
 process, split lazily (:func:`.local.load_local_data`), so a thousand clients cost a thousand index
 arrays, never a thousand models or datasets. Ray reserves ``client_cpus`` / ``client_gpus`` per client;
-``ray_address`` joins a Ray cluster the user runs instead of starting one.
+``ray_address`` joins a Ray cluster the user runs instead of starting one. fedge starts Ray itself (Flower's
+backend then uses it as it is), so that neither this process nor the Ray actors import TensorFlow through
+Flower's optional import (:mod:`.flower_internals`): under load that import alone took most of a minute per
+process.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ __all__ = ["SimulationFederation", "check_simulation"]
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.25
+_GCS_PROBE_S = 5.0
 
 
 def check_simulation(ray_address: str) -> None:
@@ -50,6 +55,26 @@ def check_simulation(ray_address: str) -> None:
             f"no Ray cluster answers at {ray_address} ({err.strerror or err}); start one with `ray start --head` "
             "or leave ray_address empty to use a local Ray"
         ) from None
+    if not _answers_grpc(host, int(port), timeout_s=_GCS_PROBE_S):
+        # Ray would wait for a GCS there for minutes, logging retries.
+        raise ConfigError(
+            f"no Ray cluster answers at {ray_address}: something listens there but gave no gRPC answer within "
+            f"{_GCS_PROBE_S:.0f} s; give the Ray head's GCS address (what `ray start --head` printed, port 6379 by default)"
+        )
+
+
+def _answers_grpc(host: str, port: int, *, timeout_s: float) -> bool:
+    """Whether a gRPC server (as Ray's GCS is) completes a connection at ``host:port`` within ``timeout_s``."""
+    import grpc
+
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+    finally:
+        channel.close()
 
 
 def _local_ray_processes() -> list[int]:
@@ -67,7 +92,8 @@ class SimulationFederation(_Federated):
         return []
 
     def backend_config(self) -> dict[str, Any]:
-        init: dict[str, Any] = {"include_dashboard": False}
+        # Flower's run_simulation defaults (logging_level, log_to_driver), since fedge starts Ray itself.
+        init: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
         if self.cfg.ray_address:
             init["address"] = self.cfg.ray_address
         else:
@@ -76,9 +102,35 @@ class SimulationFederation(_Federated):
         resources = {"num_cpus": self.cfg.client_cpus, "num_gpus": self.cfg.client_gpus}
         return {"client_resources": resources, "init_args": init}
 
-    def execute(self) -> dict[str, Any]:
+    def init_ray(self) -> None:
+        """Start (or join, with ``ray_address``) Ray with fedge's worker setup: no TensorFlow in the actors."""
         import ray
-        from flwr.simulation import run_simulation
+
+        from fedge.plugins.fl.flower_internals import block_tensorflow
+
+        # Ray workers get the driver's import path, as Flower's own RayBackend.init_ray gives them.
+        paths = [*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])]
+        runtime_env = {
+            "env_vars": {"PYTHONPATH": os.pathsep.join(paths)},
+            "worker_process_setup_hook": f"{block_tensorflow.__module__}.{block_tensorflow.__name__}",
+        }
+        try:
+            ray.init(runtime_env=runtime_env, **self.backend_config()["init_args"])
+        except (ConnectionError, TimeoutError, ray.exceptions.RaySystemError) as err:
+            if not self.cfg.ray_address:
+                raise
+            first = str(err).strip().splitlines()[:1] or [type(err).__name__]
+            raise ConfigError(
+                f"no Ray cluster answers at {self.cfg.ray_address} ({first[0]}); start one with `ray start --head` "
+                "or leave ray_address empty to use a local Ray"
+            ) from None
+
+    def execute(self) -> dict[str, Any]:
+        from fedge.plugins.fl.flower_internals import without_tensorflow
+
+        with without_tensorflow():  # Flower's optional import of it; fedge's clients are torch
+            import ray
+            from flwr.simulation import run_simulation
 
         from fedge.plugins.fl.client_app import app as client_app
 
@@ -90,6 +142,7 @@ class SimulationFederation(_Federated):
         follower = threading.Thread(target=self._follow_rounds, args=(stop,), daemon=True)
         follower.start()
         try:
+            self.init_ray()
             run_simulation(
                 server_app=app_for(self.run.path), client_app=client_app, num_supernodes=self.cfg.clients,
                 backend_config=self.backend_config(),  # type: ignore[arg-type]

@@ -48,14 +48,28 @@ def call_worker(socket_path: str, request: dict[str, Any], *, timeout_s: float =
     return payload
 
 
+def _warm_up() -> None:
+    # torch initialises lazily: the first optimizer step of a process takes seconds (the first round's compute
+    # looked 40x that of later rounds, and a slowed-down client profile multiplied it), so take it here.
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.set_num_threads(1)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    F.cross_entropy(model(torch.zeros(2, 1, 4, 4)), torch.tensor([0, 1])).backward()
+    opt.step()
+
+
 def serve(socket_path: str) -> None:
     """Answer training requests one at a time until killed."""
-    # Imported once here, so that no request pays for them.
-    import torch  # noqa: F401
-
+    # Imported and initialised once here (before the socket exists), so that no request pays for them.
     import fedge.plugins.models
     import fedge.plugins.train.single_process  # noqa: F401
     from fedge.plugins.fl.local import train_round
+
+    _warm_up()
 
     path = Path(socket_path)
     key = Path(f"{socket_path}.key").read_bytes()

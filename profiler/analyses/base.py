@@ -32,8 +32,9 @@ class AnalysisConfig:
     """Options every analysis takes (the report passes them to every Config that declares them)."""
 
     mode: Mode = Mode.FEDGE
-    """Definitions to use: ``fedge`` (recognises non-NCCL collectives, exact timestamps) or ``hta``
-    (reproduces Holistic Trace Analysis 0.5.0)."""
+    """Definitions to use: ``fedge`` (recognises non-NCCL collectives, exact timestamps), ``hta``
+    (reproduces Holistic Trace Analysis 0.5.0) or ``tb-profiler`` (reproduces torch-tb-profiler 0.4.3's
+    distributed view)."""
 
     include_last_step: bool = False
     """Keep the kernels of the last ProfilerStep (HTA drops it: it is usually cut short)."""
@@ -155,7 +156,7 @@ class JobView:
 
     def cpu_intervals(self, trace: Trace) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """CPU compute and collective intervals, for ranks with no GPU activity."""
-        return self.derive("cpu", trace, lambda: cpu_intervals(trace, include_last_step=self.include_last_step))
+        return self.derive("cpu", trace, lambda: cpu_intervals(trace, include_last_step=self.include_last_step, mode=self.mode))
 
 
 def as_view(data: Job | Trace | JobView, *, mode: Mode | str = Mode.FEDGE, include_last_step: bool = False) -> JobView:
@@ -173,8 +174,9 @@ class AnalysisPlugin(Protocol):
     """An analysis: a ``Config`` dataclass (extending :class:`AnalysisConfig` to receive the mode) and
     ``run(view, config)`` returning a :class:`Result`. Optional: ``order`` (int, default 50) places its
     sections in the report; ``inputs = 2`` makes it an analysis of two runs, run by ``fedge profile diff``
-    with ``view.baseline`` set (default 1: ``fedge profile report``). The class docstring's first line is
-    its summary in ``fedge plugins``."""
+    with ``view.baseline`` set (default 1: ``fedge profile report``); ``modes`` (a tuple of :class:`Mode`) runs it
+    only under those definitions (default: every mode). The class docstring's first line is its summary in
+    ``fedge plugins``."""
 
     Config: ClassVar[type]
 

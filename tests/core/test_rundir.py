@@ -39,8 +39,8 @@ def test_metrics_and_config(tmp_path: Path) -> None:
 
 # -- the run-directory rule: a run is never mixed with another ------------------------------------------
 
-from fedge.errors import ConfigError, StorageError  # noqa: E402
-from fedge.rundir import RUN_MARKER, run_kind  # noqa: E402
+from fedge.errors import ConfigError, StorageError
+from fedge.rundir import RUN_MARKER, run_kind
 
 
 def _snapshot(path: Path) -> dict[str, bytes]:

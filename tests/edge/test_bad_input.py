@@ -1,4 +1,4 @@
-"""A newcomer's mistakes with `fedge edge export | inspect | boards`, as a table: each is one line on stderr,
+"""A newcomer's mistakes with `fedge edge export | fit | inspect | boards`, as a table: each is one line on stderr,
 exit 1, found before any conversion, and leaves no run directory behind; a previous run is never written into."""
 
 from __future__ import annotations
@@ -44,6 +44,26 @@ EXPORT = [
     (["{run}", "--out", "{tmp}/previous"], "already holds a run; choose a new directory"),
     (["{run}", "--out", "{tmp}/fl-run"], "already holds a fl run"),
 ]
+FIT = [
+    (["{tmp}/nowhere", "-t", BOARD], "no model at"),
+    (["{tmp}/corrupt", "-t", BOARD], "cannot load weights"),
+    (["{run}"], "edge fit.target is required"),
+    (["{run}", "-t", "esp8266"], "unknown board 'esp8266'"),
+    (["{tmp}/model.keras", "-t", BOARD], "fedge edge fit rebuilds the model from its plugin"),
+    (["{run}", "-t", BOARD, "--ranks", "1.5"], "ranks must be fractions between 0 and 1"),
+    (["{run}", "-t", BOARD, "--widths", "0"], "widths must be fractions between 0 and 1"),
+    (["{run}", "-t", BOARD, "--widths", "half"], "edge fit.widths"),
+    (["{run}", "-t", BOARD, "--ranks", "", "--widths", ""], "there is nothing to search"),
+    (["{run}", "-t", BOARD, "--epochs", "0"], "epochs must be >= 1"),
+    (["{run}", "-t", BOARD, "--temperature", "0"], "temperature must be > 0"),
+    (["{run}", "-t", BOARD, "--alpha", "2"], "alpha must be between 0 and 1"),
+    (["{run}", "-t", BOARD, "--symbol", "1model"], "C symbol must be a C identifier"),
+    (["{run}", "-t", BOARD, "--dataset", "mnist"], "model.json names dataset 'digits'"),
+    (["{run}", "-t", BOARD, "--config", "{tmp}/unknown.toml"], "unknown setting edge fit.quantise"),
+    (["{run}", "-t", "x", "--boards", "{tmp}/boards_negative.toml"], "flash_kb and ram_kb must be >= 0"),
+    (["{run}", "-t", BOARD, "--out", "{tmp}/notes.txt"], "is a file"),
+    (["{run}", "-t", BOARD, "--out", "{tmp}/previous"], "already holds a run; choose a new directory"),
+]
 INSPECT = [
     (["{tmp}/missing.tflite"], "no TFLite model at"),
     (["{tmp}/corrupt/model.pt"], "not a TFLite model"),
@@ -63,6 +83,7 @@ BOARDS = [
 ]
 CASES = (
     [pytest.param(["edge", "export", *a], e, id=f"export:{e[:40]}") for a, e in EXPORT]
+    + [pytest.param(["edge", "fit", *a], e, id=f"fit:{e[:40]}") for a, e in FIT]
     + [pytest.param(["edge", "inspect", *a], e, id=f"inspect:{e[:40]}") for a, e in INSPECT]
     + [pytest.param(["edge", "boards", *a], e, id=f"boards:{e[:40]}") for a, e in BOARDS]
 )
@@ -82,6 +103,7 @@ def _inputs(tmp: Path, trained_run: Path, tflite: bytes) -> None:
     (tmp / "nojson").mkdir()
     shutil.copy(trained_run / "model.pt", tmp / "nojson" / "model.pt")
     (tmp / "notes.txt").write_text("[not toml\n")
+    (tmp / "model.keras").write_bytes(b"not read: fit refuses a Keras model by its name")
     (tmp / "unknown.toml").write_text('quantise = "int8"\n')
     (tmp / "previous").mkdir()
     (tmp / "previous" / "edge-report.json").write_text("{}\n")
@@ -151,7 +173,7 @@ def test_a_second_export_into_the_same_out_is_refused_and_the_first_is_untouched
     assert _tree(run_dir) == before
 
 
-def test_overwrite_replaces_a_previous_run_whole(export_run, trained_run: Path, tmp_path: Path) -> None:
+def test_overwrite_replaces_a_previous_run_whole(export_run, trained_run: Path, tmp_path: Path, lend_worker) -> None:
 
     # Prepare: a copy of a previous export, with a file of its own
     _, run_dir = export_run("--quantize", "none", "--target", "generic")
@@ -160,21 +182,22 @@ def test_overwrite_replaces_a_previous_run_whole(export_run, trained_run: Path, 
     (out / "stale.txt").write_text("from the old run\n")
 
     # Execute
-    code = main(
-        [
-            "edge",
-            "export",
-            str(trained_run),
-            "--exporter",
-            "tflite",
-            "--quantize",
-            "none",
-            "--out",
-            str(out),
-            "--overwrite",
-            "--json",
-        ]
-    )
+    with lend_worker():
+        code = main(
+            [
+                "edge",
+                "export",
+                str(trained_run),
+                "--exporter",
+                "tflite",
+                "--quantize",
+                "none",
+                "--out",
+                str(out),
+                "--overwrite",
+                "--json",
+            ]
+        )
 
     # Assert: nothing of the old run is left; exactly one export's metrics
     assert code == 0

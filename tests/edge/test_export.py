@@ -4,8 +4,6 @@ the real LiteRT and TFLite Micro runtimes; the errors a user can hit, each one c
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -86,31 +84,13 @@ def test_float16_and_dynamic_say_tflm_cannot_run_them(export_run, quantization: 
     assert report["size_bytes"] < _report(export_run(*FLAGS["none"])[1])["size_bytes"]
 
 
-def test_c_array_equals_the_tflite_file_and_compiles_with_gcc(export_run, tmp_path: Path) -> None:
+def test_c_array_equals_the_tflite_file_and_compiles_with_gcc(export_run, tmp_path: Path, compile_c_array) -> None:
     # Prepare
     _, run_dir = export_run(*FLAGS["int8"])
     source = (run_dir / "model_data.cc").read_text()
 
     # Execute
-    body = source[source.index("{", source.index("g_model[]")) : source.index("};")]
-    parsed = bytes(int(h, 16) for h in re.findall(r"0x([0-9a-f]{2})", body))
-    build = subprocess.run(
-        [
-            "gcc",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-x",
-            "c",
-            "-c",
-            str(run_dir / "model_data.cc"),
-            "-o",
-            str(tmp_path / "m.o"),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    parsed, build = compile_c_array(run_dir, tmp_path)
 
     # Assert
     assert parsed == (run_dir / "model.tflite").read_bytes()
@@ -152,7 +132,7 @@ def test_inspect_lists_ops_tensors_and_int8_quantization(export_run, capsys: pyt
 
 
 def test_a_model_too_big_for_the_board_is_one_line_with_the_sizes(
-    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], lend_worker
 ) -> None:
     # Prepare
     boards = tmp_path / "boards.toml"
@@ -160,21 +140,22 @@ def test_a_model_too_big_for_the_board_is_one_line_with_the_sizes(
     out = tmp_path / "out"
 
     # Execute
-    code = main(
-        [
-            "edge",
-            "export",
-            str(trained_run),
-            "--quantize",
-            "none",  # float32 converts faster than int8, and is as far from fitting
-            "--target",
-            "tiny",
-            "--boards",
-            str(boards),
-            "--out",
-            str(out),
-        ]
-    )
+    with lend_worker():
+        code = main(
+            [
+                "edge",
+                "export",
+                str(trained_run),
+                "--quantize",
+                "none",  # float32 converts faster than int8, and is as far from fitting
+                "--target",
+                "tiny",
+                "--boards",
+                str(boards),
+                "--out",
+                str(out),
+            ]
+        )
 
     # Assert
     err = capsys.readouterr().err.strip().splitlines()
@@ -185,7 +166,7 @@ def test_a_model_too_big_for_the_board_is_one_line_with_the_sizes(
     assert _report(out)["fits"] is False
 
 
-def test_an_op_tflm_lacks_is_named(digits) -> None:
+def test_an_op_tflm_lacks_is_named(digits, conversion_worker) -> None:
     from torch import nn
 
     from fedge.edge import export_tflite
@@ -194,7 +175,7 @@ def test_an_op_tflm_lacks_is_named(digits) -> None:
 
     # Prepare: GELU converts for LiteRT, but TFLM has no GELU kernel
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.GELU())
-    edge = export_tflite(model, digits.x_train[:8])
+    edge = export_tflite(model, digits.x_train[:8], worker=conversion_worker)
 
     # Execute
     check = verify(edge, digits.x_test[:20], digits.y_test[:20], require_tflm=True)
@@ -205,7 +186,7 @@ def test_an_op_tflm_lacks_is_named(digits) -> None:
     assert check.runtimes["litert"]["ran"] and not check.runtimes["tflm"]["ran"]
 
 
-def test_a_layer_litert_torch_cannot_convert_is_named(digits) -> None:
+def test_a_layer_litert_torch_cannot_convert_is_named(digits, conversion_worker) -> None:
     import torch
     from torch import nn
 
@@ -217,7 +198,7 @@ def test_a_layer_litert_torch_cannot_convert_is_named(digits) -> None:
             return torch.special.erfinv(x * 0.5)
 
     with pytest.raises(DataError, match=r"at layer '1' \(Erfinv, aten\.erfinv\).*Lowering not found"):
-        export_tflite(nn.Sequential(nn.Conv2d(1, 4, 3), Erfinv()), digits.x_train[:4])
+        export_tflite(nn.Sequential(nn.Conv2d(1, 4, 3), Erfinv()), digits.x_train[:4], worker=conversion_worker)
 
 
 def test_a_converter_crash_becomes_one_clear_error(monkeypatch: pytest.MonkeyPatch, digits) -> None:

@@ -32,11 +32,8 @@ def small_mlp(digits):
 
 
 @pytest.fixture(scope="module")
-def worker():
-    from fedge.edge.convert import ConversionWorker
-
-    with ConversionWorker("torch") as w:
-        yield w
+def worker(conversion_worker):
+    return conversion_worker
 
 
 @pytest.mark.parametrize("name", exporter_registry().names())

@@ -21,13 +21,13 @@ pytestmark = pytest.mark.edge
 
 
 @pytest.fixture(scope="module")
-def mlp_int8(digits):
+def mlp_int8(digits, conversion_worker):
     """An int8 MLP (only FULLY_CONNECTED ops): TFLM segfaults on it with a too-small arena."""
     from fedge.edge.convert import export_tflite
     from fedge.plugins.models import build_model
 
     model = build_model("mlp", {}, input_shape=digits.input_shape, num_classes=digits.num_classes)
-    edge = export_tflite(model, digits.x_train, quantization="int8", calibration_samples=50)
+    edge = export_tflite(model, digits.x_train, quantization="int8", calibration_samples=50, worker=conversion_worker)
     return edge, edge.quantize_inputs(digits.x_test[:40])
 
 

@@ -80,6 +80,8 @@ CASES = [
     ("run-engine-unknown", ["fl", "run", "--engine", "ray"], 1, "fl.engine must be one of deployment, simulation"),
     ("run-ray-address-without-simulation", ["fl", "run", "--ray-address", "127.0.0.1:6379"], 1, "ray_address is for engine = simulation"),
     ("run-ray-address-not-answering", ["fl", "run", "--engine", "simulation", "--ray-address", "127.0.0.1:{free_port}"], 1, "no Ray cluster answers at 127.0.0.1:"),
+    ("run-ray-address-not-ray", ["fl", "run", "--engine", "simulation", "--ray-address", "127.0.0.1:{busy_port}"], 1, "something listens there but gave no gRPC answer within 5 s"),
+    ("run-supernode-poll-zero", ["fl", "run", "--supernode-poll-s", "0"], 1, "supernode_poll_s must be in (0, 60] seconds"),
     ("run-heterogeneity-nan", ["fl", "run", "--heterogeneity", "lognormal:nan"], 1, "heterogeneity must be lognormal:SIGMA with a finite SIGMA"),
     ("run-client-cpus-zero", ["fl", "run", "--engine", "simulation", "--client-cpus", "0"], 1, "client_cpus must be > 0"),
     ("run-unknown-model", ["fl", "run", "--model", "resnet9000"], 1, "unknown model 'resnet9000'"),

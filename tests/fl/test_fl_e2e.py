@@ -18,6 +18,7 @@ import pytest
 from fedge.cli.app import main
 from fedge.errors import RuntimeFailure
 from fedge.plugins.fl import FlConfig, run
+from fedge.plugins.fl.federation import _logged_node_id
 from fedge.supervisor import alive as _alive
 from fedge.supervisor import cmdline as _cmdline
 
@@ -47,12 +48,16 @@ def _pids(run_dir: Path, name: str) -> int:
     return next(int(p["pid"]) for p in recorded if p["name"] == name)
 
 
-def test_insecure_cli_run_rejects_nan_client_and_writes_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # Prepare: 3 clients, client 1 sends NaN updates.
+def test_insecure_cli_run_rejects_nan_client_records_slow_and_dropped_ones_and_writes_run_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: 4 clients; client 1 sends NaN updates, client 0 runs on a device 10x slower, client 2 is never
+    # available, client 3 is plain (heterogeneous profiles from the TOML).
     config = tmp_path / "fl.toml"
     config.write_text(
-        "clients = 3\nrounds = 2\nlocal_epochs = 1\npartition = \"shards:4\"\n"
-        "model_options = { channels = [4], hidden = 16 }\n",
+        "clients = 4\nrounds = 2\nlocal_epochs = 1\npartition = \"shards:4\"\n"
+        "model_options = { channels = [4], hidden = 16 }\n"
+        "[client_profiles.0]\nslowdown = 10\n[client_profiles.2]\ndropout = 1.0\n",
         encoding="utf-8",
     )
     out = tmp_path / "run"
@@ -65,15 +70,25 @@ def test_insecure_cli_run_rejects_nan_client_and_writes_run_dir(tmp_path: Path, 
     result = json.loads(capsys.readouterr().out)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [1, 2]
+    slow, nan, dropped, plain = (_logged_node_id(out / "flower" / "logs" / f"supernode-{i}.log") for i in range(4))
     for m in metrics:
         assert {"round", "loss", "accuracy", "num_clients", "round_s"} <= set(m)
-        assert m["num_clients"] == 2 and m["rejected"] == 1
+        assert m["sampled_nodes"] == sorted([slow, nan, dropped, plain])
+        # The NaN update was rejected, the dropout recorded as such, and the round aggregated the others.
+        assert m["rejected"] == 1 and m["dropped"] == 1 and m["dropped_nodes"] == [dropped]
+        assert plain in m["answered_nodes"] and nan not in m["answered_nodes"]
+        # The slow client answered after the plain one (each measured from the round's send), or not in time.
+        if slow in m["late_nodes"]:
+            assert m["num_clients"] == 1 and str(slow) not in m["reply_s"]
+        else:
+            assert m["num_clients"] == 2 and m["late_nodes"] == []
+            assert m["reply_s"][str(slow)] > m["reply_s"][str(plain)], m["reply_s"]
     rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
     assert all("non-finite" in r["reason"] for r in rejected)
     assert result["accuracy"] == pytest.approx(metrics[-1]["accuracy"], abs=1e-4) and result["rejected"] == 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-0001.pt", "round-0002.pt"]
     stats = json.loads((out / "partitions.json").read_text())["clients"]
-    assert len(stats) == 3 and all(sum(c["label_histogram"]) == c["size"] for c in stats)
+    assert len(stats) == 4 and all(sum(c["label_histogram"]) == c["size"] for c in stats)
 
     from fedge.plugins.models import load_model
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +73,19 @@ class TraceBuilder:
 @pytest.fixture
 def builder() -> type[TraceBuilder]:
     return TraceBuilder
+
+
+@pytest.fixture(scope="session")
+def shared_job(shared_traces: Path) -> Callable[[str], Any]:
+    """``shared_job(name)``: the shared trace set ``name``, loaded once for the whole session (several test
+    modules read the same multi-MB sets; analyses never change a job)."""
+    from fedge.profiler import load_job
+
+    jobs: dict[str, Any] = {}
+
+    def load(name: str) -> Any:
+        if name not in jobs:
+            jobs[name] = load_job(shared_traces / name, max_workers=1)
+        return jobs[name]
+
+    return load

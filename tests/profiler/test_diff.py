@@ -58,11 +58,11 @@ def test_the_obvious_regressions_are_named(tmp_path, builder, capsys):
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/traces")
-def test_two_ranks_of_a_shared_set_name_the_collective_whose_wait_differs_most():
+def test_two_ranks_of_a_shared_set_name_the_collective_whose_wait_differs_most(shared_job):
     # Prepare: the wait per collective on each rank, from the two ranks' collectives matched one by one: the
     # transfer is the shortest duration across ranks (torch-tb-profiler's definition), the rest of each is wait
     files = sorted(SHARED.glob("sampled_rank-*.json.gz"))
-    both = JobView(load_job(SHARED, max_workers=1))
+    both = JobView(shared_job(SHARED.name))
     per_rank = {t.rank: collective_ops(both, t) for t in both.traces}
     wait_gap = {}
     for m in match_collectives(per_rank):

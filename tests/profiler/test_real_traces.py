@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedge.profiler import build_report, comm_comp_overlap, kernel_breakdown, load_job, temporal_breakdown
-from fedge.profiler.trace import Job
+from fedge.profiler import build_report, comm_comp_overlap, kernel_breakdown, temporal_breakdown
 
 SETS = {
     "hta-amd-mi250-minitoy": False,  # tiny: always runs
@@ -22,13 +21,6 @@ SETS = {
     "kineto-legacy-resnet50-1gpu": True,
 }
 PARAMS = [pytest.param(name, marks=pytest.mark.slow if slow else ()) for name, slow in SETS.items()]
-_JOBS: dict[str, Job] = {}
-
-
-def _job(shared_traces: Path, name: str) -> Job:
-    if name not in _JOBS:
-        _JOBS[name] = load_job(shared_traces / name, max_workers=1)
-    return _JOBS[name]
 
 
 def _ref(shared_traces: Path, name: str) -> dict:
@@ -37,10 +29,10 @@ def _ref(shared_traces: Path, name: str) -> dict:
 
 @pytest.mark.parametrize("variant", ["default", "include_last_step"])
 @pytest.mark.parametrize("name", PARAMS)
-def test_hta_mode_matches_hta_temporal_and_overlap(shared_traces, name, variant):
+def test_hta_mode_matches_hta_temporal_and_overlap(shared_traces, shared_job, name, variant):
     # Prepare
     ref = _ref(shared_traces, name)[variant]
-    job = _job(shared_traces, name)
+    job = shared_job(name)
     include_last = variant == "include_last_step"
     # Execute
     temporal = {r["rank"]: r for r in temporal_breakdown(job, mode="hta", include_last_step=include_last).to_rows()}
@@ -61,9 +53,9 @@ def test_hta_mode_matches_hta_temporal_and_overlap(shared_traces, name, variant)
 
 
 @pytest.mark.parametrize("name", PARAMS)
-def test_hta_mode_matches_hta_kernel_types(shared_traces, name):
+def test_hta_mode_matches_hta_kernel_types(shared_traces, shared_job, name):
     ref = _ref(shared_traces, name)["default"]
-    job = _job(shared_traces, name)
+    job = shared_job(name)
     kb = {r.rank: r for r in kernel_breakdown(job, mode="hta", top=5).ranks}
     for row in ref.get("kernel_type_exclusive_us_per_rank") or []:
         got = kb[row["rank"]].exclusive_us.get(row["kernel_type"], 0.0)
@@ -76,8 +68,8 @@ def test_hta_mode_matches_hta_kernel_types(shared_traces, name):
 
 
 @pytest.mark.parametrize("name", PARAMS)
-def test_every_set_gives_a_report(shared_traces, name):
-    report = build_report(_job(shared_traces, name), mode="fedge")
+def test_every_set_gives_a_report(shared_job, name):
+    report = build_report(shared_job(name), mode="fedge")
     assert report["ranks"] and not report["errors"] and report["recommendations"]
     if name == "hta-cpu-gloo-rank34":  # HTA raises here; fedge analyses the gloo collectives on the CPU
         assert not report["gpu_activity"] and report["ranks"][0]["device"] == "cpu"
@@ -93,10 +85,10 @@ def test_every_set_gives_a_report(shared_traces, name):
 
 
 @pytest.mark.slow
-def test_hta_rounding_of_ns_timestamps_overstates_idle(shared_traces):
+def test_hta_rounding_of_ns_timestamps_overstates_idle(shared_traces, shared_job):
     """Where HTA is wrong: on ns-precision traces HTA rounds each kernel's start up and end down to whole
     microseconds, dropping up to 2 us per kernel. On this set that inflates idle time by over 50%."""
-    job = _job(shared_traces, "hta-v100-1gpu-ws1")
+    job = shared_job("hta-v100-1gpu-ws1")
     hta = temporal_breakdown(job, mode="hta").rows[0]
     exact = temporal_breakdown(job, mode="fedge").rows[0]
     assert hta.idle_us == pytest.approx(_ref(shared_traces, "hta-v100-1gpu-ws1")["default"]["temporal_breakdown"][0]["idle_time(us)"])

@@ -45,16 +45,17 @@ def _terminal(report) -> str:
 
 @pytest.mark.parametrize("name", ANALYSES)
 def test_every_registered_analysis_renders_in_all_three_forms(tmp_path, builder, name):
-    # Prepare: the analysis on its own, as the report configures it
-    # (an analysis of two runs, the diff, compares the job with itself)
+    # Prepare: the analysis on its own, as the report configures it (an analysis of two runs, the diff, compares
+    # the job with itself; one that belongs to a mode, tb-profiler's view, runs under that mode)
     job = load_job(_traces(tmp_path, builder), max_workers=1)
     inputs = getattr(analyses().get(name), "inputs", 1)
+    mode = Mode((getattr(analyses().get(name), "modes", None) or (Mode.FEDGE,))[0])
     baseline = job if inputs == 2 else None
-    (chosen,), _ = choose_analyses({"mode": Mode.FEDGE, "include_last_step": False, "top": 10},
+    (chosen,), _ = choose_analyses({"mode": mode, "include_last_step": False, "top": 10},
                                    registry=_only(name, analyses().get(name)), inputs=inputs)
-    result = chosen.plugin.run(JobView(job, baseline=JobView(job) if baseline else None), chosen.config)
+    result = chosen.plugin.run(JobView(job, mode=mode, baseline=JobView(job, mode=mode) if baseline else None), chosen.config)
     # Execute
-    report = run_report(job, baseline=baseline)
+    report = run_report(job, baseline=baseline, mode=mode)
     # Assert: it gave titled sections, shown in the terminal and the HTML; its JSON is where the rule says
     assert isinstance(result, Result)
     sections = dict(report.sections)
