@@ -292,21 +292,8 @@ def supernode_command(
     from fedge.supervisor import sigterm_as_interrupt
 
     host, port = _parse_address(superlink)
-    if not (math.isfinite(connect_timeout) and connect_timeout > 0):
-        raise ConfigError(f"--connect-timeout must be a finite number of seconds > 0; got {connect_timeout}")
-    if root_certificates is None and not _is_loopback(host) and not insecure:
-        raise ConfigError(f"refusing plaintext to {host}; pass --root-certificates ca.crt or --insecure explicitly")
-    if auth_key is not None and root_certificates is None:
-        raise ConfigError("--auth-key needs TLS; pass --root-certificates ca.crt")
-    for path in (p for p in (root_certificates, auth_key, data) if p is not None):
-        if not path.is_file():
-            raise ConfigError(f"file {str(path)!r} not found")
-    if (data is None) == (partition is None):
-        raise ConfigError("give exactly one of --data FILE.npz or --partition I/N")
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if not (math.isfinite(poll_s) and 0 < poll_s <= 60):
-        raise ConfigError(f"--poll-s must be a number of seconds in (0, 60]; got {poll_s}")
+    _check_node_flags(host, connect_timeout=connect_timeout, root_certificates=root_certificates, auth_key=auth_key,
+                      insecure=insecure, data=data, partition=partition, device=device, poll_s=poll_s)  # fmt: skip
     node_config: dict[str, str | int | float] = {}
     if data is not None:
         _check_node_data(data)
@@ -345,6 +332,28 @@ def _open_workdir(workdir: Path) -> None:
         what = f"a {held} run" if held != "unknown" else "a run"
         raise ConfigError(f"--workdir {str(workdir)!r} already holds {what}; the node's files would mix into it: choose another --workdir")
     RunDir.create("supernode", workdir, resume=held == "supernode", flag="--workdir")
+
+
+def _check_node_flags(
+    host: str, *, connect_timeout: float, root_certificates: Path | None, auth_key: Path | None, insecure: bool,
+    data: Path | None, partition: str | None, device: str, poll_s: float,
+) -> None:
+    """``fedge fl supernode``'s flags that can be checked before anything starts."""
+    if not (math.isfinite(connect_timeout) and connect_timeout > 0):
+        raise ConfigError(f"--connect-timeout must be a finite number of seconds > 0; got {connect_timeout}")
+    if root_certificates is None and not _is_loopback(host) and not insecure:
+        raise ConfigError(f"refusing plaintext to {host}; pass --root-certificates ca.crt or --insecure explicitly")
+    if auth_key is not None and root_certificates is None:
+        raise ConfigError("--auth-key needs TLS; pass --root-certificates ca.crt")
+    for path in (p for p in (root_certificates, auth_key, data) if p is not None):
+        if not path.is_file():
+            raise ConfigError(f"file {str(path)!r} not found")
+    if (data is None) == (partition is None):
+        raise ConfigError("give exactly one of --data FILE.npz or --partition I/N")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if not (math.isfinite(poll_s) and 0 < poll_s <= 60):
+        raise ConfigError(f"--poll-s must be a number of seconds in (0, 60]; got {poll_s}")
 
 
 def _parse_address(address: str) -> tuple[str, int]:
