@@ -203,7 +203,7 @@ def flower_deployment(clients: int, rounds: int, tmp: Path) -> dict:
             if time.monotonic() > deadline:
                 sys.exit(f"flwr run never reached the SuperLink; see {tmp / 'flower-dep.log'}")
             time.sleep(0.5)  # the SuperLink is still starting
-        while not (out.is_file() and json.loads(out.read_text())["round"] == rounds):
+        while _round_done(out) != rounds:
             if time.monotonic() > deadline + 1800:
                 sys.exit(f"the hand-launched Flower run did not finish; see {tmp / 'flower-dep.log'}")
             time.sleep(0.25)
@@ -211,11 +211,23 @@ def flower_deployment(clients: int, rounds: int, tmp: Path) -> dict:
         for proc in procs:  # each in its own session: its group holds the SuperExec and the apps it started
             with __import__("contextlib").suppress(ProcessLookupError):
                 os.killpg(proc.pid, 15)
+        wall = time.perf_counter() - started  # the stop below is not Flower's work
         for proc in procs:
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a SuperNode can sit out SIGTERM
+                os.killpg(proc.pid, 9)
+                proc.wait(timeout=30)
         logs.close()
-    wall = time.perf_counter() - started
     return {"wall_s": round(wall, 1), "accuracy": round(json.loads(out.read_text())["accuracy"], 4), "load": load_before}
+
+
+def _round_done(out: Path) -> int:
+    """The last round the hand-launched app recorded; 0 while the file is missing or half written."""
+    try:
+        return int(json.loads(out.read_text())["round"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def round_split(metrics: list[dict]) -> dict:
