@@ -43,6 +43,8 @@ def calibrate(nproc: int, path: Path, *, refit: bool, sizes: str = CALIBRATION_S
     world size (and not ``refit``), else measured with ``fedge bench collectives`` at ``sizes`` and stored there."""
     from fedge.plugins.train.bench import parse_size, run_bench
 
+    if path.is_dir():
+        raise ConfigError(f"--calibration {str(path)!r} is a directory; give a file path (e.g. {path / 'collectives.json'})")
     if path.is_file() and not refit:
         try:
             stored = json.loads(path.read_text(encoding="utf-8"))
@@ -50,6 +52,11 @@ def calibrate(nproc: int, path: Path, *, refit: bool, sizes: str = CALIBRATION_S
             raise ConfigError(
                 f"calibration {str(path)!r} is not a fedge collectives calibration ({err}); pass --refit to measure again"
             ) from err
+        if not (isinstance(stored, dict) and isinstance(stored.get("rows"), list)):
+            raise ConfigError(
+                f"calibration {str(path)!r} is not a fedge collectives calibration (no rows of measurements); "
+                "pass --refit to measure again"
+            )
         if stored.get("world_size") == nproc and stored.get("host") == socket.gethostname():
             return dict(stored)
     typer.echo(f"fedge advise: measuring collectives on {nproc} processes (stored in {path}) ...", err=True)
