@@ -77,16 +77,10 @@ class _GradBucket:
     def is_last(self) -> bool:
         return self._last
 
-    def parameters(self) -> list[Tensor]:
-        return list(self._bucket.params)
-
     def gradients(self) -> list[Tensor]:
         grads = [p.grad for p in self._bucket.params]
         tail = [self._bucket.flat[-self._bucket.extra :]] if self._bucket.extra else []
         return [g for g in grads if g is not None] + tail
-
-    def set_buffer(self, tensor: Tensor) -> None:
-        self._bucket.flat.copy_(tensor)
 
 
 class _PowerSGD:
