@@ -78,7 +78,8 @@ def _answers_grpc(host: str, port: int, *, timeout_s: float) -> bool:
 
 
 def _local_ray_processes() -> list[int]:
-    return [p for p in descendants(os.getpid()) if "ray" in cmdline(p)]
+    # Ray's processes run from its package (.../ray/...) or are named ray::<actor>; not any "ray" substring.
+    return [p for p in descendants(os.getpid()) if "/ray/" in (c := cmdline(p)) or c.startswith("ray::")]
 
 
 class SimulationFederation(_Federated):
