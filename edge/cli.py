@@ -172,9 +172,10 @@ def _print_fit_report(r: dict[str, Any]) -> None:
 
     console = Console()
     b = r["board"]
+    teacher = r.get("teacher_accuracy_int8")  # None when the model as it is could not be exported
     console.print(
         f"{r['source']} on {b['name']} ({_kb(b['model_flash_bytes'])} of flash and {_kb(b['arena_ram_bytes'])} of RAM "
-        f"left by the firmware); int8 teacher accuracy {r['teacher_accuracy_int8']:.4f}"
+        f"left by the firmware); int8 teacher accuracy {'-' if teacher is None else f'{teacher:.4f}'}"
     )
     table = Table("candidate", "params", "flash", "arena", "LiteRT", "TFLM", "drop", "fits", box=None)
     for c in r["candidates"]:
@@ -190,7 +191,7 @@ def _print_fit_report(r: dict[str, Any]) -> None:
             f"{c['arena_bytes'] / 1024:.1f} KB" if c["arena_bytes"] is not None else "-",
             f"{c['accuracy']:.4f}",
             tflm,
-            f"{c['accuracy_drop_points']:+.2f}",
+            "-" if c.get("accuracy_drop_points") is None else f"{c['accuracy_drop_points']:+.2f}",
             fits + (" <- chosen" if c["name"] == r["chosen"] else ""),
         )
     console.print(table)
