@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedge.errors import ConfigError
 from fedge.profiler.analyses.base import AnalysisConfig, Column, JobView, Result, Section
 from fedge.profiler.kinds import KernelKind, Mode
 from fedge.profiler.timeline import Kernels, launch_rows, merge
@@ -286,6 +287,13 @@ def critical_path(view: JobView, config: CriticalPathAnalysis.Config | None = No
         print(cp.rows[0].share_pct, [link.kind for link in cp.rows[0].links])
     """
     config = config or CriticalPathAnalysis.Config(mode=view.mode)
+    if config.step >= 0:
+        numbers = sorted({int(n) for t in view.traces for n in t.steps[:, 2]})
+        if numbers and config.step not in numbers:
+            raise ConfigError(
+                f"critical-path: no ProfilerStep#{config.step} in the traces; their steps are {numbers[0]}..{numbers[-1]} "
+                "(-o critical-path.step=-1 follows the last complete one)"
+            )
     rows = [p for t in view.traces if (p := _rank_path(view, t, config)) is not None]
     return CriticalPath(mode=view.mode.value, rows=tuple(rows))
 
@@ -308,6 +316,8 @@ class CriticalPathAnalysis:
 
         def __post_init__(self) -> None:
             AnalysisConfig.__post_init__(self)
+            if self.step < -1:
+                raise ValueError(f"step must be a ProfilerStep number or -1 (the last complete step), got {self.step}")
             for name in ("thread_gap_us", "wait_gap_us"):
                 if getattr(self, name) < 0:
                     raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -62,6 +62,11 @@ def test_critical_path_is_in_the_report_and_its_settings_are_checked(tmp_path, b
     assert "thread_gap_us must be >= 0" in capsys.readouterr().err
     with pytest.raises(ValueError):
         CriticalPathAnalysis.Config(wait_gap_us=-1)
+    # A step no trace has is said in the report's notes (the other analyses still report), not an empty table.
+    assert main(["profile", "report", str(path), "--json", "-o", "critical-path.step=7"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "critical-path" not in report["analyses"]
+    assert any("no ProfilerStep#7 in the traces; their steps are" in n for n in report["notes"]), report["notes"]
 
 
 def _in_window(shared_job, name: str) -> tuple[dict[str, float], dict]:
