@@ -38,96 +38,109 @@ def _default_calibration(nproc: int) -> Path:
     return Path.home() / ".cache" / "fedge" / f"collectives-{socket.gethostname()}-w{nproc}.json"
 
 
+_FSDP_SHAPES = [[2, 64], [6, 64], [2, 512]]  # (Linear layers, width): units and bytes apart
+
+
+def _stored(path: Path, *, nproc: int, sizes: list[int], reps: int) -> dict[str, Any] | None:
+    """The calibration in ``path`` if it was measured here, at ``nproc`` processes, ``sizes`` and ``reps``."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"calibration {str(path)!r} is not a fedge collectives calibration ({err}); pass --refit to measure again"
+        ) from err
+    if not (isinstance(stored, dict) and isinstance(stored.get("rows"), list)):
+        raise ConfigError(
+            f"calibration {str(path)!r} is not a fedge collectives calibration (no rows of measurements); "
+            "pass --refit to measure again"
+        )
+    wanted = {"world_size": nproc, "host": socket.gethostname(), "sizes": sizes, "reps": reps}
+    # One made before the wake-up and fsdp terms were measured lacks them: measured again, like any mismatch.
+    if all(stored.get(k) == v for k, v in wanted.items()) and isinstance(stored.get("fsdp_rows"), list):
+        return dict(stored)
+    return None
+
+
 def calibrate(nproc: int, path: Path, *, refit: bool, sizes: str = CALIBRATION_SIZES, reps: int = 5) -> dict[str, Any]:
     """The collectives measurement at ``nproc`` processes: read from ``path`` when it was made here at that
-    world size (and not ``refit``), else measured with ``fedge bench collectives`` at ``sizes`` and stored there."""
+    world size with these ``sizes`` and ``reps`` (and not ``refit``), else measured with ``fedge bench
+    collectives`` (plus each collective's wake-up after compute and FSDP's per-unit cost) and stored there."""
     from fedge.plugins.train.bench import parse_size, run_bench
 
     if path.is_dir():
         raise ConfigError(f"--calibration {str(path)!r} is a directory; give a file path (e.g. {path / 'collectives.json'})")
+    size_list = [parse_size(s) for s in sizes.split(",") if s.strip()]
     if path.is_file() and not refit:
-        try:
-            stored = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise ConfigError(
-                f"calibration {str(path)!r} is not a fedge collectives calibration ({err}); pass --refit to measure again"
-            ) from err
-        if not (isinstance(stored, dict) and isinstance(stored.get("rows"), list)):
-            raise ConfigError(
-                f"calibration {str(path)!r} is not a fedge collectives calibration (no rows of measurements); "
-                "pass --refit to measure again"
-            )
-        if stored.get("world_size") == nproc and stored.get("host") == socket.gethostname():
-            return dict(stored)
+        stored = _stored(path, nproc=nproc, sizes=size_list, reps=reps)
+        if stored is not None:
+            return stored
     typer.echo(f"fedge advise: measuring collectives on {nproc} processes (stored in {path}) ...", err=True)
     spec = {
-        "sizes": [parse_size(s) for s in sizes.split(",") if s.strip()], "reps": reps, "max_iters": 20,
-        "ring_chunk_bytes": 4 << 20, "tree_chunk_bytes": 1 << 20,
+        "sizes": size_list, "reps": reps, "max_iters": 20, "ring_chunk_bytes": 4 << 20, "tree_chunk_bytes": 1 << 20,
+        "after_compute": True, "fsdp_shapes": _FSDP_SHAPES,
     }  # fmt: skip
     rows = run_bench("collectives", nproc, spec)
-    record = {"world_size": nproc, "host": socket.gethostname(), "measured_at": time.time(), "rows": rows}
+    record = {
+        "world_size": nproc, "host": socket.gethostname(), "sizes": size_list, "reps": reps, "measured_at": time.time(),
+        "rows": [r for r in rows if r.get("kind") != "fsdp"], "fsdp_rows": [r for r in rows if r.get("kind") == "fsdp"],
+    }  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     return record
 
 
-def measure_compute(model: str, options: dict[str, Any], *, rows: int, iters: int = 15) -> float:
-    """Median seconds of one forward + backward + SGD step of ``model`` on ``rows`` samples, one thread."""
-    import torch
-    import torch.nn.functional as F
+def measure_compute(model: str, options: dict[str, Any], *, nproc: int, batch_size: int, iters: int = 20) -> dict[str, float]:
+    """Seconds of one forward + backward + SGD step on each rank's rows, all ``nproc`` ranks computing at once
+    (a W-process job, no communication; the slowest rank per step): ``"dp"`` on B/W rows, and ``"ps"`` on
+    B/(W-1) rows with W - 1 ranks computing (the parameter server's workers) when the batch splits so."""
+    from fedge.plugins.train.bench import run_bench
 
+    cases = [{"name": "dp", "rows": batch_size // nproc, "ranks": nproc}]
+    if batch_size % (nproc - 1) == 0:
+        cases.append({"name": "ps", "rows": batch_size // (nproc - 1), "ranks": nproc - 1})
+    spec = {"model": model, "model_options": options, "cases": cases, "warmup": 3, "iters": iters, "reps": 1}
+    typer.echo(f"fedge advise: measuring {model}'s compute on {nproc} processes ...", err=True)
+    return {r["case"]: r["compute_s"] for r in run_bench("compute", nproc, spec)}
+
+
+def _build(model: str, options: dict[str, Any]) -> Any:
     from fedge.plugins.models import build_model
 
-    net = build_model(model, options, input_shape=_INPUT_SHAPE, num_classes=_CLASSES)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(rows, *_INPUT_SHAPE, generator=gen), torch.randint(0, _CLASSES, (rows,), generator=gen)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each bench rank runs
     try:
-        times = []
-        for i in range(iters + 3):
-            t0 = time.perf_counter()
-            opt.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            opt.step()
-            if i >= 3:
-                times.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
-    return statistics.median(times)
-
-
-def _model_facts(model: str, options: dict[str, Any]) -> tuple[float, int]:
-    """(gradient bytes, FSDP units) of the model."""
-    from fedge.plugins.models import build_model
-    from fedge.plugins.train.blocks import model_blocks
-
-    try:
-        net = build_model(model, options, input_shape=_INPUT_SHAPE, num_classes=_CLASSES)
+        return build_model(model, options, input_shape=_INPUT_SHAPE, num_classes=_CLASSES)
     except ValueError as err:
         raise ConfigError(f"model {model}: {err}") from err
+
+
+def _model_facts(net: Any) -> tuple[float, int]:
+    """(gradient bytes, FSDP units) of the model."""
+    from fedge.plugins.train.blocks import model_blocks
+
     grad_bytes = float(sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad))
     return grad_bytes, len(model_blocks(net)) + 1
 
 
-def _predictions(model: str, options: dict[str, Any], nproc: int, batch_size: int, record: dict[str, Any]) -> list[Any]:
-    from fedge.plugins.train.cost_model import fit_collectives, predict, rank
-
-    fits = fit_collectives(record["rows"])
-    grad_bytes, units = _model_facts(model, options)
+def _warn_if_busy() -> None:
     cores = len(os.sched_getaffinity(0))
-    share = max(1.0, nproc / cores)  # W single-thread ranks on fewer cores take turns
     load = os.getloadavg()[0]
     if load > cores:
         typer.echo(
             f"fedge advise: warning: this machine is busy (load average {load:.1f} on {cores} cores); other "
             "processes delay every measurement, so predictions and measurements may be far apart", err=True,
         )  # fmt: skip
-    compute = {"dp": measure_compute(model, options, rows=batch_size // nproc) * share}
-    if nproc > 1 and batch_size % (nproc - 1) == 0:
-        compute["ps"] = measure_compute(model, options, rows=batch_size // (nproc - 1)) * share
-    return rank(predict(fits, grad_bytes=grad_bytes, num_units=units, compute_s=compute, world_size=nproc))
+
+
+def _predictions(
+    facts: tuple[float, int], compute: dict[str, float], nproc: int, record: dict[str, Any]
+) -> list[Any]:
+    from fedge.plugins.train.cost_model import fit_collectives, fit_per_unit, predict, rank
+
+    fits = fit_collectives(record["rows"])
+    wake = {str(r["impl"]): float(r.get("wake_us", 0.0)) / 1e6 for r in record["rows"]}
+    fsdp = fit_per_unit((r["units"], r["bytes"], r["extra_s"]) for r in record["fsdp_rows"] if r["extra_s"] > 0)
+    grad_bytes, units = facts
+    return rank(predict(fits, grad_bytes=grad_bytes, num_units=units, compute_s=compute, world_size=nproc,
+                        wake_s=wake, fsdp=fsdp))  # fmt: skip
 
 
 def _check(spec: dict[str, Any], nproc: int, predictions: list[Any]) -> list[dict[str, Any]]:
@@ -140,6 +153,11 @@ def _check(spec: dict[str, Any], nproc: int, predictions: list[Any]) -> list[dic
     spec["strategies"] = {k: {} for k in spec["strategies"] if k in {p.strategy for p in predictions}}
     typer.echo(f"fedge advise: measuring {', '.join(spec['strategies'])} with fedge bench strategies ...", err=True)
     measured = {r["impl"]: r["step_ms"] / 1e3 for r in run_bench("strategies", nproc, spec)}
+    return _check_rows(predictions, measured)
+
+
+def _check_rows(predictions: list[Any], measured: dict[str, float]) -> list[dict[str, Any]]:
+    """Predicted against measured seconds per strategy; the error is relative to the measured step."""
     rows = []
     for p in predictions:
         if p.strategy in measured:
@@ -199,16 +217,21 @@ def advise(
         raise ConfigError(f"--sizes needs two or more sizes for the alpha-beta fit, got {sizes!r}")
     if reps < 1:
         raise ConfigError(f"--reps must be >= 1, got {reps}")
-    grad_bytes, _ = _model_facts(model, options)  # a bad model or option: one line before anything is measured
+    net = _build(model, options)  # a bad model or option: one line before anything is measured
+    facts = _model_facts(net)
     # Checked up front too, so a batch that does not split is one line before the collectives are measured.
-    spec = strategies_spec(nproc, model=model, model_options=options, batch_size=batch_size, reps=reps, iters=5, bucket_mb=25.0)
-    record = calibrate(nproc, calibration or _default_calibration(nproc), refit=refit, sizes=sizes, reps=reps)
-    with RunDir.create("advise", out, overwrite=overwrite) as run:
+    spec = strategies_spec(
+        nproc, model=model, model_options=options, batch_size=batch_size, reps=reps, iters=5, bucket_mb=25.0, built=net
+    )
+    with RunDir.create("advise", out, overwrite=overwrite) as run:  # an --out holding a run: refused before measuring
+        record = calibrate(nproc, calibration or _default_calibration(nproc), refit=refit, sizes=sizes, reps=reps)
+        _warn_if_busy()
         run.write_json("collectives.json", record)
-        ranking = _predictions(model, options, nproc, batch_size, record)
+        compute = measure_compute(model, options, nproc=nproc, batch_size=batch_size)
+        ranking = _predictions(facts, compute, nproc, record)
         result: dict[str, Any] = {
             "model": model, "model_options": options, "world_size": nproc, "batch_size": batch_size,
-            "grad_bytes": grad_bytes, "ranking": [dataclasses.asdict(p) for p in ranking],
+            "grad_bytes": facts[0], "compute_s": compute, "ranking": [dataclasses.asdict(p) for p in ranking],
         }  # fmt: skip
         if check:
             result["check"] = _check(spec, nproc, ranking)

@@ -192,10 +192,18 @@ def _timed_strategies(nproc: int, batch_size: int, bucket_mb: float) -> dict[str
 
 
 def strategies_spec(
-    nproc: int, *, model: str, model_options: dict[str, Any], batch_size: int, reps: int, iters: int, bucket_mb: float
+    nproc: int,
+    *,
+    model: str,
+    model_options: dict[str, Any],
+    batch_size: int,
+    reps: int,
+    iters: int,
+    bucket_mb: float,
+    built: object = None,
 ) -> dict[str, Any]:
     """What the bench worker needs to time every data-parallel strategy on ``model`` (checked here, before any
-    process starts)."""
+    process starts; ``built``: the model already built from these options, so it is not built again)."""
     from fedge.plugins.models import build_model
 
     _check_nproc(nproc)
@@ -206,7 +214,8 @@ def strategies_spec(
     if not bucket_mb > 0:  # else every worker fails, and their train.log goes with the temporary directory
         raise ConfigError(f"--bucket-mb must be > 0 MiB, got {bucket_mb:g}")
     try:
-        build_model(model, model_options, input_shape=(1, 8, 8), num_classes=10)  # the bench's digits-shaped input
+        if built is None:
+            build_model(model, model_options, input_shape=(1, 8, 8), num_classes=10)  # the bench's digits-shaped input
     except ValueError as err:
         raise ConfigError(f"model {model}: {err}") from err
     return {

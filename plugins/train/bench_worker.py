@@ -11,6 +11,13 @@ alike; the figure reported is the median over repetitions of the slowest rank's 
 - strategies: the time of one training step of each strategy on the same model and global batch,
   against ``torch.nn.parallel.DistributedDataParallel`` (``ddp``). A parameter server (sync mode) counts
   its server ranks among the processes, as ``fedge train`` does.
+- compute (``fedge advise``): forward + backward + SGD of a model on each computing rank's rows, every rank
+  at once as in a training step but with no communication; the figure is the median over steps of the
+  slowest rank's time in that step.
+
+With ``"after_compute": true`` the collectives bench also times each collective right after a spell of
+compute on every rank (as a training step reaches it), and reports ``wake_us``: how much longer that call
+takes than a back-to-back one, at the smallest size.
 """
 
 from __future__ import annotations
@@ -134,6 +141,101 @@ def _collectives(spec: dict[str, Any], partial: _Partial) -> list[dict[str, Any]
         times = _interleaved(impls, reps=spec["reps"], iters=iters)
         rows += _collective_rows(times, size, w)
         partial.write(rows, reps_done=spec["reps"])
+    if spec.get("after_compute"):
+        wake = _wake_up(min(spec["sizes"]), spec, w)
+        for row in rows:
+            row["wake_us"] = wake[row["impl"]] * 1e6
+    return rows + [_fsdp_unit_row(layers, width, spec, w) for layers, width in spec.get("fsdp_shapes", [])]
+
+
+def _fsdp_unit_row(num_layers: int, width: int, spec: dict[str, Any], w: int) -> dict[str, Any]:
+    """What ``fully_shard`` adds to a step of ``num_layers`` Linear(width, width) units (each its own FSDP unit,
+    then the root): an FSDP step minus the same model's unsharded step, interleaved in one run. That is every
+    unit's all-gathers and reduce-scatter with their copies in and out, and FSDP's hooks around them."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (w,))
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(nn.Sequential(*[nn.Linear(width, width) for _ in range(num_layers)]))
+    plain, sharded = models
+    for layer in sharded:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    x = torch.randn(32, width)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in models]
+
+    def step(i: int) -> None:
+        opts[i].zero_grad(set_to_none=True)
+        models[i](x).square().mean().backward()
+        opts[i].step()
+
+    times = _interleaved({"plain": lambda: step(0), "fsdp": lambda: step(1)}, reps=spec["reps"], iters=5)
+    size = sum(p.numel() * 4 for p in plain.parameters())
+    return {"kind": "fsdp", "units": num_layers + 1, "bytes": size, "extra_s": times["fsdp"] - times["plain"]}
+
+
+def _spell() -> Callable[[], object]:
+    """About a millisecond of single-thread compute that also sweeps a few MB through the caches, as a layer's
+    forward and backward do between two collectives."""
+    a, b = torch.randn(192, 192), torch.randn(192, 192)
+    sweep = torch.zeros(1 << 20)
+
+    def spell() -> None:
+        for _ in range(4):
+            torch.mm(a, b)
+        sweep.add_(1.0)
+
+    return spell
+
+
+def _wake_up(size: int, spec: dict[str, Any], w: int) -> dict[str, float]:
+    """Seconds each collective on ``size`` bytes takes beyond its back-to-back time when every rank reaches it
+    after a spell of compute: the peer that got there first sleeps in its receive and must be woken, and the
+    caches hold the compute's data, not the buffers. Measured as (spell + call) - spell - call, interleaved."""
+    buf = torch.zeros(size // 4, dtype=torch.float32)
+    calls = _collective_impls(buf, spec, w)
+    spell = _spell()
+    impls: dict[str, Callable[[], object]] = {"spell": spell}
+    for name, call in calls.items():
+        impls[name] = call
+        impls[name + "+spell"] = lambda call=call: (spell(), call())
+    times = _interleaved(impls, reps=spec["reps"], iters=20)
+    return {n: max(0.0, times[n + "+spell"] - times["spell"] - times[n]) for n in calls}
+
+
+def _compute(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    import torch.nn.functional as F
+
+    from fedge.plugins.models import build_model
+
+    w, r = dist.get_world_size(), dist.get_rank()
+    shape, classes = (1, 8, 8), 10
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for case in spec["cases"]:  # {"name", "rows" per computing rank, "ranks" that compute (the first ones)}
+        net = build_model(spec["model"], spec["model_options"], input_shape=shape, num_classes=classes)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        x = torch.randn(case["rows"], *shape, generator=gen)
+        y = torch.randint(0, classes, (case["rows"],), generator=gen)
+        computes = r < case["ranks"]
+        per_step = []
+        dist.barrier()
+        for i in range(spec["warmup"] + spec["iters"]):
+            t0 = time.perf_counter()
+            if computes:
+                opt.zero_grad(set_to_none=False)
+                F.cross_entropy(net(x), y).backward()
+                opt.step()
+            if i >= spec["warmup"]:
+                per_step.append(time.perf_counter() - t0)
+        every = [torch.zeros(len(per_step), dtype=torch.float64) for _ in range(w)]
+        dist.all_gather(every, torch.tensor(per_step, dtype=torch.float64))
+        slowest = torch.stack(every).max(0).values  # a step waits for its slowest rank
+        rows.append({"case": case["name"], "compute_s": float(slowest.median()), "rows": case["rows"]})
     return rows
 
 
@@ -204,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("gloo", timeout=timedelta(seconds=spec.get("timeout_s", 300)))
     try:
         partial = _Partial(run)
-        rows = _collectives(spec, partial) if spec["what"] == "collectives" else _strategies(spec, partial)
+        if spec["what"] == "compute":
+            rows = _compute(spec)
+        else:
+            rows = _collectives(spec, partial) if spec["what"] == "collectives" else _strategies(spec, partial)
         if int(os.environ["RANK"]) == 0:
             run.write_json("results.json", rows)
         dist.barrier()

@@ -6,14 +6,31 @@ latency, ``1 / beta`` the bandwidth. The fit minimises the *relative* squared er
 (latency) weigh as much as the 16 MB ones (bandwidth); a negative intercept is clamped to 0 and the slope
 refit; points more than twice the fit (another process held the core) are dropped and the rest refit.
 
-Step time of a strategy = compute (forward + backward + SGD on its rows of the global batch, measured on one
-process and scaled by how many processes share each core) + its communication from the fit:
+Step time of a strategy = compute + communication, each term measured on this machine:
+
+- compute: forward + backward + SGD of the model on one rank's rows, timed inside a W-process job with every
+  rank computing at once (``fedge bench`` worker, ``compute``), as the median over steps of the slowest rank's
+  time. One process alone is up to twice as fast: in the job the ranks share the cores, the memory bandwidth
+  and whatever else runs on the machine, and a step waits for the slowest of them. The parameter server's
+  compute is the same with W - 1 workers on B/(W-1) rows while the server rank idles.
+- a collective's alpha-beta fit (``bench collectives``, back to back);
+- its wake-up: how much longer one call takes when every rank reaches it after a spell of compute, as a
+  training step does, than back to back (the peer sleeps in its receive and must be woken, the caches hold
+  the compute's data); measured by the calibration at the smallest size, once per call;
+- for ``fsdp``, what ``fully_shard`` adds per unit and per byte: an FSDP step of a stack of Linear layers minus
+  the same stack's unsharded step, at three shapes, fitted as ``units x unit_s + beta x bytes``
+  (:func:`fit_per_unit`); that holds every unit's all-gathers and reduce-scatter, their copies in and out and
+  FSDP's hooks, which on gloo cost far more than the bytes they move.
+
+Per strategy:
 
 - ``allreduce``, ``ring-allreduce``, ``tree-allreduce``: one all-reduce of the gradients by that implementation
-  (``native``, ``ring``, ``tree``);
-- ``parameter-server`` (sync, one server): one push/pull round (``parameter-server``), compute on W - 1 workers;
-- ``fsdp``: per unit two all-gathers (forward, backward) and one reduce-scatter, which gloo runs as an all-reduce:
-  ``3 U alpha + 2 beta G`` on the native fit (an all-gather moves half an all-reduce's bytes).
+  (``native``, ``ring``, ``tree``) and one wake-up; ``allreduce`` sends one call per bucket (1 MiB first, then
+  25 MiB), each paying the fit's alpha;
+- ``parameter-server`` (sync, one server): one push/pull round (``parameter-server``) and one wake-up, compute
+  on W - 1 workers;
+- ``fsdp``: the per-unit fit over the model's units (top-level children with parameters, plus the root) and its
+  gradient bytes, plus the one all-reduce of the loss.
 
 Communication is taken as not overlapped with compute (on a few CPU cores they compete for the same cores).
 """
@@ -26,7 +43,7 @@ from dataclasses import asdict, dataclass
 
 from fedge.errors import ConfigError
 
-__all__ = ["AlphaBeta", "Prediction", "fit_alpha_beta", "fit_collectives", "predict", "rank"]
+__all__ = ["AlphaBeta", "Prediction", "UnitCost", "fit_alpha_beta", "fit_collectives", "fit_per_unit", "predict", "rank"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +112,42 @@ def fit_collectives(rows: Iterable[Mapping[str, float | str]]) -> dict[str, Alph
 
 
 @dataclass(frozen=True, slots=True)
+class UnitCost:
+    """What FSDP adds to a step: ``unit_s`` per unit plus ``beta_s_per_byte`` per byte of parameters."""
+
+    unit_s: float
+    beta_s_per_byte: float
+
+    def time_s(self, num_units: int, num_bytes: float) -> float:
+        return self.unit_s * num_units + self.beta_s_per_byte * num_bytes
+
+
+def fit_per_unit(points: Iterable[tuple[int, float, float]]) -> UnitCost:
+    """Least-squares ``t = unit_s * units + beta * bytes`` over ``(units, bytes, seconds)``, in relative error;
+    a negative coefficient is clamped to 0 and the other refit.
+
+    Raises:
+        ConfigError: fewer than two points, or a time that is not positive.
+    """
+    pts = [(float(u), float(n), float(t)) for u, n, t in points]
+    if len(pts) < 2 or any(not (t > 0 and math.isfinite(t)) for _, _, t in pts):
+        raise ConfigError("the fsdp unit fit needs two or more positive timings; measure the calibration again (--refit)")
+    w = [1.0 / (t * t) for _, _, t in pts]
+    suu = sum(wi * u * u for wi, (u, _, _) in zip(w, pts, strict=True))
+    snn = sum(wi * n * n for wi, (_, n, _) in zip(w, pts, strict=True))
+    sun = sum(wi * u * n for wi, (u, n, _) in zip(w, pts, strict=True))
+    sut = sum(wi * u * t for wi, (u, _, t) in zip(w, pts, strict=True))
+    snt = sum(wi * n * t for wi, (_, n, t) in zip(w, pts, strict=True))
+    det = suu * snn - sun * sun
+    unit, beta = ((sut * snn - snt * sun) / det, (suu * snt - sun * sut) / det) if det > 0 else (-1.0, -1.0)
+    if beta < 0 or det <= 0:
+        unit, beta = sut / suu, 0.0
+    if unit < 0:
+        unit, beta = 0.0, snt / snn
+    return UnitCost(unit, beta)
+
+
+@dataclass(frozen=True, slots=True)
 class Prediction:
     """One strategy's predicted step, in seconds, and why."""
 
@@ -112,6 +165,16 @@ def _bound(fit: AlphaBeta, num_bytes: float) -> str:
 
 
 _ALLREDUCE_IMPL = {"allreduce": "native", "ring-allreduce": "ring", "tree-allreduce": "tree"}
+_FIRST_BUCKET_BYTES, _BUCKET_BYTES = 1 << 20, 25 << 20  # the allreduce strategy's defaults
+
+
+def _buckets(grad_bytes: float) -> list[float]:
+    """The bytes of each bucket the allreduce strategy sends, at its default bucket sizes."""
+    if grad_bytes <= _FIRST_BUCKET_BYTES:
+        return [grad_bytes]
+    rest = grad_bytes - _FIRST_BUCKET_BYTES
+    full, tail = divmod(rest, _BUCKET_BYTES)
+    return [float(_FIRST_BUCKET_BYTES)] + [float(_BUCKET_BYTES)] * int(full) + ([tail] if tail else [])
 
 
 def predict(
@@ -121,6 +184,8 @@ def predict(
     num_units: int,
     compute_s: Mapping[str, float],
     world_size: int,
+    wake_s: Mapping[str, float] | None = None,
+    fsdp: UnitCost | None = None,
 ) -> list[Prediction]:
     """The step time of every built-in data-parallel strategy the fits cover.
 
@@ -129,23 +194,27 @@ def predict(
         grad_bytes: the model's gradient bytes (float32 parameters x 4).
         num_units: FSDP units (top-level children with parameters, plus the root).
         compute_s: measured compute seconds per step keyed ``"dp"`` (B/W rows) and ``"ps"`` (B/(W-1) rows).
+        wake_s: per collective, what one call after compute costs beyond the back-to-back fit (0 if absent).
+        fsdp: :func:`fit_per_unit` of the calibration; without it fsdp is not predicted.
     """
+    wake = dict(wake_s or {})
     mb = grad_bytes / 1e6
     out = []
     for name, impl in _ALLREDUCE_IMPL.items():
         if impl in fits:
-            comm = fits[impl].time_s(grad_bytes)
+            sizes = _buckets(grad_bytes) if name == "allreduce" else [grad_bytes]
+            comm = sum(fits[impl].time_s(n) for n in sizes) + wake.get(impl, 0.0)
             why = f"{mb:.2f} MB of gradients through {impl} all-reduce is {_bound(fits[impl], grad_bytes)}"
             out.append(Prediction(name, compute_s["dp"] + comm, compute_s["dp"], comm, why))
     if "parameter-server" in fits and "ps" in compute_s:
         fit = fits["parameter-server"]
-        comm = fit.time_s(grad_bytes)
+        comm = fit.time_s(grad_bytes) + wake.get("parameter-server", 0.0)
         why = f"{world_size - 1} workers share the batch and one server; push/pull is {_bound(fit, grad_bytes)}"
         out.append(Prediction("parameter-server", compute_s["ps"] + comm, compute_s["ps"], comm, why))
-    if "native" in fits:
-        fit = fits["native"]
-        comm = 3 * num_units * fit.alpha_s + 2 * fit.beta_s_per_byte * grad_bytes
-        why = f"3 collectives x {num_units} units = {3 * num_units * fit.alpha_s * 1e3:.2f} ms of latency alone"
+    if "native" in fits and fsdp is not None:
+        units = fsdp.unit_s * num_units
+        comm = fsdp.time_s(num_units, grad_bytes) + fits["native"].time_s(4.0)
+        why = f"{num_units} units x {fsdp.unit_s * 1e3:.2f} ms of gathers, reduce-scatters and hooks = {units * 1e3:.2f} ms"
         out.append(Prediction("fsdp", compute_s["dp"] + comm, compute_s["dp"], comm, why))
     return out
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from fedge.cli.app import main
-from fedge.plugins.train.cost_model import fit_alpha_beta, fit_collectives, predict, rank
+from fedge.plugins.train.advise import _check_rows, _summary
+from fedge.plugins.train.cost_model import Prediction, UnitCost, fit_alpha_beta, fit_collectives, fit_per_unit, predict, rank
 
 SIZES = [4096 * 4**i for i in range(7)]  # 4 KB .. 16 MB, as the calibration measures
 
@@ -56,9 +57,10 @@ def test_small_gradients_favour_the_low_latency_collective_and_large_ones_the_hi
                                   "parameter-server": (300e-6, 1 / 0.4e9)}))  # fmt: skip
     assert fits["tree"].alpha_s == pytest.approx(100e-6, rel=1e-6)
     compute = {"dp": 1e-3, "ps": 2e-3}
+    fsdp = UnitCost(unit_s=2e-3, beta_s_per_byte=1 / 1e9)
     # Execute
-    small = rank(predict(fits, grad_bytes=40e3, num_units=4, compute_s=compute, world_size=2))
-    large = rank(predict(fits, grad_bytes=40e6, num_units=4, compute_s=compute, world_size=2))
+    small = rank(predict(fits, grad_bytes=40e3, num_units=4, compute_s=compute, world_size=2, fsdp=fsdp))
+    large = rank(predict(fits, grad_bytes=40e6, num_units=4, compute_s=compute, world_size=2, fsdp=fsdp))
     # Assert
     assert small[0].strategy == "tree-allreduce"
     assert "latency bound" in small[0].reason
@@ -66,15 +68,59 @@ def test_small_gradients_favour_the_low_latency_collective_and_large_ones_the_hi
     assert "bandwidth bound" in large[0].reason
     assert {p.strategy for p in small} == {"allreduce", "ring-allreduce", "tree-allreduce", "parameter-server", "fsdp"}
     assert small[-1].step_s >= small[0].step_s
+    fsdp_small = next(p for p in small if p.strategy == "fsdp")
+    assert fsdp_small.comm_s == pytest.approx(4 * 2e-3 + 40e3 / 1e9 + 400e-6 + 4 / 2e9, rel=1e-3)  # units, bytes, loss
 
 
-def _calibration(path: Path, nproc: int) -> Path:
+def test_a_wake_up_is_paid_once_per_call_and_allreduce_pays_alpha_per_bucket() -> None:
+    fits = fit_collectives(_rows({"native": (100e-6, 1 / 1e9), "tree": (50e-6, 1 / 1e9)}))
+    compute = {"dp": 1e-3}
+
+    woken = {p.strategy: p for p in predict(fits, grad_bytes=1e3, num_units=2, compute_s=compute, world_size=2,
+                                             wake_s={"native": 300e-6, "tree": 0.0})}  # fmt: skip
+    large = {p.strategy: p for p in predict(fits, grad_bytes=(1 << 20) + (25 << 20) + 1e6, num_units=2,
+                                            compute_s=compute, world_size=2)}  # fmt: skip
+
+    assert woken["allreduce"].comm_s == pytest.approx(100e-6 + 1e3 / 1e9 + 300e-6, rel=1e-3)
+    assert woken["tree-allreduce"].comm_s == pytest.approx(50e-6 + 1e3 / 1e9, rel=1e-3)
+    # three buckets (1 MiB, 25 MiB, 1 MB): three alphas; tree sends it in one call
+    assert large["allreduce"].comm_s == pytest.approx(3 * 100e-6 + ((1 << 20) + (25 << 20) + 1e6) / 1e9, rel=1e-3)
+    assert large["tree-allreduce"].comm_s == pytest.approx(50e-6 + ((1 << 20) + (25 << 20) + 1e6) / 1e9, rel=1e-3)
+    assert "fsdp" not in large  # no per-unit measurement, no fsdp prediction
+
+
+def test_the_unit_fit_separates_per_unit_from_per_byte_costs() -> None:
+    points = [(3, 33e3, 3 * 4e-3 + 33e3 * 2e-9), (7, 100e3, 7 * 4e-3 + 100e3 * 2e-9), (3, 2.1e6, 3 * 4e-3 + 2.1e6 * 2e-9)]
+
+    fit = fit_per_unit(points)
+
+    assert fit.unit_s == pytest.approx(4e-3, rel=1e-6) and fit.beta_s_per_byte == pytest.approx(2e-9, rel=1e-6)
+    assert fit_per_unit([(3, 1e3, 3e-3), (6, 1e3, 6e-3)]).unit_s == pytest.approx(1e-3, rel=0.01)
+
+
+def test_check_rows_and_summary_on_a_known_case() -> None:
+    predictions = [Prediction("allreduce", 0.012, 0.01, 0.002, ""), Prediction("fsdp", 0.005, 0.004, 0.001, ""),
+                   Prediction("tree-allreduce", 0.009, 0.008, 0.001, "")]  # fmt: skip
+    measured = {"allreduce": 0.010, "fsdp": 0.010, "tree-allreduce": 0.012}
+
+    rows = _check_rows(predictions, measured)
+    summary = _summary(rows)
+
+    assert [(r["strategy"], round(r["error_pct"], 6)) for r in rows] == [("allreduce", 20.0), ("fsdp", -50.0), ("tree-allreduce", -25.0)]
+    assert summary == {"fastest_predicted": "fsdp", "fastest_measured": "allreduce", "fastest_right": False,
+                       "median_abs_error_pct": pytest.approx(25.0)}  # fmt: skip
+
+
+def _calibration(path: Path, nproc: int, *, sizes: list[int] = SIZES, reps: int = 5) -> Path:
     rows = _rows({"native": (200e-6, 1 / 1e9), "ring": (600e-6, 1 / 1e9), "tree": (150e-6, 1 / 0.5e9),
                   "parameter-server": (300e-6, 1 / 0.5e9)})  # fmt: skip
-    path.write_text(json.dumps({"world_size": nproc, "host": socket.gethostname(), "rows": rows}))
+    fsdp_rows = [{"kind": "fsdp", "units": u, "bytes": n, "extra_s": u * 5e-3 + n / 1e9} for u, n in [(3, 4e4), (7, 1e5), (3, 2e6)]]
+    record = {"world_size": nproc, "host": socket.gethostname(), "sizes": sizes, "reps": reps, "rows": rows, "fsdp_rows": fsdp_rows}
+    path.write_text(json.dumps(record))
     return path
 
 
+@pytest.mark.multiproc
 def test_advise_reuses_a_stored_calibration_ranks_and_prints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cal = _calibration(tmp_path / "cal.json", 2)
 
@@ -94,20 +140,38 @@ def test_advise_reuses_a_stored_calibration_ranks_and_prints(tmp_path: Path, cap
 
 @pytest.mark.multiproc
 def test_advise_check_measures_both_sides_on_this_machine(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cal = tmp_path / "cal.json"
+    # A calibration stored at other --sizes and --reps is measured again, not reused.
+    cal = _calibration(tmp_path / "cal.json", 2, sizes=[4096, 65536], reps=5)
 
     code = main(["advise", "mlp", "--nproc", "2", "-m", "hidden=16", "--calibration", str(cal), "--check", "--json",
                  "--sizes", "4KB,64KB", "--reps", "1", "--out", str(tmp_path / "a")])  # fmt: skip
 
     out = capsys.readouterr()
     assert code == 0, out.err
+    assert "measuring collectives" in out.err
     result = json.loads(out.out)
-    assert json.loads(cal.read_text())["world_size"] == 2  # stored for the next advise
+    stored = json.loads(cal.read_text())  # stored for the next advise
+    assert (stored["world_size"], stored["sizes"], stored["reps"]) == (2, [4096, 65536], 1)
+    assert {r["units"] for r in stored["fsdp_rows"]} == {3, 7} and all("wake_us" in r for r in stored["rows"])
+    assert set(result["compute_s"]) == {"dp", "ps"} and all(t > 0 for t in result["compute_s"].values())
     checked = {r["strategy"]: r for r in result["check"]}
     assert set(checked) == {p["strategy"] for p in result["ranking"]}
-    for r in checked.values():
-        assert r["measured_ms"] > 0 and r["error_pct"] == pytest.approx(100 * (r["predicted_ms"] / r["measured_ms"] - 1))
+    assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in checked.values())
     assert result["check_summary"]["fastest_measured"] in checked
+
+
+def test_an_out_holding_a_run_is_refused_before_anything_is_measured(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedge.rundir import RunDir
+
+    RunDir.create("advise", tmp_path / "a")
+    cal = tmp_path / "cal.json"  # none stored: advise would have to measure the collectives
+
+    code = main(["advise", "mlp", "--nproc", "2", "--calibration", str(cal), "--out", str(tmp_path / "a")])
+
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "already holds" in err and "advise run" in err and len(err.strip().splitlines()) == 1, err
+    assert not cal.exists() and "measuring" not in err
 
 
 @pytest.mark.parametrize(
