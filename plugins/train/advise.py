@@ -147,10 +147,8 @@ def _check(spec: dict[str, Any], nproc: int, predictions: list[Any]) -> list[dic
     """Measured step of every predicted strategy (``fedge bench strategies``), and the prediction's error."""
     from fedge.plugins.train.bench import run_bench
 
-    spec = dict(spec)
-    # Default settings, as predicted (and as fedge train runs them), not bench's parity settings: those pick
-    # 256-byte chunks for ring and tree to exercise chunking, hundreds of messages per step.
-    spec["strategies"] = {k: {} for k in spec["strategies"] if k in {p.strategy for p in predictions}}
+    spec = dict(spec)  # every strategy at its default settings, as predicted (and as fedge train runs it)
+    spec["strategies"] = {k: v for k, v in spec["strategies"].items() if k in {p.strategy for p in predictions}}
     typer.echo(f"fedge advise: measuring {', '.join(spec['strategies'])} with fedge bench strategies ...", err=True)
     measured = {r["impl"]: r["step_ms"] / 1e3 for r in run_bench("strategies", nproc, spec)}
     return _check_rows(predictions, measured)

@@ -164,11 +164,12 @@ def _show_collectives(rows: list[dict[str, Any]]) -> None:
     )  # fmt: skip
 
 
-def _timed_strategies(nproc: int, batch_size: int, bucket_mb: float) -> dict[str, dict[str, Any]]:
-    """``{name: options}`` of every registered strategy to time: its first synchronous parity setting on the
-    bench's MLP. One that cannot take this batch on ``nproc`` processes is left out with a note, so every row
-    times the same global batch; strategies that split the model (their parity setting names another model)
-    are timed by their own benchmarks."""
+def _timed_strategies(nproc: int, batch_size: int, bucket_mb: float, *, parity: bool = False) -> dict[str, dict[str, Any]]:
+    """``{name: options}`` of every registered data-parallel strategy to time: its default settings, as ``fedge
+    train`` runs it (``parity``: its first synchronous parity setting instead, e.g. ring's 256-byte chunks that
+    exercise chunking). One that cannot take this batch on ``nproc`` processes is left out with a note, so every
+    row times the same global batch; strategies that split the model (their parity settings name another
+    model) are timed by their own benchmarks."""
     import dataclasses
 
     from fedge.plugins.train.base import resolve_strategy, strategy_config, strategy_registry
@@ -179,7 +180,7 @@ def _timed_strategies(nproc: int, batch_size: int, bucket_mb: float) -> dict[str
         case = next((c for c in cls.parity_cases.values() if c.model == "mlp"), None)
         if case is None:
             continue
-        options = dict(case.options)
+        options = dict(case.options) if parity else {}
         if "bucket_mb" in {f.name for f in dataclasses.fields(cls.Config)}:
             options["bucket_mb"] = bucket_mb  # the bucket size DDP gets too
         try:
@@ -201,6 +202,7 @@ def strategies_spec(
     iters: int,
     bucket_mb: float,
     built: object = None,
+    parity: bool = False,
 ) -> dict[str, Any]:
     """What the bench worker needs to time every data-parallel strategy on ``model`` (checked here, before any
     process starts; ``built``: the model already built from these options, so it is not built again)."""
@@ -221,7 +223,7 @@ def strategies_spec(
     return {
         "model": model, "model_options": model_options, "batch_size": batch_size, "bucket_mb": bucket_mb,
         "reps": _at_least_one("--reps", reps), "iters": _at_least_one("--iters", iters),
-        "strategies": _timed_strategies(nproc, batch_size, bucket_mb),
+        "strategies": _timed_strategies(nproc, batch_size, bucket_mb, parity=parity),
     }  # fmt: skip
 
 
@@ -235,11 +237,12 @@ def strategies(
     reps: Annotated[int, typer.Option("--reps", help="Interleaved repetitions; the median is reported.")] = 7,
     iters: Annotated[int, typer.Option("--iters", help="Steps timed per repetition.")] = 10,
     bucket_mb: Annotated[float, typer.Option("--bucket-mb", help="Bucket size of DDP and of allreduce.")] = 25.0,
+    parity_settings: Annotated[bool, typer.Option("--parity-settings", help="Time each strategy at its parity-test setting (e.g. ring's 256-byte chunks) instead of its defaults.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Keep bench.json and results.json in this directory.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the bench run already in --out, whole.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of {impl, step_ms, samples_per_s, throughput_vs_ddp}.")] = False,
 ) -> int:
-    """Step time of each installed data-parallel strategy (its synchronous setting) against DDP.
+    """Step time of each installed data-parallel strategy (its default, synchronous settings) against DDP.
 
     Every row does the same work per step on the same --nproc processes: one
     SGD step on the same global batch, the update of single-process training.
@@ -261,8 +264,9 @@ def strategies(
         raise ConfigError(f"--hidden takes comma-separated integers, got {hidden!r}") from None
     options = ({"hidden": widths} if model == "mlp" else {}) | parse_options(model_option or [], flag="--model-option")
     spec = strategies_spec(
-        nproc, model=model, model_options=options, batch_size=batch_size, reps=reps, iters=iters, bucket_mb=bucket_mb
-    )
+        nproc, model=model, model_options=options, batch_size=batch_size, reps=reps, iters=iters, bucket_mb=bucket_mb,
+        parity=parity_settings,
+    )  # fmt: skip
     show = _show_json if as_json else _show_strategies
     show(run_bench("strategies", nproc, spec, out, show=show, overwrite=overwrite))
     return 0

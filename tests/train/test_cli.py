@@ -193,7 +193,7 @@ def test_bench_strategies_times_the_sync_parameter_server_against_ddp(capsys: py
 @pytest.mark.parametrize(
     ("nproc", "batch", "timed", "note"),
     [
-        (3, 48, {"mode": "sync"}, ""),
+        (3, 48, {}, ""),  # its defaults: mode sync, one server
         (4, 64, None, ("parameter-server left out: batch size 64 does not split evenly over 3 workers "
                        "(4 processes - 1 server); use a multiple of 3")),
     ],
@@ -217,6 +217,20 @@ def test_bench_strategies_leaves_out_a_parameter_server_the_batch_does_not_fit(
         assert err.splitlines() == [f"fedge bench: {note}"]
     else:
         assert err == ""
+
+
+def test_bench_strategies_times_defaults_unless_asked_for_the_parity_settings() -> None:
+    from fedge.plugins.train.bench import strategies_spec
+
+    def spec(parity: bool) -> dict:
+        return strategies_spec(2, model="mlp", model_options={}, batch_size=64, reps=1, iters=1, bucket_mb=25.0,
+                               parity=parity)["strategies"]  # fmt: skip
+
+    defaults, parity = spec(False), spec(True)
+
+    assert defaults["ring-allreduce"] == {} and defaults["tree-allreduce"] == {}  # 4 MiB and 1 MiB chunks
+    assert parity["ring-allreduce"] == {"chunk_bytes": 256} and parity["tree-allreduce"] == {"chunk_bytes": 512}
+    assert defaults["allreduce"] == parity["allreduce"] == {"bucket_mb": 25.0}
 
 
 @pytest.mark.parametrize(
