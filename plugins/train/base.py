@@ -191,7 +191,10 @@ def strategy_config(cls: type[Strategy], options: Mapping[str, Any], name: str) 
     """Build ``cls.Config`` from the ``[strategy_options]`` table (the one place strategy options are typed)."""
     from fedge.config import from_mapping
 
-    config = from_mapping(cls.Config, dict(options), where=f"strategy_options ({name})")
+    options = dict(options)
+    if isinstance(options.get("recompute"), bool):  # configs from when pipeline's recompute was a boolean
+        options["recompute"] = "all" if options["recompute"] else ""
+    config = from_mapping(cls.Config, options, where=f"strategy_options ({name})")
     for option, supported in (("freeze", cls.freezes), ("recompute", cls.recomputes)):
         if getattr(config, option, "") and not supported:
             able = [n for n in strategy_registry().names() if getattr(_safe_get(n), option + "s", False)]

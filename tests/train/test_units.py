@@ -50,6 +50,14 @@ def test_strategy_config_rejects_bad_values(options: dict, message: str) -> None
         RingAllReduce.Config(**options)
 
 
+@pytest.mark.parametrize(("value", "chosen"), [(True, "all"), (False, "")])
+def test_a_boolean_recompute_from_an_older_config_is_taken_as_all_or_none(value: bool, chosen: str) -> None:
+    from fedge.plugins.train.base import strategy_config
+
+    for name in ("pipeline", "allreduce"):
+        assert strategy_config(resolve_strategy(name), {"recompute": value}, name).recompute == chosen
+
+
 def test_parameter_server_world_size_rules() -> None:
     cfg = ParameterServer.Config(num_servers=2)
     with pytest.raises(ConfigError, match="needs at least 3 processes"):
