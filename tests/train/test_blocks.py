@@ -62,15 +62,34 @@ def test_a_frozen_block_gets_no_gradient_and_keeps_no_graph() -> None:
     assert control.frozen_parameters() == [model[1].weight, model[1].bias]
 
 
-def test_recompute_gives_the_same_gradients_as_without() -> None:
+def _count_forwards(model: torch.nn.Module) -> dict[str, int]:
+    """How often each block's own forward runs (wrapped before BlockControl wraps it, as recompute calls it)."""
+    calls: dict[str, int] = {}
+    for name, block in model.named_children():
+        if any(True for _ in block.parameters()):
+            calls[name] = 0
+
+            def counted(*args, _name=name, _forward=block.forward, **kwargs):
+                calls[_name] += 1
+                return _forward(*args, **kwargs)
+
+            block.forward = counted
+    return calls
+
+
+def test_recompute_gives_the_same_gradients_as_without_and_runs_the_chosen_forwards_twice() -> None:
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     grads = []
-    for spec in ("", "all", "1"):
+    for spec, twice in (("", set()), ("all", {"1", "3", "5"}), ("1", {"3"})):
         model = _mlp()
+        calls = _count_forwards(model)
         control = BlockControl(model, freeze="", recompute=spec)
-        F.cross_entropy(model(x), y).backward()
+        loss = F.cross_entropy(model(x), y)
+        assert set(calls.values()) == {1}  # the forward pass runs each block once
+        loss.backward()
         grads.append([p.grad.clone() for p in model.parameters()])
         assert control.recompute == ({0, 1, 2} if spec == "all" else {1} if spec else set())
+        assert calls == {name: 2 if name in twice else 1 for name in ("1", "3", "5")}  # backward redid these
     for other in grads[1:]:
         for a, b in zip(grads[0], other, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
