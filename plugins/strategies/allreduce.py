@@ -102,6 +102,15 @@ class _PowerSGD:
         self.state.p_memory_dict.clear()
         self.state.q_memory_dict.clear()
 
+    def state_dict(self) -> dict[str, object]:
+        """The PowerSGDState as torch's ``__getstate__`` pickles it (every slot but the process group): the
+        error feedback and warm-start memories per bucket, the step count and the random generator."""
+        return {slot: getattr(self.state, slot) for slot in self.state.__slots__ if slot != "process_group"}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        for slot, value in state.items():  # as torch's __setstate__, keeping the process group set up here
+            setattr(self.state, slot, value)
+
     def __call__(self, flat: Tensor) -> torch.futures.Future[Tensor]:
         from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import powerSGD_hook
 
@@ -241,6 +250,14 @@ class AllReduce(DataParallel):
         if self.powersgd is None or self.powersgd.state.total_numel_after_compression == stats_before:
             return full if self.ctx.world_size > 1 else 0
         return self.powersgd.state.total_numel_after_compression - stats_before - 1
+
+    def local_state(self) -> dict[str, object]:
+        # Each rank's error feedback is its own residual: it resumes only at the same world size.
+        return {"powersgd": self.powersgd.state_dict()} if self.powersgd is not None else {}
+
+    def load_local_state(self, state: dict[str, object]) -> None:
+        if self.powersgd is not None and "powersgd" in state:
+            self.powersgd.load_state_dict(state["powersgd"])  # type: ignore[arg-type]
 
     def close(self) -> None:
         for handle in self._handles:

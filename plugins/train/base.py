@@ -331,6 +331,14 @@ class Strategy(abc.ABC):
         """Take this rank's part of what :meth:`global_state` returned (possibly at another world size)."""
         raise NotImplementedError(f"{type(self).__name__} has no world-size independent state")
 
+    def local_state(self) -> dict[str, Any]:
+        """State of this rank alone that :meth:`global_state` does not hold (e.g. PowerSGD's error feedback),
+        checkpointed per rank and restored only at the same world size. None by default."""
+        return {}
+
+    def load_local_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`local_state` returned (after :meth:`load_global_state`)."""
+
     def close(self) -> None:
         """Release hooks, buffers and in-flight communication. Called once, after the last step."""
 

@@ -15,11 +15,14 @@ A ``resizable`` strategy (data parallel, parameter server) is checkpointed with 
 one process would hold them - goes to ``checkpoints/step-N/`` (DCP's ``.metadata`` + ``*.distcp``, each
 tensor written once), beside ``rng-R.pt`` per rank; ``latest.json`` says ``"format": "dcp"``. Any world
 size loads it, and each rank takes its part (a parameter server's shard of the parameters and momentum).
+State that belongs to one rank and no other (:meth:`~fedge.plugins.train.base.Strategy.local_state`, e.g.
+PowerSGD's error feedback) goes to ``local-R.pt`` and comes back only at the same world size.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -30,6 +33,8 @@ import torch
 
 from fedge.errors import ConfigError, DataError
 from fedge.rundir import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Checkpointer", "latest", "load_rank", "rng_state", "save_rank", "set_rng_state", "write_latest"]
 
@@ -125,7 +130,7 @@ class Checkpointer:
                 f"{self.strategy_name!r}; resume with the same strategy or use a new --out directory"
             )
         if meta.get("format") == "dcp":
-            return self._restore_dcp(strategy, int(meta["step"]))
+            return self._restore_dcp(strategy, int(meta["step"]), same_world=meta.get("world_size") == self.world_size)
         if not self.replicated and meta.get("world_size") != self.world_size:
             raise ConfigError(
                 f"the checkpoint in {where!r} holds {meta.get('world_size')} ranks' shards but this job has "
@@ -139,7 +144,7 @@ class Checkpointer:
         set_rng_state((own or payload)["rng"])
         return step
 
-    def _restore_dcp(self, strategy: Any, step: int) -> int:
+    def _restore_dcp(self, strategy: Any, step: int, *, same_world: bool) -> int:
         import torch.distributed.checkpoint as dcp
 
         state = {"strategy": strategy.global_state()}  # the template DCP loads into, at this world size
@@ -147,6 +152,12 @@ class Checkpointer:
         strategy.load_global_state(state["strategy"], step=step)
         own, first = _step_dir(self.run_dir, step) / f"rng-{self.rank}.pt", _step_dir(self.run_dir, step) / "rng-0.pt"
         set_rng_state(torch.load(own if own.is_file() else first, map_location="cpu", weights_only=False))
+        local = _step_dir(self.run_dir, step) / f"local-{self.rank}.pt"
+        if local.is_file():
+            if same_world:
+                strategy.load_local_state(torch.load(local, map_location="cpu", weights_only=False))
+            else:
+                log.warning("this rank's own state (%s) was saved at another world size; it starts afresh", local.name)
         return step
 
     def save(self, strategy: Any, step: int) -> None:
@@ -173,6 +184,10 @@ class Checkpointer:
         dcp.save({"strategy": strategy.global_state()}, checkpoint_id=str(directory))
         with atomic_path(directory / f"rng-{self.rank}.pt") as tmp:
             torch.save(rng_state(), tmp)
+        local = strategy.local_state()
+        if local:
+            with atomic_path(directory / f"local-{self.rank}.pt") as tmp:
+                torch.save(local, tmp)
         dist.barrier()  # latest.json may only name a checkpoint every rank has finished writing
         if self.rank == 0:
             meta = {"step": step, "world_size": self.world_size, "strategy": self.strategy_name, "format": "dcp"}

@@ -27,6 +27,9 @@ def _assert_same(state: dict, ref: dict) -> None:
 
 # parameter-server: one server, 2 -> 3 -> 2 workers; fsdp: DTensor shards resharded by DCP
 RESIZES = {"allreduce": (2, 4, 2), "parameter-server": (3, 4, 3), "fsdp": (2, 4, 2)}
+# PowerSGD from step 2: checkpointed after step 3 at world 2 and resumed at world 2 (in the last leg), against
+# the same 9 steps uninterrupted (in the first leg); both ride the starts of the legs above.
+POWERSGD = {"comm_hook": "powersgd", "powersgd_start_step": 2, "powersgd_rank": 1}
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +45,19 @@ def resized(tmp_path_factory: pytest.TempPathFactory, write_run, run_workers) ->
         for world, names in by_world.items():
             for strategy in names:
                 write_run(tmp / strategy, strategy=strategy, steps=LEG_STEPS * (leg + 1), checkpoint_every=LEG_STEPS)
-            run_workers(world, [tmp / s for s in names])
+            extra = []
+            if world == 2 and leg != 1:
+                name = "powersgd-resumed"
+                write_run(tmp / name, strategy="allreduce", strategy_options=POWERSGD, steps=LEG_STEPS * (leg + 1),
+                          checkpoint_every=LEG_STEPS)  # fmt: skip
+                extra.append(name)
+            if world == 2 and leg == 0:
+                write_run(tmp / "powersgd-whole", strategy="allreduce", strategy_options=POWERSGD, steps=3 * LEG_STEPS)
+                extra.append("powersgd-whole")
+            run_workers(world, [tmp / s for s in names + extra])
             for strategy in names:
                 metas[strategy].append(json.loads((tmp / strategy / "checkpoints" / "latest.json").read_text()))
-    return {s: (tmp / s, metas[s]) for s in RESIZES}
+    return {s: (tmp / s, metas.get(s, [])) for s in [*RESIZES, "powersgd-resumed", "powersgd-whole"]}
 
 
 @pytest.mark.parametrize("strategy", sorted(RESIZES))
@@ -61,6 +73,20 @@ def test_resized_resume_matches_an_uninterrupted_run(resized, reference_state, s
     _assert_same(torch.load(run_dir / "model.pt", weights_only=True), ref_state)
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert losses == pytest.approx(ref_losses, rel=1e-5)
+
+
+def test_a_resumed_powersgd_run_equals_an_uninterrupted_one(resized) -> None:
+    resumed, whole = resized["powersgd-resumed"][0], resized["powersgd-whole"][0]
+
+    assert json.loads((resumed / "summary.json").read_text())["resumed_from_step"] == LEG_STEPS
+    assert sorted(p.name for p in (resumed / "checkpoints" / f"step-{3 * LEG_STEPS:08d}").glob("local-*.pt")) == [
+        "local-0.pt", "local-1.pt"]  # fmt: skip
+    # Error feedback, warm start, step count and generator restored: the same parameters, the same bytes sent.
+    state, ref = (torch.load(d / "model.pt", weights_only=True) for d in (resumed, whole))
+    _assert_same(state, ref)
+    lines = {d: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (resumed, whole)}
+    assert [m["grad_bytes"] for m in lines[resumed]] == [m["grad_bytes"] for m in lines[whole]]
+    assert [m["loss"] for m in lines[resumed]] == pytest.approx([m["loss"] for m in lines[whole]], rel=1e-6)
 
 
 def test_fedge_train_resumes_a_parameter_server_at_another_world_size(tmp_path: Path, write_run, reference_state) -> None:
