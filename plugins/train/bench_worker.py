@@ -192,19 +192,46 @@ def _spell() -> Callable[[], object]:
     return spell
 
 
+def _call_times(call: Callable[[], object], before: Callable[[], object] | None, iters: int) -> list[float]:
+    """Per iteration, the seconds of ``call`` on the rank that started it last (``before`` runs first on every
+    rank, untimed). That rank waits for no one's compute: its call is the collective alone, as the slowest
+    rank of a training step meets it."""
+    w = dist.get_world_size()
+    dist.barrier()
+    starts, ends = [], []
+    for _ in range(iters):
+        if before is not None:
+            before()
+        starts.append(time.perf_counter())
+        call()
+        ends.append(time.perf_counter())
+    mine = torch.tensor([starts, ends], dtype=torch.float64)
+    every = [torch.zeros_like(mine) for _ in range(w)]
+    dist.all_gather(every, mine)
+    # perf_counter is one clock for every process of this machine: the last start is the last arrival.
+    stacked = torch.stack(every)  # (rank, start/end, iteration)
+    last = stacked[:, 0, :].argmax(0)
+    return [float(stacked[r, 1, i] - stacked[r, 0, i]) for i, r in enumerate(last.tolist())]
+
+
 def _wake_up(size: int, spec: dict[str, Any], w: int) -> dict[str, float]:
     """Seconds each collective on ``size`` bytes takes beyond its back-to-back time when every rank reaches it
-    after a spell of compute: the peer that got there first sleeps in its receive and must be woken, and the
-    caches hold the compute's data, not the buffers. Measured as (spell + call) - spell - call, interleaved."""
+    after a spell of compute: the peers that got there first sleep in their receive and must be woken, and the
+    caches hold the compute's data, not the buffers. Timed on the last rank to arrive (the wait for the slowest
+    rank's compute belongs to the compute term), median over iterations, both ways interleaved."""
     buf = torch.zeros(size // 4, dtype=torch.float32)
     calls = _collective_impls(buf, spec, w)
     spell = _spell()
-    impls: dict[str, Callable[[], object]] = {"spell": spell}
-    for name, call in calls.items():
-        impls[name] = call
-        impls[name + "+spell"] = lambda call=call: (spell(), call())
-    times = _interleaved(impls, reps=spec["reps"], iters=20)
-    return {n: max(0.0, times[n + "+spell"] - times["spell"] - times[n]) for n in calls}
+    for call in calls.values():
+        call()
+    times: dict[str, list[float]] = {f"{n}{how}": [] for n in calls for how in ("", "+spell")}
+    names = list(calls)
+    for rep in range(spec["reps"]):
+        for i in range(len(names)):
+            name = names[(rep + i) % len(names)]
+            times[name] += _call_times(calls[name], None, 20)
+            times[name + "+spell"] += _call_times(calls[name], spell, 20)
+    return {n: max(0.0, statistics.median(times[n + "+spell"]) - statistics.median(times[n])) for n in calls}
 
 
 def _compute(spec: dict[str, Any]) -> list[dict[str, Any]]:
