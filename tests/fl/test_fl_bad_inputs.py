@@ -216,6 +216,20 @@ def test_supernode_that_cannot_reach_its_superlink_says_so_and_gives_up(tmp_path
     assert f"could not join the SuperLink at 127.0.0.1:{port} within 6 s (--connect-timeout)" in err
     assert "Traceback" not in err
 
+    # The same workdir with another split of the same share would replace the node's data file: refused.
+    data = tmp_path / "node" / "digits-0-of-2.npz"
+    kept = data.read_bytes()
+    code = main(["fl", "supernode", "--superlink", f"127.0.0.1:{port}", "--partition", "0/2", "--split", "iid",
+                 "--workdir", str(tmp_path / "node")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 1, err
+    assert err == (
+        f"fedge: error: --workdir {str(tmp_path / 'node')!r} holds the node of another data share (split is "
+        "'dirichlet:0.5' there but 'iid' here); its data file would be replaced: give the same "
+        "--dataset/--partition/--split/--seed, or another --workdir"
+    )
+    assert data.read_bytes() == kept
+
 
 @pytest.mark.multiproc
 def test_superlink_that_cannot_start_says_the_cause_from_its_log(
