@@ -394,6 +394,7 @@ def run(
     split: Split | None = None
     if resume is not None:
         cfg = _resumed_config(Path(resume))
+        check_before_start(cfg)
         out = resume
     else:
         cfg = config if isinstance(config, FlConfig) else load_config(None, config or {})
@@ -464,7 +465,7 @@ def check_before_start(cfg: FlConfig) -> None:
     if cfg.engine == "simulation":
         from fedge.plugins.fl.simulation import check_simulation
 
-        check_simulation(cfg.ray_address)
+        check_simulation(cfg.ray_address, client_cpus=cfg.client_cpus, client_gpus=cfg.client_gpus)
 
 
 def _clear_previous_attempt(run_dir: RunDir, on_status: Callable[[str], None] | None) -> None:
