@@ -22,6 +22,7 @@ import typer
 from fedge.cli.options import config_options
 from fedge.errors import ConfigError, Interrupted
 from fedge.plugins.fl.config import FlConfig
+from fedge.plugins.fl.flower_internals import check_poll_s
 from fedge.plugins.fl.privacy import PrivacyConfig
 
 if TYPE_CHECKING:
@@ -372,8 +373,7 @@ def _check_node_flags(
         raise ConfigError("give exactly one of --data FILE.npz or --partition I/N")
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if not (math.isfinite(poll_s) and 0 < poll_s <= 60):
-        raise ConfigError(f"--poll-s must be a number of seconds in (0, 60]; got {poll_s}")
+    check_poll_s(poll_s, name="--poll-s")
 
 
 def _parse_address(address: str) -> tuple[str, int]:
