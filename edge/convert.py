@@ -214,9 +214,10 @@ class ConversionWorker:
         source: ``torch`` or ``keras``: which converter the child imports ahead.
         timeout_s: a conversion that takes longer stops the child (the next one starts a fresh child).
         num_threads: the child's OpenMP threads (None: the libraries' default, one per core). Calibration runs
-            one sample at a time through a small model, where more threads only add synchronisation: an int8
-            export of the default CNN converted in 4.1-5.0 s with one thread against 7.0-7.7 s with two on a
-            loaded 2-core machine.
+            one sample at a time through a small model, where more threads only add synchronisation when the
+            cores are busy: an int8 export of the default CNN converted in 4.1-5.0 s with one thread against
+            7.0-7.7 s with two on a loaded 2-core machine, but the same (8.26 vs 8.05 s, whole process) on a
+            quiet one. ``fedge edge fit``, which converts many candidates while it trains, asks for one.
 
     Example::
 
@@ -226,7 +227,7 @@ class ConversionWorker:
     """
 
     def __init__(
-        self, source: str = "torch", *, timeout_s: float = CONVERT_TIMEOUT_S, num_threads: int | None = 1
+        self, source: str = "torch", *, timeout_s: float = CONVERT_TIMEOUT_S, num_threads: int | None = None
     ) -> None:
         self.source = source
         self.timeout_s = timeout_s
