@@ -391,16 +391,21 @@ def export_tflite(
             job["path"] = _keras_path(model, tmp)
         np.save(tmp / "samples.npy", samples[:calibration_samples])
         (tmp / "job.json").write_text(json.dumps(job))
-        try:
-            worker.run(tmp)
-        except ConverterCrashed as err:
-            raise RuntimeFailure(
-                f"the TFLite converter crashed ({err.how}) converting the model to {quant.value}: {err.log_tail[:200]}; "
-                "try another --quantize, or simplify the layer named in the log"
-            ) from err
-        failure = read_failure(tmp / FAILURE_FILE)
-        if failure is not None:
-            raise failure.to_error()
-        if not (tmp / "model.tflite").is_file():
-            raise RuntimeFailure(f"the TFLite converter wrote no model converting to {quant.value}")
-        return EdgeModel(data=(tmp / "model.tflite").read_bytes(), quantization=quant)
+        return EdgeModel(data=_convert_job(worker, tmp, quant), quantization=quant)
+
+
+def _convert_job(worker: ConversionWorker, job_dir: Path, quant: Quantization) -> bytes:
+    """The .tflite bytes the worker makes of the job in ``job_dir``; its failure, as fedge's one line."""
+    try:
+        worker.run(job_dir)
+    except ConverterCrashed as err:
+        raise RuntimeFailure(
+            f"the TFLite converter crashed ({err.how}) converting the model to {quant.value}: {err.log_tail[:200]}; "
+            "try another --quantize, or simplify the layer named in the log"
+        ) from err
+    failure = read_failure(job_dir / FAILURE_FILE)
+    if failure is not None:
+        raise failure.to_error()
+    if not (job_dir / "model.tflite").is_file():
+        raise RuntimeFailure(f"the TFLite converter wrote no model converting to {quant.value}")
+    return (job_dir / "model.tflite").read_bytes()
