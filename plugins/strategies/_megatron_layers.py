@@ -25,8 +25,10 @@ __all__ = [
     "VocabParallelEmbedding",
     "copy_to_tp",
     "gather_tp_state",
+    "gather_tp_tensor",
     "parallelize_tp",
     "reduce_from_tp",
+    "tp_slice",
 ]
 
 
@@ -204,6 +206,18 @@ def parallelize_tp(
     return dims
 
 
+def gather_tp_tensor(t: torch.Tensor, dim: int, *, group: dist.ProcessGroup | None, size: int) -> torch.Tensor:
+    """This rank's slice of a tensor split along ``dim`` across the TP group, gathered to full size (collective)."""
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.detach().contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def tp_slice(t: torch.Tensor, dim: int, *, rank: int, size: int) -> torch.Tensor:
+    """TP rank ``rank``'s slice of a full tensor, as :func:`parallelize_tp` cut it (equal contiguous parts)."""
+    return t.chunk(size, dim=dim)[rank]
+
+
 def gather_tp_state(
     module: nn.Module, dims: dict[str, int], *, group: dist.ProcessGroup | None, size: int
 ) -> dict[str, torch.Tensor]:
@@ -212,8 +226,6 @@ def gather_tp_state(
     for key, t in module.state_dict().items():
         t = t.detach()
         if key in dims and size > 1:
-            parts = [torch.empty_like(t) for _ in range(size)]
-            dist.all_gather(parts, t.contiguous(), group=group)
-            t = torch.cat(parts, dim=dims[key])
+            t = gather_tp_tensor(t, dims[key], group=group, size=size)
         state[key] = t.cpu().clone()
     return state
