@@ -1,7 +1,8 @@
 """``fedge advise``: which data-parallel strategy will be fastest for a model on W processes of this machine.
 
-It fits an alpha-beta model to ``fedge bench collectives`` at that world size (stored and reused: see
-``--calibration``), measures the model's compute per step, predicts each strategy's step time
+It fits an alpha-beta model to ``fedge bench collectives`` at that world size, with each collective's
+wake-up after compute and FSDP's per-unit cost (stored and reused: see ``--calibration``), measures the
+model's compute per step inside a W-process job, predicts each strategy's step time
 (:mod:`fedge.plugins.train.cost_model`), ranks them and says why. ``--check`` then runs ``fedge bench
 strategies`` and prints predicted against measured, with the error of each.
 
@@ -28,7 +29,7 @@ import typer
 from fedge.errors import ConfigError
 from fedge.rundir import RunDir, atomic_write_text
 
-__all__ = ["advise", "calibrate", "measure_compute"]
+__all__ = ["advise", "calibrate", "compute_spec", "measure_compute"]
 
 CALIBRATION_SIZES = "4KB,16KB,64KB,256KB,1MB,4MB,16MB"
 _INPUT_SHAPE, _CLASSES = (1, 8, 8), 10  # the benches' digits-shaped input
@@ -61,10 +62,15 @@ def _stored(path: Path, *, nproc: int, sizes: list[int], reps: int) -> dict[str,
     return None
 
 
-def calibrate(nproc: int, path: Path, *, refit: bool, sizes: str = CALIBRATION_SIZES, reps: int = 5) -> dict[str, Any]:
+def calibrate(
+    nproc: int, path: Path, *, refit: bool, sizes: str = CALIBRATION_SIZES, reps: int = 5, compute: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, float] | None]:
     """The collectives measurement at ``nproc`` processes: read from ``path`` when it was made here at that
     world size with these ``sizes`` and ``reps`` (and not ``refit``), else measured with ``fedge bench
-    collectives`` (plus each collective's wake-up after compute and FSDP's per-unit cost) and stored there."""
+    collectives`` (plus each collective's wake-up after compute and FSDP's per-unit cost) and stored there.
+
+    When it is measured, the same processes also measure ``compute`` (a :func:`compute_spec`) and its seconds
+    come back second; otherwise None."""
     from fedge.plugins.train.bench import parse_size, run_bench
 
     if path.is_dir():
@@ -73,33 +79,40 @@ def calibrate(nproc: int, path: Path, *, refit: bool, sizes: str = CALIBRATION_S
     if path.is_file() and not refit:
         stored = _stored(path, nproc=nproc, sizes=size_list, reps=reps)
         if stored is not None:
-            return stored
+            return stored, None
     typer.echo(f"fedge advise: measuring collectives on {nproc} processes (stored in {path}) ...", err=True)
     spec = {
         "sizes": size_list, "reps": reps, "max_iters": 20, "ring_chunk_bytes": 4 << 20, "tree_chunk_bytes": 1 << 20,
-        "after_compute": True, "fsdp_shapes": _FSDP_SHAPES,
+        "after_compute": True, "fsdp_shapes": _FSDP_SHAPES, **({"compute": compute} if compute else {}),
     }  # fmt: skip
     rows = run_bench("collectives", nproc, spec)
+    kind = {"fsdp": [], "compute": [], "": []}
+    for row in rows:
+        kind[row.get("kind", "")].append(row)
     record = {
         "world_size": nproc, "host": socket.gethostname(), "sizes": size_list, "reps": reps, "measured_at": time.time(),
-        "rows": [r for r in rows if r.get("kind") != "fsdp"], "fsdp_rows": [r for r in rows if r.get("kind") == "fsdp"],
+        "rows": kind[""], "fsdp_rows": kind["fsdp"],
     }  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-    return record
+    return record, ({r["case"]: r["compute_s"] for r in kind["compute"]} if compute else None)
 
 
-def measure_compute(model: str, options: dict[str, Any], *, nproc: int, batch_size: int, iters: int = 20) -> dict[str, float]:
+def compute_spec(model: str, options: dict[str, Any], *, nproc: int, batch_size: int, iters: int = 20) -> dict[str, Any]:
+    """What the bench worker needs to time the model's compute on ``nproc`` processes (see :func:`measure_compute`)."""
+    cases = [{"name": "dp", "rows": batch_size // nproc, "ranks": nproc}]
+    if batch_size % (nproc - 1) == 0:
+        cases.append({"name": "ps", "rows": batch_size // (nproc - 1), "ranks": nproc - 1})
+    return {"model": model, "model_options": options, "cases": cases, "warmup": 3, "iters": iters, "reps": 1}
+
+
+def measure_compute(spec: dict[str, Any], *, nproc: int) -> dict[str, float]:
     """Seconds of one forward + backward + SGD step on each rank's rows, all ``nproc`` ranks computing at once
     (a W-process job, no communication; the slowest rank per step): ``"dp"`` on B/W rows, and ``"ps"`` on
     B/(W-1) rows with W - 1 ranks computing (the parameter server's workers) when the batch splits so."""
     from fedge.plugins.train.bench import run_bench
 
-    cases = [{"name": "dp", "rows": batch_size // nproc, "ranks": nproc}]
-    if batch_size % (nproc - 1) == 0:
-        cases.append({"name": "ps", "rows": batch_size // (nproc - 1), "ranks": nproc - 1})
-    spec = {"model": model, "model_options": options, "cases": cases, "warmup": 3, "iters": iters, "reps": 1}
-    typer.echo(f"fedge advise: measuring {model}'s compute on {nproc} processes ...", err=True)
+    typer.echo(f"fedge advise: measuring {spec['model']}'s compute on {nproc} processes ...", err=True)
     return {r["case"]: r["compute_s"] for r in run_bench("compute", nproc, spec)}
 
 
@@ -222,10 +235,13 @@ def advise(
         nproc, model=model, model_options=options, batch_size=batch_size, reps=reps, iters=5, bucket_mb=25.0, built=net
     )
     with RunDir.create("advise", out, overwrite=overwrite) as run:  # an --out holding a run: refused before measuring
-        record = calibrate(nproc, calibration or _default_calibration(nproc), refit=refit, sizes=sizes, reps=reps)
+        wanted = compute_spec(model, options, nproc=nproc, batch_size=batch_size)
+        cal = calibration or _default_calibration(nproc)
+        record, compute = calibrate(nproc, cal, refit=refit, sizes=sizes, reps=reps, compute=wanted)
         _warn_if_busy()
         run.write_json("collectives.json", record)
-        compute = measure_compute(model, options, nproc=nproc, batch_size=batch_size)
+        if compute is None:  # a stored calibration: the compute still needs its own job
+            compute = measure_compute(wanted, nproc=nproc)
         ranking = _predictions(facts, compute, nproc, record)
         result: dict[str, Any] = {
             "model": model, "model_options": options, "world_size": nproc, "batch_size": batch_size,

@@ -17,7 +17,9 @@ alike; the figure reported is the median over repetitions of the slowest rank's 
 
 With ``"after_compute": true`` the collectives bench also times each collective right after a spell of
 compute on every rank (as a training step reaches it), and reports ``wake_us``: how much longer that call
-takes than a back-to-back one, at the smallest size.
+takes than a back-to-back one, at the smallest size; with ``"fsdp_shapes"`` it adds rows of what
+``fully_shard`` adds to a step (``kind`` ``fsdp``), and with ``"compute"`` (a compute spec) the compute rows
+(``kind`` ``compute``), so a first ``fedge advise`` starts its processes once.
 """
 
 from __future__ import annotations
@@ -243,7 +245,7 @@ def _compute(spec: dict[str, Any]) -> list[dict[str, Any]]:
     shape, classes = (1, 8, 8), 10
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for case in spec["cases"]:  # {"name", "rows" per computing rank, "ranks" that compute (the first ones)}
+    for case in spec.get("cases", []):  # {"name", "rows" per computing rank, "ranks" that compute (the first ones)}
         net = build_model(spec["model"], spec["model_options"], input_shape=shape, num_classes=classes)
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
         x = torch.randn(case["rows"], *shape, generator=gen)
@@ -335,8 +337,10 @@ def main(argv: list[str] | None = None) -> int:
         partial = _Partial(run)
         if spec["what"] == "compute":
             rows = _compute(spec)
+        elif spec["what"] == "collectives":  # with "compute", the same processes time a model's compute too
+            rows = _collectives(spec, partial) + [{"kind": "compute", **r} for r in _compute(spec.get("compute", {}))]
         else:
-            rows = _collectives(spec, partial) if spec["what"] == "collectives" else _strategies(spec, partial)
+            rows = _strategies(spec, partial)
         if int(os.environ["RANK"]) == 0:
             run.write_json("results.json", rows)
         dist.barrier()

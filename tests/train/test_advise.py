@@ -136,6 +136,7 @@ def test_advise_reuses_a_stored_calibration_ranks_and_prints(tmp_path: Path, cap
     advice = json.loads((tmp_path / "a" / "advice.json").read_text())
     assert advice["ranking"][0]["strategy"] == "tree-allreduce"
     assert "measuring collectives" not in out.err  # reused, not measured
+    assert "measuring mlp's compute on 2 processes" in out.err
 
 
 @pytest.mark.multiproc
@@ -149,6 +150,7 @@ def test_advise_check_measures_both_sides_on_this_machine(tmp_path: Path, capsys
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "measuring collectives" in out.err
+    assert "measuring mlp's compute" not in out.err  # timed by the calibration's processes, no job of its own
     result = json.loads(out.out)
     stored = json.loads(cal.read_text())  # stored for the next advise
     assert (stored["world_size"], stored["sizes"], stored["reps"]) == (2, [4096, 65536], 1)
