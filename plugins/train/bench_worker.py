@@ -195,9 +195,11 @@ def _spell() -> Callable[[], object]:
 
 
 def _call_times(call: Callable[[], object], before: Callable[[], object] | None, iters: int) -> list[float]:
-    """Per iteration, the seconds of ``call`` on the rank that started it last (``before`` runs first on every
-    rank, untimed). That rank waits for no one's compute: its call is the collective alone, as the slowest
-    rank of a training step meets it."""
+    """Per iteration, the seconds from the moment the last rank started ``call`` until every rank had finished
+    it (``before`` runs first on every rank, untimed). The wait for the slowest rank's ``before`` is left out:
+    what remains is the collective as a training step meets it after its slowest rank's compute - including
+    waking the ranks that got there first (a parameter server's worker sleeps in its pull after the server,
+    the last to arrive, has sent)."""
     w = dist.get_world_size()
     dist.barrier()
     starts, ends = [], []
@@ -210,17 +212,17 @@ def _call_times(call: Callable[[], object], before: Callable[[], object] | None,
     mine = torch.tensor([starts, ends], dtype=torch.float64)
     every = [torch.zeros_like(mine) for _ in range(w)]
     dist.all_gather(every, mine)
-    # perf_counter is one clock for every process of this machine: the last start is the last arrival.
+    # perf_counter is one clock for every process of this machine (CLOCK_MONOTONIC).
     stacked = torch.stack(every)  # (rank, start/end, iteration)
-    last = stacked[:, 0, :].argmax(0)
-    return [float(stacked[r, 1, i] - stacked[r, 0, i]) for i, r in enumerate(last.tolist())]
+    return (stacked[:, 1, :].max(0).values - stacked[:, 0, :].max(0).values).tolist()
 
 
 def _wake_up(size: int, spec: dict[str, Any], w: int) -> dict[str, float]:
     """Seconds each collective on ``size`` bytes takes beyond its back-to-back time when every rank reaches it
     after a spell of compute: the peers that got there first sleep in their receive and must be woken, and the
-    caches hold the compute's data, not the buffers. Timed on the last rank to arrive (the wait for the slowest
-    rank's compute belongs to the compute term), median over iterations, both ways interleaved."""
+    caches hold the compute's data, not the buffers. Timed from the last rank's arrival (the wait for the
+    slowest rank's compute belongs to the compute term) to the last rank's finish, median over iterations,
+    both ways interleaved."""
     buf = torch.zeros(size // 4, dtype=torch.float32)
     calls = _collective_impls(buf, spec, w)
     spell = _spell()
