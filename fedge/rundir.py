@@ -25,7 +25,7 @@ from typing import Any, Self
 from fedge.config import dump_toml
 from fedge.errors import ConfigError, StorageError
 
-__all__ = ["RUN_MARKER", "RunDir", "atomic_path", "atomic_write_bytes", "atomic_write_text", "run_kind"]
+__all__ = ["RUN_MARKER", "RunDir", "a_run", "atomic_path", "atomic_write_bytes", "atomic_write_text", "run_kind"]
 
 RUN_MARKER = ".fedge-run"
 """The file every run directory holds: ``{"kind": ..., "created": ...}``."""
@@ -86,6 +86,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def a_run(kind: str) -> str:
+    """``"a train run"``, ``"an edge run"``: a run kind with its article, for messages."""
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind} run"
 
 
 class RunDir:
@@ -174,13 +179,15 @@ class RunDir:
             if held is None:
                 raise ConfigError(f"nothing to resume in {str(out)!r}: it holds no run; start one with {flag} {out}")
             if held not in (kind, "unknown"):
-                raise ConfigError(f"{str(out)!r} holds a {held} run, not a {kind} run; resume it with fedge's {held} command")
+                raise ConfigError(
+                    f"{str(out)!r} holds {a_run(held)}, not {a_run(kind)}; resume it with fedge's {held} command"
+                )
             return cls(out)
         if held is None:
             return cls(out)
         if not overwrite:
             also = f", --resume {out} to continue it," if resumable and held in (kind, "unknown") else ""
-            what = f"a {held} run" if held != "unknown" else "a run"
+            what = a_run(held) if held != "unknown" else "a run"
             raise ConfigError(
                 f"{flag} {str(out)!r} already holds {what}; choose a new directory{also} or pass --overwrite to replace it"
             )

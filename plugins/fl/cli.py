@@ -327,11 +327,11 @@ def supernode_command(
 def _open_workdir(workdir: Path, share: dict[str, Any] | None = None) -> None:
     """A SuperNode reopens its own workdir across restarts, but never writes into another command's run, nor
     replaces the data file of another share (``share``: what ``--partition`` made there, kept in node.json)."""
-    from fedge.rundir import RunDir, run_kind
+    from fedge.rundir import RunDir, a_run, run_kind
 
     held = run_kind(workdir)
     if held not in (None, "supernode"):
-        what = f"a {held} run" if held != "unknown" else "a run"
+        what = a_run(held) if held != "unknown" else "a run"
         raise ConfigError(f"--workdir {str(workdir)!r} already holds {what}; the node's files would mix into it: choose another --workdir")
     before = _stored_share(workdir) if held == "supernode" else None
     if share is not None and before is not None and before != share:

@@ -26,7 +26,7 @@ from fedge.config import describe, from_mapping, load_toml, merge, to_mapping
 from fedge.errors import ConfigError, FedgeError, Interrupted, PluginNotFoundError
 from fedge.plugins.train.config import NODE_SETTINGS, TrainConfig, parse_nnodes
 from fedge.registry import Kind, Registry
-from fedge.rundir import RunDir, run_kind
+from fedge.rundir import RunDir, a_run, run_kind
 
 __all__ = ["build_config", "parse_options", "strategy_help", "train"]
 
@@ -163,7 +163,7 @@ def _resumed_settings(resume: Path, out: Path | None) -> dict[str, Any]:
         raise ConfigError(f"--resume {str(resume)!r}: nothing to resume there (it holds no run); start a run with --out")
     if held not in ("train", "unknown"):
         raise ConfigError(
-            f"--resume {str(resume)!r}: it holds a {held} run, not a train run; resume it with fedge's {held} command"
+            f"--resume {str(resume)!r}: it holds {a_run(held)}, not a train run; resume it with fedge's {held} command"
         )
     if not (resume / "config.toml").is_file():
         raise ConfigError(f"--resume {str(resume)!r}: not a fedge train run directory (no config.toml)")

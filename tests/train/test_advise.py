@@ -11,7 +11,15 @@ import pytest
 
 from fedge.cli.app import main
 from fedge.plugins.train.advise import _check_rows, _summary
-from fedge.plugins.train.cost_model import Prediction, UnitCost, fit_alpha_beta, fit_collectives, fit_per_unit, predict, rank
+from fedge.plugins.train.cost_model import (
+    Prediction,
+    UnitCost,
+    fit_alpha_beta,
+    fit_collectives,
+    fit_per_unit,
+    predict,
+    rank,
+)
 
 SIZES = [4096 * 4**i for i in range(7)]  # 4 KB .. 16 MB, as the calibration measures
 

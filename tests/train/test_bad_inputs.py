@@ -79,7 +79,7 @@ TRAIN_CASES = [
     ("fault-at-garbage", ["--fault-at", "x"], None, "fault_at must be RANK:STEP"),
     ("resume-empty-dir", ["--resume", "{tmp}"], None, "nothing to resume"),
     ("resume-fl-run", ["--resume", "{tmp}/x"], _run_of("fl"), "holds a fl run, not a train run"),
-    ("resume-edge-run", ["--resume", "{tmp}/x"], _run_of("edge"), "holds a edge run, not a train run"),
+    ("resume-edge-run", ["--resume", "{tmp}/x"], _run_of("edge"), "holds an edge run, not a train run"),
     ("out-holds-a-train-run", ["--out", "{tmp}/x"], _run_of("train"), "already holds a train run"),
     ("out-holds-another-job-of-the-rendezvous", ["--out", "{tmp}/x", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29431", "--steps", "21"],
      _unfinished_job_run, "holds an unfinished train run of rendezvous 127.0.0.1:29431 (id 'fedge-train') started with other settings (steps is 20 there but 21 here)"),

@@ -55,7 +55,7 @@ def _runs(tmp: Path, world: int, write_run, run_workers) -> dict[str, Path]:
         name: write_run(
             tmp / name, strategy=strategy, strategy_options=opts, steps=STEPS, model=model,
             model_options=TINY_MODEL_OPTIONS.get(model, {}),
-        )  # fmt: skip
+        )
         for name, (strategy, opts, model) in SYNC_CASES[world].items()
     }
     if world == 2:
