@@ -150,6 +150,14 @@ class JobView:
             self._derived[key] = compute()
         return self._derived[key]  # type: ignore[no-any-return]
 
+    def once(self, what: str, compute: Callable[[], R]) -> R:
+        """``compute()`` once per view: a result several analyses read (the recommendations read the temporal,
+        overlap and idle breakdowns the report has just computed)."""
+        key = (what, 0)
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]  # type: ignore[no-any-return]
+
     def kernels(self, trace: Trace) -> Kernels:
         """The GPU events the analyses use (see :func:`fedge.profiler.timeline.kernels`)."""
         return self.derive("kernels", trace, lambda: kernels(trace, self.mode, include_last_step=self.include_last_step))
