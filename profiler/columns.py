@@ -17,11 +17,22 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Exact", "FloatColumn", "IntColumn"]
+__all__ = ["Exact", "FloatColumn", "IntColumn", "release_free_memory"]
 
 _INT_LADDER = (np.dtype(np.int8), np.dtype(np.int16), np.dtype(np.int32), np.dtype(np.int64))
 _I32 = np.iinfo(np.int32)
 _F64 = np.dtype(np.float64)
+
+
+def release_free_memory() -> None:
+    """Give freed heap pages back to the OS: glibc keeps them otherwise, and the parse buffers and temporary
+    arrays freed along the way would stay in the peak RSS of what follows. No-op where malloc_trim does not exist."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class _Store:
@@ -64,7 +75,7 @@ class IntColumn:
         self.store = _Store(_INT_LADDER[0])
 
     def extend(self, values: list[int]) -> None:
-        if not values:
+        if len(values) == 0:
             return
         a = np.asarray(values, dtype=np.int64)
         lo, hi = int(a.min()), int(a.max())
@@ -144,7 +155,7 @@ class FloatColumn:
         self.store = _Store(np.dtype(np.int32))
 
     def extend(self, values: list[float]) -> None:
-        if not values:
+        if len(values) == 0:
             return
         a = np.asarray(values, dtype=np.float64)
         if self.scale == 0:

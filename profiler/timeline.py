@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from fedge.profiler.columns import Exact, FloatColumn
 from fedge.profiler.kinds import TB_PROFILER_COLLECTIVES, KernelKind, Mode, classify_kernel
 from fedge.profiler.trace import ANNOTATION, CPU_OP, GPU_ANNOTATION, KERNEL, MEMCPY, MEMSET, Trace
 
@@ -38,11 +40,12 @@ BLOCK = 1 << 18
 
 @dataclass(frozen=True, slots=True)
 class Kernels:
-    """GPU events of one rank kept under a mode: start/end (µs), kind (``KernelKind`` values), stream,
-    name index, the row in ``trace.gpu``, and ``by_ts``, the events in (start, row) order."""
+    """GPU events of one rank kept under a mode: start/end (µs, float64; stored compactly like the trace's
+    columns, so each access decodes: take a subset with ``ts_at``/``end_at``), kind (``KernelKind`` values),
+    stream, name index, the row in ``trace.gpu``, and ``by_ts``, the events in (start, row) order."""
 
-    ts: np.ndarray
-    end: np.ndarray
+    ts_exact: Exact
+    end_exact: Exact
     kind: np.ndarray
     stream: np.ndarray
     name: np.ndarray
@@ -50,12 +53,29 @@ class Kernels:
     by_ts: np.ndarray
 
     def __len__(self) -> int:
-        return len(self.ts)
+        return len(self.kind)
+
+    @property
+    def ts(self) -> np.ndarray:
+        """Start of every event (µs)."""
+        return self.ts_exact.get()
+
+    @property
+    def end(self) -> np.ndarray:
+        """End of every event (µs)."""
+        return self.end_exact.get()
+
+    def ts_at(self, rows: Any) -> Any:
+        """Starts of ``rows`` (an index, index array, mask or slice) without decoding the whole column."""
+        return self.ts_exact.get(rows)
+
+    def end_at(self, rows: Any) -> Any:
+        return self.end_exact.get(rows)
 
     def of(self, kind: KernelKind) -> tuple[np.ndarray, np.ndarray]:
         """Start and end arrays of the events of one kind."""
         mask = self.kind == int(kind)
-        return self.ts[mask], self.end[mask]
+        return self.ts_at(mask), self.end_at(mask)
 
     def _order(self, kinds: tuple[KernelKind, ...]) -> np.ndarray:
         if not kinds:
@@ -72,7 +92,7 @@ class Kernels:
         carry: tuple[float, float, int] | None = None
         for lo in range(0, len(order), BLOCK):
             o = order[lo : lo + BLOCK]
-            s, e = self.ts[o], self.end[o]
+            s, e = self.ts_at(o), self.end_at(o)
             if carry is not None:  # the group still open at the end of the last block goes on here
                 s, e = np.r_[carry[0], s], np.r_[carry[1], e]
             s, e, first = _merge_sorted(s, e)
@@ -90,7 +110,7 @@ class Kernels:
         if len(parts) == 1:
             return parts[0]
         if not parts:
-            return self.ts[:0], self.end[:0]
+            return np.empty(0), np.empty(0)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def union_us(self, *kinds: KernelKind) -> float:
@@ -150,25 +170,21 @@ def intersection_us(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.nd
 def exclusive_kinds(k: Kernels) -> dict[str, float]:
     """Time during which exactly each combination of kinds runs, HTA's kernel-type breakdown
     (``"COMPUTATION overlapping COMMUNICATION"``...). Keys list kinds in enum order."""
-    merged = [k.merged(kind) for kind in KernelKind]
-    if sum(len(s) for s, _ in merged) <= BLOCK:
-        t, d = _boundaries(merged)
+    if len(k) <= BLOCK:
+        t, d = _boundaries([k.merged(kind) for kind in KernelKind])
         running = np.cumsum(d, dtype=np.int8)  # a bit mask of the kinds running: 0..7
         seg = np.diff(t, append=t[-1] if len(t) else 0.0)
         return {_label(int(m)): float(seg[running == m].sum()) for m in np.unique(running) if m > 0}
-    # Millions of boundaries: the same sweep a time window at a time (cut at every BLOCK-th kernel start)
+    # Millions of kernels: the same sweep a time window at a time (cut at every BLOCK-th kernel start)
     out: dict[str, float] = {}
+    streams = [_Boundaries(k.merged_blocks(kind)) for kind in KernelKind]
     running, last_t = 0, None
-    lo = [(0, 0)] * len(merged)
-    for cut in [*np.unique(k.ts[k.by_ts[BLOCK::BLOCK]]).tolist(), None]:
-        hi = [(len(s), len(e)) if cut is None else (int(np.searchsorted(s, cut)), int(np.searchsorted(e, cut)))
-              for s, e in merged]
-        t, d = _boundaries([(s[a:c], e[b:f]) for (s, e), (a, b), (c, f) in zip(merged, lo, hi)])
-        lo = hi
+    for cut in [*np.unique(k.ts_at(k.by_ts[BLOCK::BLOCK])).tolist(), None]:
+        t, d = _boundaries([stream.take(cut) for stream in streams])
         if not len(t):
             continue
         if last_t is not None and running > 0:  # the segment from the last window's last boundary to here
-            _add(out, running, t[0] - last_t)
+            _add(out, running, float(t[0]) - last_t)
         d[0] += running
         run = np.cumsum(d, dtype=np.int8)
         seg = np.diff(t)
@@ -177,6 +193,29 @@ def exclusive_kinds(k: Kernels) -> dict[str, float]:
                 _add(out, int(m), float(seg[run[:-1] == m].sum()))
         running, last_t = int(run[-1]), float(t[-1])
     return out
+
+
+class _Boundaries:
+    """One kind's merged starts and ends, read a block at a time and taken a time window at a time."""
+
+    def __init__(self, blocks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        self.blocks = blocks
+        self.s = self.e = np.empty(0)
+        self.done = False
+
+    def take(self, cut: float | None) -> tuple[np.ndarray, np.ndarray]:
+        """The starts and ends before ``cut`` not taken yet (all that remain when ``cut`` is None)."""
+        while not self.done and (cut is None or not len(self.s) or self.s[-1] < cut or not len(self.e) or self.e[-1] < cut):
+            block = next(self.blocks, None)
+            if block is None:
+                self.done = True
+            else:
+                self.s, self.e = np.concatenate([self.s, block[0]]), np.concatenate([self.e, block[1]])
+        i = len(self.s) if cut is None else int(np.searchsorted(self.s, cut))
+        j = len(self.e) if cut is None else int(np.searchsorted(self.e, cut))
+        taken = self.s[:i], self.e[:j]
+        self.s, self.e = self.s[i:], self.e[j:]
+        return taken
 
 
 def _boundaries(merged: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -262,13 +301,22 @@ def kernels(trace: Trace, mode: Mode | str = Mode.FEDGE, *, include_last_step: b
     mode = Mode(mode)
     gpu = trace.gpu
     rows = _kept_rows(trace, mode, include_last_step)
-    ts, end = gpu.ts_at(rows), gpu.end_at(rows)  # fresh arrays (rows is an index array): rounded in place
-    if mode is Mode.HTA:
-        np.ceil(ts, out=ts)
-        np.floor(end, out=end)
+    starts, ends = FloatColumn(relative=True), FloatColumn(relative=True)
+    for lo in range(0, len(rows), BLOCK):
+        block = rows[lo : lo + BLOCK]
+        ts, end = gpu.ts_at(block), gpu.end_at(block)  # fresh arrays (an index array): rounded in place
+        if mode is Mode.HTA:
+            np.ceil(ts, out=ts)
+            np.floor(end, out=end)
+        starts.extend(ts)  # type: ignore[arg-type]
+        ends.extend(end)  # type: ignore[arg-type]
+    ts_exact, end_exact = starts.finish(), ends.finish()
+    # Stable order of the starts: of the stored integers where they decode one to one (whole µs), which
+    # needs no decoded copy of the column
+    by_ts = np.argsort(ts_exact.raw if ts_exact.scale == 1 else ts_exact.get(), kind="stable").astype(rows.dtype)
     kind = _tb_profiler_kinds(trace)[rows] if mode is Mode.TB_PROFILER else _kinds_of_names(trace, mode, rows)
-    by_ts = np.argsort(ts, kind="stable").astype(rows.dtype)
-    return Kernels(ts=ts, end=end, kind=kind, stream=gpu.tid[rows], name=gpu.name[rows], row=rows, by_ts=by_ts)
+    return Kernels(ts_exact=ts_exact, end_exact=end_exact, kind=kind, stream=gpu.tid[rows], name=gpu.name[rows],
+                   row=rows, by_ts=by_ts)
 
 
 def _kept_rows(trace: Trace, mode: Mode, include_last_step: bool) -> np.ndarray:

@@ -33,7 +33,7 @@ import numpy as np
 import orjson
 
 from fedge.errors import DataError
-from fedge.profiler.columns import Exact, FloatColumn, IntColumn
+from fedge.profiler.columns import Exact, FloatColumn, IntColumn, release_free_memory
 from fedge.profiler.kinds import is_collective_op
 
 __all__ = [
@@ -420,17 +420,6 @@ def _why_no_events(rest: bytes) -> str:
     return "traceEvents holds values that are not events (expected objects with ph, name, ts)"
 
 
-def _release_free_memory() -> None:
-    """Give freed heap pages back to the OS (glibc keeps them otherwise: the parse buffers and event objects
-    freed chunk after chunk would stay in the peak RSS). No-op where malloc_trim does not exist."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class _Columns:
     """Rows of one table: Python lists for the chunk being read, moved into compact columns after each chunk.
     ``with_device``: GPU tables. CPU events have no device (their ``device`` column is a -1 that takes no memory),
@@ -660,7 +649,7 @@ def _load(p: Path, rank: int | None, chunk_bytes: int) -> Trace:
     gpu_step_arr = np.array(sorted((s[0], s[1], s[2]) for s in steps if s[3]), dtype=np.float64).reshape(-1, 3)
     ordered = sorted(names, key=names.__getitem__)
     cpu_table = cpu.table()
-    _release_free_memory()
+    release_free_memory()
     return Trace(
         path=str(p),
         rank=found_rank,

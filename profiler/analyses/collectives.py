@@ -225,8 +225,8 @@ def _collective_ops(trace: Trace, k: Kernels, include_last_step: bool) -> list[C
                         sources.append(trace.comm_args[("cpu", r)])
             name = trace.names[int(k.name[i])]
             coll, group, n, size, source = _describe(trace, name, sources, op_names)
-            ops.append(CollectiveOp(trace.rank, coll, group, n, float(k.ts[i]) + trace.base_us,
-                                    float(k.end[i]) + trace.base_us, size, source))
+            ops.append(CollectiveOp(trace.rank, coll, group, n, float(k.ts_at(i)) + trace.base_us,
+                                    float(k.end_at(i)) + trace.base_us, size, source))
         return ops
     rows = [r for v in ctx.by_tid.values() for r in v[2]]
     executing = [r for r in rows if not trace.names[cpu.name[r]].startswith(("c10d::", "record_param_comms"))]

@@ -119,8 +119,8 @@ class _Walk:
         self.trace, self.k, self.thread_gap_us, self.wait_gap_us = trace, k, thread_gap_us, wait_gap_us
         cpu = trace.cpu
         after = np.flatnonzero(k.end > start)
-        self.by_end = after[np.argsort(k.end[after], kind="stable")]
-        self.ends = k.end[self.by_end]
+        self.by_end = after[np.argsort(k.end_at(after), kind="stable")]
+        self.ends = k.end_at(self.by_end)
         is_sync = np.array([n.startswith(_SYNC) for n in trace.names] or [False], dtype=bool)
         syncs = _cpu_rows(trace, lambda cat, name, rows: np.isin(cat, LAUNCH_CATEGORIES) & is_sync[name]
                           & (cpu.ts_at(rows) >= start))
@@ -154,7 +154,7 @@ class _Walk:
         order = self._stream_order.get(stream)
         if order is None:
             order = self._stream_order[stream] = k.by_ts[k.stream[k.by_ts] == stream]
-        pos = bisect.bisect_left(order, (float(k.ts[i]), i), key=lambda j: (float(k.ts[j]), int(j)))
+        pos = bisect.bisect_left(order, (float(k.ts_at(i)), i), key=lambda j: (float(k.ts_at(j)), int(j)))
         return int(order[pos - 1]) if pos > 0 else None
 
     def _last_of_step(self, start: float, end: float) -> int | None:
@@ -167,9 +167,9 @@ class _Walk:
             launch_ts[launch >= 0] = self.trace.cpu.ts_at(launch[launch >= 0])
             inside = np.flatnonzero((launch_ts >= start) & (launch_ts < end))
             if len(inside):
-                j = int(inside[np.argmax(k.end[block][inside])])
-                if best is None or k.end[lo + j] > best_end:  # the first of equal ends, as argmax over all
-                    best, best_end = lo + j, float(k.end[lo + j])
+                j = int(inside[np.argmax(k.end_at(block)[inside])])
+                if best is None or k.end_at(lo + j) > best_end:  # the first of equal ends, as argmax over all
+                    best, best_end = lo + j, float(k.end_at(lo + j))
         return best if best is not None else self.last_gpu_before(end, start)
 
     def last_gpu_before(self, t: float, lo: float) -> int | None:
@@ -186,9 +186,9 @@ class _Walk:
         seen: set[int] = set()
         while i is not None and i not in seen:  # each GPU event once: zero-length events cannot make a cycle
             seen.add(i)
-            links.append(PathLink(_KIND.get(int(k.kind[i]), "kernel"), names[int(k.name[i])], max(float(k.ts[i]), start),
-                                  float(k.end[i]), int(k.stream[i])))
-            if k.ts[i] <= start:  # the step began while this ran
+            links.append(PathLink(_KIND.get(int(k.kind[i]), "kernel"), names[int(k.name[i])], max(float(k.ts_at(i)), start),
+                                  float(k.end_at(i)), int(k.stream[i])))
+            if k.ts_at(i) <= start:  # the step began while this ran
                 cpu_at = None
                 break
             i, cpu_at = self._before_gpu(i, start, links)
@@ -203,15 +203,15 @@ class _Walk:
         on on the CPU, returned as (thread, time)); when both were done well before it started, the GPU event on
         another stream that ended last before it (a cross-stream dependency, cudaStreamWaitEvent)."""
         k, cpu, names = self.k, self.trace.cpu, self.trace.names
-        ts = float(k.ts[i])
+        ts = float(k.ts_at(i))
         prev = self.prev_on_stream(i)
         launch, launch_ts, launch_end = self.launch(i)
-        prev_end = float(k.end[prev]) if prev is not None else -np.inf
+        prev_end = float(k.end_at(prev)) if prev is not None else -np.inf
         ready = max(prev_end, launch_end)
         if ts - ready > self.wait_gap_us:
             other = self.last_gpu_before(ts, max(ready, start))
-            if other is not None and k.ts[other] < ts and int(k.stream[other]) != int(k.stream[i]):
-                links.append(PathLink("kernel_gap", "", float(k.end[other]), ts, int(k.stream[i])))
+            if other is not None and k.ts_at(other) < ts and int(k.stream[other]) != int(k.stream[i]):
+                links.append(PathLink("kernel_gap", "", float(k.end_at(other)), ts, int(k.stream[i])))
                 return other, None
         if prev is not None and prev_end >= launch_end and prev_end > start:
             if ts > prev_end:
@@ -241,7 +241,7 @@ class _Walk:
                         links.append(PathLink("cpu", "", s_end, t, tid))
                     waited = self.last_gpu_before(s_end, s_start)
                     # It waited from its call until that GPU event ended; one that waited for nothing is CPU time
-                    links.append(PathLink("sync", names[int(cpu.name[s])], float(self.k.end[waited]) if waited is not None
+                    links.append(PathLink("sync", names[int(cpu.name[s])], float(self.k.end_at(waited)) if waited is not None
                                           else s_start, s_end, tid))
                     if waited is not None:
                         return waited

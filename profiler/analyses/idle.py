@@ -72,7 +72,7 @@ def _host_wait(trace: Trace, k: Kernels, mode: Mode, gap_start: np.ndarray, gap_
     at = after.copy()
     while True:
         back = np.flatnonzero(at > 0)
-        back = back[k.ts[k.by_ts[at[back] - 1]] >= gap_end[back]]
+        back = back[k.ts_at(k.by_ts[at[back] - 1]) >= gap_end[back]]
         if not len(back):
             break
         at[back] -= 1

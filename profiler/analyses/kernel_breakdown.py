@@ -95,7 +95,7 @@ def _rank_kernels(trace: Trace, k: Kernels, top: int) -> RankKernels:
     sums: dict[int, float] = {}
     for start in range(0, len(k), timeline.BLOCK):
         block = slice(start, start + timeline.BLOCK)
-        dur, kind = k.end[block] - k.ts[block], k.kind[block]
+        dur, kind = k.end_at(block) - k.ts_at(block), k.kind[block]
         for kk in KernelKind:
             mask = kind == int(kk)
             if mask.any():
