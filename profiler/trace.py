@@ -604,6 +604,16 @@ def _not_readable(p: Path) -> str | None:
     return None
 
 
+def _rank_of(info: dict[str, Any], p: Path, rank: int | None) -> tuple[int, str]:
+    """The rank and where it came from: ``distributedInfo``, else the file name, else the file order."""
+    if isinstance(info.get("rank"), int):
+        return int(info["rank"]), "distributedInfo"
+    m = _RANK_IN_NAME_RE.search(p.name)
+    if m:
+        return int(m.group(1)), "file name"
+    return (rank if rank is not None else 0), "file order"
+
+
 def _load(p: Path, rank: int | None, chunk_bytes: int) -> Trace:
     problem = _not_readable(p)
     if problem:
@@ -632,18 +642,10 @@ def _load(p: Path, rank: int | None, chunk_bytes: int) -> Trace:
             gc.enable()
     if not seen_events:
         logger.debug("%s: traceEvents is empty", p)
-    notes: list[str] = []
     raw_info = meta.get("distributedInfo")
     info: dict[str, Any] = raw_info if isinstance(raw_info, dict) else {}
-    if isinstance(info.get("rank"), int):
-        found_rank, source = int(info["rank"]), "distributedInfo"
-    else:
-        m = _RANK_IN_NAME_RE.search(p.name)
-        if m:
-            found_rank, source = int(m.group(1)), "file name"
-        else:
-            found_rank, source = (rank if rank is not None else 0), "file order"
-        notes.append(f"{p.name}: no distributedInfo.rank; rank {found_rank} taken from the {source}")
+    found_rank, source = _rank_of(info, p, rank)
+    notes = [] if source == "distributedInfo" else [f"{p.name}: no distributedInfo.rank; rank {found_rank} taken from the {source}"]
     base_ns = meta.get("baseTimeNanoseconds")
     step_arr = np.array(sorted((s[0], s[1], s[2]) for s in steps if not s[3]), dtype=np.float64).reshape(-1, 3)
     gpu_step_arr = np.array(sorted((s[0], s[1], s[2]) for s in steps if s[3]), dtype=np.float64).reshape(-1, 3)

@@ -136,7 +136,10 @@ def _merged(ranges: list[Range]) -> list[Range]:
 
 
 def _intersect(a: list[Range], b: list[Range]) -> list[Range]:
-    """intersection_ranges_lists of two merged lists, in order (empty pieces, which add nothing, left out)."""
+    """intersection_ranges_lists of two merged lists, in order (empty pieces, which add nothing, left out).
+
+    Not ``timeline.intersection_us``: the per-step costs need the pieces themselves, summed in the plugin's order,
+    and |A| + |B| - |A ∪ B| can land an ulp off a value the plugin rounds at .5 µs (ns-precision traces)."""
     if not a or not b:
         return []
     a_s, a_e = np.array(a).T
@@ -196,12 +199,10 @@ def _bytes(args: dict[str, Any]) -> int:
     return total
 
 
-def _device_steps(trace: Trace, steps: list[Range]) -> tuple[float | None, list[Range], list[int]]:
-    """StepParser._find_device_steps: the GPU span each host step launched, from its runtime calls."""
+def _attach(trace: Trace, rt: np.ndarray) -> dict[int, list[int]]:
+    """Per runtime call (index into ``rt``, in start order), the device events of its correlation id: each
+    belongs to the latest such call before it, else to the next one."""
     cpu, gpu = trace.cpu, trace.gpu
-    rt = np.flatnonzero(cpu.cat == LEGACY_RUNTIME)  # the plugin reads ``Runtime``, not ``cuda_runtime``
-    rt = rt[np.argsort(cpu.ts_at(rt), kind="stable")]
-    # A device event belongs to the runtime call of its correlation id (the latest one before it, else the next).
     by_corr: dict[int, int] = {}
     pending: dict[int, list[int]] = {}
     attached: dict[int, list[int]] = {}
@@ -219,6 +220,16 @@ def _device_steps(trace: Trace, steps: list[Range]) -> tuple[float | None, list[
                 attached[by_corr[corr]].append(d)
             else:
                 pending.setdefault(corr, []).append(d)
+    return attached
+
+
+def _device_steps(trace: Trace, steps: list[Range]) -> tuple[float | None, list[Range], list[int]]:
+    """StepParser._find_device_steps: the GPU span each host step launched, from its runtime calls."""
+    cpu, gpu = trace.cpu, trace.gpu
+    rt = np.flatnonzero(cpu.cat == LEGACY_RUNTIME)  # the plugin reads ``Runtime``, not ``cuda_runtime``
+    rt = rt[np.argsort(cpu.ts_at(rt), kind="stable")]
+    attached = _attach(trace, rt)
+    n_rt = len(rt)
     rt_start, rt_end = cpu.ts_at(rt).tolist(), cpu.end_at(rt).tolist()
     dev_start, dev_end = gpu.ts.tolist(), gpu.end_at().tolist()
     big, small = sys.maxsize, -sys.maxsize - 1
