@@ -589,7 +589,7 @@ def load_trace(path: str | os.PathLike[str], *, rank: int | None = None, chunk_b
         raise DataError(f"{p}: {err}") from err
     except OSError as err:
         raise DataError(f"{p}: cannot read ({err.strerror or err})") from err
-    except (ValueError, TypeError, UnicodeDecodeError) as err:
+    except (ValueError, TypeError, OverflowError, UnicodeDecodeError) as err:
         raise DataError(f"{p}: not a valid trace ({type(err).__name__}: {err})") from err
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedge.profiler import build_report, load_job, timeline
+from fedge.errors import DataError
+from fedge.profiler import build_report, load_job, load_trace, timeline
 from fedge.profiler.columns import FloatColumn, IntColumn
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "traces"
@@ -72,3 +73,10 @@ def _leaves(value: object, path: str = "") -> list[tuple[str, object]]:
     if isinstance(value, list):
         return [leaf for i, v in enumerate(value) for leaf in _leaves(v, f"{path}[{i}]")]
     return [(path, value)]
+
+
+def test_an_id_beyond_64_bits_is_one_clear_error(tmp_path, builder):
+    b = builder().kernel("k", 1, 1)
+    b.events[-1]["args"]["correlation"] = 2**70
+    with pytest.raises(DataError, match="not a valid trace"):
+        load_trace(b.write(tmp_path / "t.json"))
