@@ -64,11 +64,16 @@ with tempfile.TemporaryDirectory() as tmp:
 """
 
 
+# Children may cache bytecode, as an installed package has it (HTA's venv does): a PYTHONDONTWRITEBYTECODE
+# inherited from the shell would otherwise make fedge compile its modules on every run.
+_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def _measure(cmd: list[str]) -> tuple[float, float, float]:
     """(wall s, CPU s, peak RSS MB) of one command and the processes it waited for, start-up included."""
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=_ENV)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         proc.returncode = code = os.waitstatus_to_exitcode(status)
@@ -78,7 +83,11 @@ def _measure(cmd: list[str]) -> tuple[float, float, float]:
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
-def _median(runs: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+def _median(cmd: list[str], repeats: int) -> tuple[float, float, float]:
+    """Medians of wall and CPU time and the largest peak RSS over ``repeats`` runs, after one unmeasured run
+    (bytecode written, files in the page cache, for every command alike)."""
+    _measure(cmd)
+    runs = [_measure(cmd) for _ in range(repeats)]
     return (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs), max(r[2] for r in runs))
 
 
@@ -94,12 +103,12 @@ def _compare(label: str, path: Path, args: argparse.Namespace) -> None:
     """One trace set: fedge vs HTA vs the floor, whole process, median of --repeats."""
     files = _trace_files(str(path))
     gz_mb = sum(f.stat().st_size for f in files) / 1e6
-    fedge = _median([_measure(_fedge_cmd(path, args.mode)) for _ in range(args.repeats)])
-    floor = _median([_measure([sys.executable, __file__, "--floor", str(path)]) for _ in range(args.repeats)])
+    fedge = _median(_fedge_cmd(path, args.mode), args.repeats)
+    floor = _median([sys.executable, __file__, "--floor", str(path)], args.repeats)
     print(f"{label}: {path.name} ({len(files)} file(s), {gz_mb:.1f} MB gz)")
     print(f"  fedge profile report ({args.mode} mode): {fedge[0]:.3f} s wall, {fedge[1]:.3f} s CPU, peak RSS {fedge[2]:.1f} MB")
     if args.hta_python:
-        hta = _median([_measure(_hta_cmd(args.hta_python, path)) for _ in range(args.repeats)])
+        hta = _median(_hta_cmd(args.hta_python, path), args.repeats)
         source = "live"
     else:
         ref = json.loads((path / "hta-reference.json").read_text())
