@@ -35,7 +35,7 @@ __all__ = [
 
 #: Intervals handled at a time by the sweeps over one rank's kernels: what bounds their memory on multi-GB
 #: traces. A rank with fewer events is swept in one piece, exactly as ever.
-BLOCK = 1 << 18
+BLOCK = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
