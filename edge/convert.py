@@ -214,9 +214,10 @@ class ConversionWorker:
         source: ``torch`` or ``keras``: which converter the child imports ahead.
         timeout_s: a conversion that takes longer stops the child (the next one starts a fresh child).
         num_threads: the child's OpenMP threads (None: the libraries' default, one per core). Calibration runs
-            one sample at a time through a small model, where more threads only add synchronisation: an int8
-            export of the default CNN converted in 4.1-5.0 s with one thread against 7.0-7.7 s with two on a
-            loaded 2-core machine.
+            one sample at a time through a small model, where more threads only add synchronisation when the
+            cores are busy: an int8 export of the default CNN converted in 4.1-5.0 s with one thread against
+            7.0-7.7 s with two on a loaded 2-core machine, but the same (8.26 vs 8.05 s, whole process) on a
+            quiet one. ``fedge edge fit``, which converts many candidates while it trains, asks for one.
 
     Example::
 
@@ -226,7 +227,7 @@ class ConversionWorker:
     """
 
     def __init__(
-        self, source: str = "torch", *, timeout_s: float = CONVERT_TIMEOUT_S, num_threads: int | None = 1
+        self, source: str = "torch", *, timeout_s: float = CONVERT_TIMEOUT_S, num_threads: int | None = None
     ) -> None:
         self.source = source
         self.timeout_s = timeout_s
@@ -390,16 +391,21 @@ def export_tflite(
             job["path"] = _keras_path(model, tmp)
         np.save(tmp / "samples.npy", samples[:calibration_samples])
         (tmp / "job.json").write_text(json.dumps(job))
-        try:
-            worker.run(tmp)
-        except ConverterCrashed as err:
-            raise RuntimeFailure(
-                f"the TFLite converter crashed ({err.how}) converting the model to {quant.value}: {err.log_tail[:200]}; "
-                "try another --quantize, or simplify the layer named in the log"
-            ) from err
-        failure = read_failure(tmp / FAILURE_FILE)
-        if failure is not None:
-            raise failure.to_error()
-        if not (tmp / "model.tflite").is_file():
-            raise RuntimeFailure(f"the TFLite converter wrote no model converting to {quant.value}")
-        return EdgeModel(data=(tmp / "model.tflite").read_bytes(), quantization=quant)
+        return EdgeModel(data=_convert_job(worker, tmp, quant), quantization=quant)
+
+
+def _convert_job(worker: ConversionWorker, job_dir: Path, quant: Quantization) -> bytes:
+    """The .tflite bytes the worker makes of the job in ``job_dir``; its failure, as fedge's one line."""
+    try:
+        worker.run(job_dir)
+    except ConverterCrashed as err:
+        raise RuntimeFailure(
+            f"the TFLite converter crashed ({err.how}) converting the model to {quant.value}: {err.log_tail[:200]}; "
+            "try another --quantize, or simplify the layer named in the log"
+        ) from err
+    failure = read_failure(job_dir / FAILURE_FILE)
+    if failure is not None:
+        raise failure.to_error()
+    if not (job_dir / "model.tflite").is_file():
+        raise RuntimeFailure(f"the TFLite converter wrote no model converting to {quant.value}")
+    return (job_dir / "model.tflite").read_bytes()

@@ -22,8 +22,9 @@ from torch import nn
 
 __all__ = ["WIDTH_FIELDS", "DistillConfig", "distill", "student_options", "teacher_logits"]
 
-WIDTH_FIELDS = ("channels", "hidden", "hidden_size", "width", "d_model", "d_ff")
-"""Model Config fields that set a layer's width (an int, or one int per layer); a student scales them down."""
+WIDTH_FIELDS = ("channels", "hidden", "d_model")
+"""Model Config fields that set a layer's width (an int, or one int per layer); a student scales them down.
+They are the built-in models' names; a plugin model that names its widths so gets students too."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -30,7 +30,7 @@ from fedge.rundir import RunDir
 if TYPE_CHECKING:
     from fedge.plugins.data.base import ArrayDataset
 
-__all__ = ["ExportConfig", "ExportWorkflow", "Exported", "export_model"]
+__all__ = ["ExportConfig", "ExportWorkflow", "Exported", "export_model", "write_artefacts"]
 
 DEFAULT_EXPORTER = "c-array"
 
@@ -290,9 +290,7 @@ class ExportWorkflow:
         report["run_dir"] = str(Path(self.out) if self.out is not None else run.path)
         settings = {"model": str(self.source_path), **to_mapping(self.config)}
         run.write_config({k: v for k, v in settings.items() if v is not None and v != {}})
-        for name, content in artefacts.files.items():
-            run.write_bytes(name, content.encode("utf-8") if isinstance(content, str) else content)
-        run.write_json("edge-report.json", report)
+        write_artefacts(run, artefacts, report)
         run.append_metrics(
             {
                 "stage": "export",
@@ -301,6 +299,13 @@ class ExportWorkflow:
                 "size_bytes": report["size_bytes"],
             }
         )
+
+
+def write_artefacts(run: RunDir, artefacts: Artefacts, report: Mapping[str, Any]) -> None:
+    """An export's files (model.tflite, the C array, ...) and its ``edge-report.json`` into ``run``."""
+    for name, content in artefacts.files.items():
+        run.write_bytes(name, content.encode("utf-8") if isinstance(content, str) else content)
+    run.write_json("edge-report.json", dict(report))
 
 
 def export_model(

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from fedge.config import to_mapping
 from fedge.edge.boards import Board
 from fedge.edge.convert import ConversionWorker, Quantization
-from fedge.edge.export_workflow import ExportConfig, Exported, ExportWorkflow, run_dir
+from fedge.edge.export_workflow import ExportConfig, Exported, ExportWorkflow, run_dir, write_artefacts
 from fedge.edge.source import SourceModel, load_source, source_kind
 from fedge.errors import ConfigError, FedgeError, Interrupted
 from fedge.rundir import RunDir
@@ -75,10 +75,9 @@ class FitConfig:
             raise ValueError("ranks and widths are both empty: there is nothing to search; give at least one")
         if self.epochs < 1 or self.finetune_epochs < 0:
             raise ValueError(f"epochs must be >= 1 and finetune_epochs >= 0, got {self.epochs}, {self.finetune_epochs}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be between 0 and 1, got {self.alpha}")
+        from fedge.edge.distill import DistillConfig  # torch: only when a fit is configured
+
+        DistillConfig(temperature=self.temperature, alpha=self.alpha)  # its checks of both
 
     def export_config(self) -> ExportConfig:
         """How every candidate is exported: int8 with the C array, checked against the board."""
@@ -311,7 +310,7 @@ class FitWorkflow:
         with contextlib.ExitStack() as stack:
             run = stack.enter_context(run_dir(self.out, overwrite=self.overwrite, kind="edge-fit"))
             # Started first: it imports litert-torch while the teacher and the data load.
-            self.exporter.worker = stack.enter_context(ConversionWorker("torch"))
+            self.exporter.worker = stack.enter_context(ConversionWorker("torch", num_threads=1))
             try:
                 report, chosen = self._search(run)
             except KeyboardInterrupt:
@@ -385,14 +384,8 @@ class FitWorkflow:
         ``config.toml``, one ``metrics.jsonl`` line per candidate; the student's ``model.pt`` + ``model.json``."""
         run.write_config({"model": str(self.source_path), **to_mapping(self.config)})
         if chosen is not None and chosen.exported is not None:
-            for name, content in chosen.exported.artefacts.files.items():
-                run.write_bytes(name, content.encode("utf-8") if isinstance(content, str) else content)
-            edge_report = {
-                **chosen.exported.report,
-                "fit_candidate": chosen.candidate.name,
-                "run_dir": report["run_dir"],
-            }
-            run.write_json("edge-report.json", edge_report)
+            edge_report = {**chosen.exported.report, "fit_candidate": chosen.candidate.name, "run_dir": report["run_dir"]}
+            write_artefacts(run, chosen.exported.artefacts, edge_report)
             if chosen.candidate.method == "distill":
                 self._save_student(run, chosen, src)
         run.write_json("fit-report.json", report)

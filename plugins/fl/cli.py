@@ -22,6 +22,7 @@ import typer
 from fedge.cli.options import config_options
 from fedge.errors import ConfigError, Interrupted
 from fedge.plugins.fl.config import FlConfig
+from fedge.plugins.fl.flower_internals import check_poll_s
 from fedge.plugins.fl.privacy import PrivacyConfig
 
 if TYPE_CHECKING:
@@ -302,7 +303,7 @@ def supernode_command(
         assert partition is not None
         index, total = _parse_share(partition)
         scheme = _parse_split(split, seed)
-        _open_workdir(workdir)
+        _open_workdir(workdir, share={"dataset": dataset, "partition": f"{index}/{total}", "split": split, "seed": seed})
         data = _materialize_partition(workdir, index, total, dataset, scheme)
         node_config["partition-id"], node_config["num-partitions"] = index, total
     node_config["data-path"] = str(data.resolve())
@@ -323,15 +324,35 @@ def supernode_command(
     return 0 if daemon.proc.returncode == 0 else 3
 
 
-def _open_workdir(workdir: Path) -> None:
-    """A SuperNode reopens its own workdir across restarts, but never writes into another command's run."""
+def _open_workdir(workdir: Path, share: dict[str, Any] | None = None) -> None:
+    """A SuperNode reopens its own workdir across restarts, but never writes into another command's run, nor
+    replaces the data file of another share (``share``: what ``--partition`` made there, kept in node.json)."""
     from fedge.rundir import RunDir, run_kind
 
     held = run_kind(workdir)
     if held not in (None, "supernode"):
         what = f"a {held} run" if held != "unknown" else "a run"
         raise ConfigError(f"--workdir {str(workdir)!r} already holds {what}; the node's files would mix into it: choose another --workdir")
-    RunDir.create("supernode", workdir, resume=held == "supernode", flag="--workdir")
+    before = _stored_share(workdir) if held == "supernode" else None
+    if share is not None and before is not None and before != share:
+        shown = "; ".join(f"{k} is {before.get(k)!r} there but {share[k]!r} here" for k in share if before.get(k) != share[k])
+        raise ConfigError(
+            f"--workdir {str(workdir)!r} holds the node of another data share ({shown}); its data file would be "
+            "replaced: give the same --dataset/--partition/--split/--seed, or another --workdir"
+        )
+    run = RunDir.create("supernode", workdir, resume=held == "supernode", flag="--workdir")
+    if share is not None and before is None:
+        run.write_json("node.json", share)
+
+
+def _stored_share(workdir: Path) -> dict[str, Any] | None:
+    try:
+        stored = json.loads((workdir / "node.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--workdir {str(workdir)!r}: node.json is unreadable ({err}); choose another --workdir") from None
+    return stored if isinstance(stored, dict) else None
 
 
 def _check_node_flags(
@@ -352,8 +373,7 @@ def _check_node_flags(
         raise ConfigError("give exactly one of --data FILE.npz or --partition I/N")
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if not (math.isfinite(poll_s) and 0 < poll_s <= 60):
-        raise ConfigError(f"--poll-s must be a number of seconds in (0, 60]; got {poll_s}")
+    check_poll_s(poll_s, name="--poll-s")
 
 
 def _parse_address(address: str) -> tuple[str, int]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedge.config import PartitionConfig, from_mapping, load_toml, merge, parse_partition, to_mapping
+from fedge.plugins.fl.flower_internals import check_poll_s
 from fedge.plugins.fl.privacy import PrivacyConfig
 
 __all__ = ["FAULTS", "FlConfig", "load_config"]
@@ -107,8 +108,7 @@ class FlConfig:
             raise ValueError(f"min_clients must be between 0 and clients ({self.clients}), got {self.min_clients}")
         if self.round_timeout_s <= 0 or self.startup_timeout_s <= 0:
             raise ValueError("round_timeout_s and startup_timeout_s must be > 0")
-        if not 0 < self.supernode_poll_s <= 60:
-            raise ValueError(f"supernode_poll_s must be in (0, 60] seconds, got {self.supernode_poll_s}")
+        check_poll_s(self.supernode_poll_s)
         if self.clients * self.fraction_train < 1:
             raise ValueError(
                 f"fraction_train {self.fraction_train} of {self.clients} clients samples nobody; "

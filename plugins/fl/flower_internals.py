@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from fedge.errors import ConfigError
 __all__ = [
     "SUPERNODE_IDLE_SLEEP_S",
     "block_tensorflow",
+    "check_poll_s",
     "check_supernode_poll",
     "check_tensorflow_import",
     "supernode_argv",
@@ -42,6 +44,8 @@ WRITTEN_FOR = "1.39.0"
 """The Flower release these patches were written and tested against."""
 SUPERNODE_IDLE_SLEEP_S = 3
 """What Flower 1.39's SuperNode sleeps when it has no message (``time.sleep(3)`` in its pull loop)."""
+MAX_POLL_S = 60.0
+"""The longest idle poll fedge accepts (Flower's own is 3 s)."""
 _IDLE_SLEEP_CALL = f"time.sleep({SUPERNODE_IDLE_SLEEP_S})"
 _TF_IMPORT = "import tensorflow as TF"
 _TF_MODULE = "flwr.simulation.ray_transport.utils"
@@ -89,10 +93,15 @@ def check_supernode_poll() -> None:
         raise _changed("shorter SuperNode idle poll")
 
 
+def check_poll_s(poll_s: float, *, name: str = "supernode_poll_s") -> None:
+    """Refuse an idle poll that is not a number of seconds in (0, :data:`MAX_POLL_S`]."""
+    if not (math.isfinite(poll_s) and 0 < poll_s <= MAX_POLL_S):
+        raise ConfigError(f"{name} must be a number of seconds in (0, {MAX_POLL_S:g}]; got {poll_s}")
+
+
 def patch_supernode_poll(poll_s: float) -> None:
     """Shorten the SuperNode's idle sleep to ``poll_s`` in this process (before Flower's SuperNode starts)."""
-    if not poll_s > 0:
-        raise ConfigError(f"the SuperNode poll interval must be > 0 s, got {poll_s}")
+    check_poll_s(poll_s, name="--poll-s")
     check_supernode_poll()
     _supernode_loop_module().time = _ShortIdleSleep(poll_s)  # type: ignore[attr-defined]
 

@@ -391,18 +391,8 @@ def run(
         Interrupted: Ctrl-C or SIGTERM (the message says how to resume).
     """
     started = time.monotonic()
-    split: Split | None = None
-    if resume is not None:
-        cfg = _resumed_config(Path(resume))
-        out = resume
-    else:
-        cfg = config if isinstance(config, FlConfig) else load_config(None, config or {})
-        check_before_start(cfg)
-        for note in _check_privacy(cfg):
-            (on_status or logger.warning)(note)
-        # Read and split the data before the run directory exists: a missing option or file, a malformed
-        # file or too many clients fails here and leaves nothing behind.
-        split = load_and_split(cfg, num_clients=cfg.clients if remote is None else 0)
+    cfg, split = _settings_and_data(config, resume, remote, on_status)
+    out = resume if resume is not None else out
     with RunDir.create("fl", out, resume=resume is not None, overwrite=overwrite, resumable=True) as created:
         run_dir = RunDir(created.path.resolve())  # the daemons run in other working directories
         if resume is None:
@@ -424,6 +414,25 @@ def run(
         rejected=sum(int(m.get("rejected") or 0) for m in metrics),
         extra={"privacy": result["privacy"]} if "privacy" in result else {},
     )
+
+
+def _settings_and_data(
+    config: FlConfig | Mapping[str, Any] | None,
+    resume: str | Path | None,
+    remote: RemoteNodes | None,
+    on_status: Callable[[str], None] | None,
+) -> tuple[FlConfig, Split | None]:
+    """The run's settings, checked, and (for a new run) its data read and split, before any directory exists."""
+    if resume is not None:
+        cfg = _resumed_config(Path(resume))
+        check_before_start(cfg)
+        return cfg, None  # a resumed run keeps its split
+    cfg = config if isinstance(config, FlConfig) else load_config(None, config or {})
+    check_before_start(cfg)
+    for note in _check_privacy(cfg):
+        (on_status or logger.warning)(note)
+    # A missing option or file, a malformed file or too many clients fails here and leaves nothing behind.
+    return cfg, load_and_split(cfg, num_clients=cfg.clients if remote is None else 0)
 
 
 def _federation(run_dir: RunDir, cfg: FlConfig, remote: RemoteNodes | None, **kwargs: Any) -> _Federated:
@@ -464,7 +473,7 @@ def check_before_start(cfg: FlConfig) -> None:
     if cfg.engine == "simulation":
         from fedge.plugins.fl.simulation import check_simulation
 
-        check_simulation(cfg.ray_address)
+        check_simulation(cfg.ray_address, client_cpus=cfg.client_cpus, client_gpus=cfg.client_gpus)
 
 
 def _clear_previous_attempt(run_dir: RunDir, on_status: Callable[[str], None] | None) -> None:

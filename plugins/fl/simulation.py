@@ -14,6 +14,7 @@ process.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -23,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from fedge.errors import ConfigError
-from fedge.failure import read_failure
 from fedge.plugins.fl.runner import _Federated, write_data
-from fedge.plugins.fl.server_app import FAILURE_FILE, app_for
+from fedge.plugins.fl.server_app import app_for
 from fedge.supervisor import alive, cmdline, descendants, terminate_tree
 
 __all__ = ["SimulationFederation", "check_simulation"]
@@ -36,15 +36,34 @@ _POLL_S = 0.25
 _GCS_PROBE_S = 5.0
 
 
-def check_simulation(ray_address: str) -> None:
-    """Refuse, in one line, a simulation that cannot start: Ray missing, or a Ray address that does not answer."""
+def check_simulation(ray_address: str, *, client_cpus: float = 1.0, client_gpus: float = 0.0) -> None:
+    """Refuse, in one line, a simulation that cannot start: Ray missing, a Ray address that does not answer,
+    or (on the local Ray) a client that asks for more CPUs or GPUs than this machine has."""
     try:
         import ray  # noqa: F401
     except ImportError:
         raise ConfigError("the simulation engine needs Ray; install it with: pip install 'fedge[simulation]'") from None
-    if not ray_address:
+    if ray_address:
+        _check_ray_head(ray_address)
         return
+    cores = os.cpu_count() or 1
+    if client_cpus > cores:
+        raise ConfigError(
+            f"client_cpus = {client_cpus:g} is more than the {cores} CPUs of this machine, so Ray could never place a "
+            f"client; give client_cpus <= {cores}"
+        )
+    if client_gpus > 0 and _local_gpus() == 0:
+        raise ConfigError(
+            f"client_gpus = {client_gpus:g} needs a GPU, and torch sees none here; leave client_gpus at 0, "
+            "or use a ray_address of a cluster with GPUs"
+        )
+
+
+@functools.cache
+def _check_ray_head(ray_address: str) -> None:
+    # Cached: a head that answered is not probed again by the same process (only success is cached).
     host, _, port = ray_address.rpartition(":")
+    host = host.strip("[]")
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ConfigError(f"bad ray_address {ray_address!r}; use HOST:PORT of the Ray head (its GCS port, e.g. 127.0.0.1:6379)")
     try:
@@ -61,6 +80,12 @@ def check_simulation(ray_address: str) -> None:
             f"no Ray cluster answers at {ray_address}: something listens there but gave no gRPC answer within "
             f"{_GCS_PROBE_S:.0f} s; give the Ray head's GCS address (what `ray start --head` printed, port 6379 by default)"
         )
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _answers_grpc(host: str, port: int, *, timeout_s: float) -> bool:
@@ -93,15 +118,18 @@ class SimulationFederation(_Federated):
         return []
 
     def backend_config(self) -> dict[str, Any]:
-        # Flower's run_simulation defaults (logging_level, log_to_driver), since fedge starts Ray itself.
+        # Only the client resources: Flower reads "init_args" only when it starts Ray, and fedge starts Ray.
+        return {"client_resources": {"num_cpus": self.cfg.client_cpus, "num_gpus": self.cfg.client_gpus}}
+
+    def ray_init_args(self) -> dict[str, Any]:
+        # Flower's run_simulation defaults (logging_level, log_to_driver).
         init: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
         if self.cfg.ray_address:
             init["address"] = self.cfg.ray_address
         else:
             init["num_cpus"] = os.cpu_count() or 1
-            init["num_gpus"] = int(self.cfg.client_gpus > 0)
-        resources = {"num_cpus": self.cfg.client_cpus, "num_gpus": self.cfg.client_gpus}
-        return {"client_resources": resources, "init_args": init}
+            init["num_gpus"] = _local_gpus() if self.cfg.client_gpus > 0 else 0
+        return init
 
     def init_ray(self) -> None:
         """Start (or join, with ``ray_address``) Ray with fedge's worker setup: no TensorFlow in the actors."""
@@ -116,7 +144,7 @@ class SimulationFederation(_Federated):
             "worker_process_setup_hook": f"{block_tensorflow.__module__}.{block_tensorflow.__name__}",
         }
         try:
-            ray.init(runtime_env=runtime_env, **self.backend_config()["init_args"])
+            ray.init(runtime_env=runtime_env, **self.ray_init_args())
         except (ConnectionError, TimeoutError, ray.exceptions.RaySystemError) as err:
             if not self.cfg.ray_address:
                 raise
@@ -135,7 +163,6 @@ class SimulationFederation(_Federated):
 
         from fedge.plugins.fl.client_app import app as client_app
 
-        check_simulation(self.cfg.ray_address)
         self.prepare()
         where = self.cfg.ray_address or "a local Ray"
         self.status(f"run directory {self.run.path}; {self.cfg.clients} virtual clients on {where} (Flower Simulation Engine)")
@@ -158,8 +185,6 @@ class SimulationFederation(_Federated):
             if not self.cfg.ray_address:
                 terminate_tree([p for p in self._ray_pids if alive(p)], grace_s=3.0)
         self._report_new_rounds()
-        if (failure := read_failure(self.run.file(FAILURE_FILE))) is not None:
-            raise failure.to_error()
         result = self._result(None)  # type: ignore[arg-type]
         if result is None:
             raise ConfigError(f"the simulation ended without a result; see the log above and {self.run.path}")

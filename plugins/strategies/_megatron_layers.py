@@ -25,8 +25,10 @@ __all__ = [
     "VocabParallelEmbedding",
     "copy_to_tp",
     "gather_tp_state",
+    "gather_tp_tensor",
     "parallelize_tp",
     "reduce_from_tp",
+    "tp_slice",
 ]
 
 
@@ -160,48 +162,81 @@ def parallelize_tp(
     for name, m in list(model.named_modules()):
         prefix = f"{name}." if name else ""
         if _is_attention(m):
-            if m.num_heads % size:
-                raise ConfigError(
-                    f"tp={size} must divide the attention heads ({m.num_heads}) of {name or 'the model'}; choose tp from its divisors"
-                )
-            for n in ("q", "k", "v"):
-                setattr(m, n, _column_shard(getattr(m, n), rank, size))
-                dims[f"{prefix}{n}.weight"] = 0
-                if getattr(m, n).bias is not None:
-                    dims[f"{prefix}{n}.bias"] = 0
-            m.proj = _row_shard(m.proj, rank, size, group)
-            dims[f"{prefix}proj.weight"] = 1
-            m.num_heads //= size
-            m.register_forward_pre_hook(_enter_tp(group))
+            dims.update(_shard_attention(m, name, prefix, group=group, rank=rank, size=size))
         elif _is_mlp(m):
-            if m.fc.out_features % size:
-                raise ConfigError(
-                    f"tp={size} must divide the MLP width ({m.fc.out_features}) of {name or 'the model'}; choose tp from its divisors"
-                )
-            m.fc = _column_shard(m.fc, rank, size)
-            dims[f"{prefix}fc.weight"] = 0
-            if m.fc.bias is not None:
-                dims[f"{prefix}fc.bias"] = 0
-            m.proj = _row_shard(m.proj, rank, size, group)
-            dims[f"{prefix}proj.weight"] = 1
-            m.register_forward_pre_hook(_enter_tp(group))
+            dims.update(_shard_mlp(m, name, prefix, group=group, rank=rank, size=size))
     if vocab_parallel:
-        for name, m in list(model.named_modules()):
-            for child_name, child in list(m.named_children()):
-                if isinstance(child, nn.Embedding):
-                    if child.num_embeddings % size:
-                        raise ConfigError(
-                            f"tp={size} must divide the vocabulary ({child.num_embeddings}) for vocab_parallel; "
-                            "choose tp from its divisors or set vocab_parallel=false"
-                        )
-                    setattr(m, child_name, VocabParallelEmbedding(child, rank, size, group))
-                    dims[f"{name}.{child_name}.weight" if name else f"{child_name}.weight"] = 0
+        dims.update(_shard_embeddings(model, group=group, rank=rank, size=size))
     if not dims:
         raise ConfigError(
             "megatron found nothing to split: it needs attention (q, k, v, proj Linear + num_heads) or MLP "
             "(fc, proj Linear) sublayers, like the tiny-gpt model's; use tp=1 or another strategy"
         )
     return dims
+
+
+def _shard_attention(
+    m: nn.Module, name: str, prefix: str, *, group: dist.ProcessGroup | None, rank: int, size: int
+) -> dict[str, int]:
+    if m.num_heads % size:
+        raise ConfigError(
+            f"tp={size} must divide the attention heads ({m.num_heads}) of {name or 'the model'}; choose tp from its divisors"
+        )
+    dims = {}
+    for n in ("q", "k", "v"):
+        setattr(m, n, _column_shard(getattr(m, n), rank, size))
+        dims[f"{prefix}{n}.weight"] = 0
+        if getattr(m, n).bias is not None:
+            dims[f"{prefix}{n}.bias"] = 0
+    m.proj = _row_shard(m.proj, rank, size, group)
+    dims[f"{prefix}proj.weight"] = 1
+    m.num_heads //= size
+    m.register_forward_pre_hook(_enter_tp(group))
+    return dims
+
+
+def _shard_mlp(
+    m: nn.Module, name: str, prefix: str, *, group: dist.ProcessGroup | None, rank: int, size: int
+) -> dict[str, int]:
+    if m.fc.out_features % size:
+        raise ConfigError(
+            f"tp={size} must divide the MLP width ({m.fc.out_features}) of {name or 'the model'}; choose tp from its divisors"
+        )
+    m.fc = _column_shard(m.fc, rank, size)
+    dims = {f"{prefix}fc.weight": 0}
+    if m.fc.bias is not None:
+        dims[f"{prefix}fc.bias"] = 0
+    m.proj = _row_shard(m.proj, rank, size, group)
+    dims[f"{prefix}proj.weight"] = 1
+    m.register_forward_pre_hook(_enter_tp(group))
+    return dims
+
+
+def _shard_embeddings(model: nn.Module, *, group: dist.ProcessGroup | None, rank: int, size: int) -> dict[str, int]:
+    dims = {}
+    for name, m in list(model.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, nn.Embedding):
+                if child.num_embeddings % size:
+                    raise ConfigError(
+                        f"tp={size} must divide the vocabulary ({child.num_embeddings}) for vocab_parallel; "
+                        "choose tp from its divisors or set vocab_parallel=false"
+                    )
+                setattr(m, child_name, VocabParallelEmbedding(child, rank, size, group))
+                dims[f"{name}.{child_name}.weight" if name else f"{child_name}.weight"] = 0
+    return dims
+
+
+def gather_tp_tensor(t: torch.Tensor, dim: int, *, group: dist.ProcessGroup | None, size: int) -> torch.Tensor:
+    """This rank's slice of a tensor split along ``dim`` across the TP group, gathered to full size (collective)."""
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.detach().contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def tp_slice(t: torch.Tensor, dim: int, *, rank: int, size: int) -> torch.Tensor:
+    """TP rank ``rank``'s slice of a full tensor, as :func:`parallelize_tp` cut it (equal contiguous parts)."""
+    return t.chunk(size, dim=dim)[rank]
 
 
 def gather_tp_state(
@@ -212,8 +247,6 @@ def gather_tp_state(
     for key, t in module.state_dict().items():
         t = t.detach()
         if key in dims and size > 1:
-            parts = [torch.empty_like(t) for _ in range(size)]
-            dist.all_gather(parts, t.contiguous(), group=group)
-            t = torch.cat(parts, dim=dims[key])
+            t = gather_tp_tensor(t, dims[key], group=group, size=size)
         state[key] = t.cpu().clone()
     return state

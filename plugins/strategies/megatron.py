@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from fedge.errors import ConfigError
 from fedge.parallel import MeshAxis, ParallelDims
-from fedge.plugins.strategies._megatron_layers import gather_tp_state, parallelize_tp
+from fedge.plugins.strategies._megatron_layers import gather_tp_state, gather_tp_tensor, parallelize_tp, tp_slice
 from fedge.plugins.strategies._model_parallel import ModelParallel
 from fedge.plugins.strategies._pipeline_groups import allreduce_grads, gather_to_rank0, make_groups
 from fedge.plugins.strategies._pipeline_stage import StageModule, StageRunner, resolve_split
@@ -114,6 +114,20 @@ class Megatron(ModelParallel):
         # Every tp rank of a last stage holds the same loss; average over dp groups in one all-reduce.
         is_last = self.stage_index == dims.pp - 1
         return self.reduce_loss(loss / (dims.dp * dims.tp) if is_last else 0.0, idle, self.runner)
+
+    def holds_state(self) -> bool:
+        coords = self.dims.coords(self.ctx.rank)
+        return coords[MeshAxis.TP] == 0 and coords[MeshAxis.DP] == 0
+
+    def gathered(self, name: str, t: Tensor) -> Tensor:
+        if name not in self.shard_dims or self.dims.tp == 1:
+            return t
+        return gather_tp_tensor(t, self.shard_dims[name], group=self.tp_group, size=self.dims.tp)
+
+    def slice_of(self, name: str, full: Tensor) -> Tensor:
+        if name not in self.shard_dims or self.dims.tp == 1:
+            return full
+        return tp_slice(full, self.shard_dims[name], rank=self.dims.coords(self.ctx.rank)[MeshAxis.TP], size=self.dims.tp)
 
     def full_state_dict(self) -> dict[str, Tensor] | None:
         full = gather_tp_state(self.model, self.shard_dims, group=self.tp_group, size=self.dims.tp)

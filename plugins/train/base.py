@@ -361,7 +361,9 @@ class Strategy(abc.ABC):
         return target
 
     def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
-        """SGD with this config's lr and momentum (the optimizer single-process training uses)."""
+        """SGD with this config's lr and momentum (the optimizer single-process training uses). A pipeline stage
+        of parameterless layers (a ReLU) gets one empty group: torch refuses an empty parameter list."""
         import torch
 
-        return torch.optim.SGD(params, lr=self.config.lr, momentum=self.config.momentum)
+        group = [{"params": list(params)}]
+        return torch.optim.SGD(group, lr=self.config.lr, momentum=self.config.momentum)

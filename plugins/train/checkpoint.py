@@ -10,11 +10,11 @@ worker puts a barrier in between), so a crash at any moment leaves the previous 
 ``replicated`` strategy (plain data parallel) has the same state on every rank: only rank 0 writes it,
 and a job with a different world size can resume from it.
 
-A ``resizable`` strategy (data parallel, parameter server) is checkpointed with torch.distributed.checkpoint
-(DCP) instead: its :meth:`~fedge.plugins.train.base.Strategy.global_state` - the model and SGD momentum as
-one process would hold them - goes to ``checkpoints/step-N/`` (DCP's ``.metadata`` + ``*.distcp``, each
-tensor written once), beside ``rng-R.pt`` per rank; ``latest.json`` says ``"format": "dcp"``. Any world
-size loads it, and each rank takes its part (a parameter server's shard of the parameters and momentum).
+A ``resizable`` strategy (every built-in one) is checkpointed with torch.distributed.checkpoint (DCP)
+instead: its :meth:`~fedge.plugins.train.base.Strategy.global_state` - the model and SGD momentum as one
+process would hold them - goes to ``checkpoints/step-N/`` (DCP's ``.metadata`` + ``*.distcp``, each tensor
+written once), beside ``rng-R.pt`` per rank; ``latest.json`` says ``"format": "dcp"``. Any world size loads
+it, and each rank takes its part (a parameter server's shard, a pipeline stage's layers, a tp slice).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from rich.markup import escape
 from fedge.cli.options import config_options
 from fedge.config import describe, from_mapping, load_toml, merge, to_mapping
 from fedge.errors import ConfigError, FedgeError, Interrupted, PluginNotFoundError
-from fedge.plugins.train.config import TrainConfig, parse_nnodes
+from fedge.plugins.train.config import NODE_SETTINGS, TrainConfig, parse_nnodes
 from fedge.registry import Kind, Registry
 from fedge.rundir import RunDir, run_kind
 
@@ -123,14 +123,26 @@ def train(
 
 def _joins_shared_run(out: Path | None, cfg: TrainConfig) -> bool:
     """Whether ``out`` is the run directory another node of this same multi-node job already made (nodes that
-    checkpoint share one directory): same rendezvous, not finished. Every node then writes into it."""
+    checkpoint share one directory): same rendezvous, not finished, same settings but for the per-node ones.
+    Every node then writes into it. The same rendezvous with other settings is another job: refused."""
     if out is None or not cfg.rdzv_endpoint or run_kind(out) != "train" or (out / "summary.json").exists():
         return False
     try:
-        theirs = load_toml(out / "config.toml")
+        theirs = to_mapping(from_mapping(TrainConfig, load_toml(out / "config.toml")))
     except FedgeError:
         return False
-    return (theirs.get("rdzv_endpoint"), theirs.get("rdzv_id")) == (cfg.rdzv_endpoint, cfg.rdzv_id)
+    if (theirs["rdzv_endpoint"], theirs["rdzv_id"]) != (cfg.rdzv_endpoint, cfg.rdzv_id):
+        return False
+    mine = to_mapping(cfg)
+    diff = sorted(k for k in mine.keys() | theirs.keys() if k not in NODE_SETTINGS and mine.get(k) != theirs.get(k))
+    if diff:
+        shown = "; ".join(f"{k} is {theirs.get(k)!r} there but {mine.get(k)!r} here" for k in diff[:3])
+        raise ConfigError(
+            f"--out {str(out)!r} holds an unfinished train run of rendezvous {cfg.rdzv_endpoint} (id {cfg.rdzv_id!r}) "
+            f"started with other settings ({shown}); a node joins it only with the same settings: give those, "
+            "or another --out, or --overwrite to replace it"
+        )
+    return True
 
 
 def _base_settings(config_file: Path | None, resume: Path | None, out: Path | None, strategy: str | None) -> dict[str, Any]:

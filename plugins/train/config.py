@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["TrainConfig", "parse_nnodes"]
+__all__ = ["NODE_SETTINGS", "TrainConfig", "parse_nnodes"]
 
 
 def parse_nnodes(spec: str) -> tuple[int, int]:
@@ -19,6 +19,13 @@ def parse_nnodes(spec: str) -> tuple[int, int]:
     if not 1 <= lo <= hi:
         raise ValueError(f"nnodes needs 1 <= MIN <= MAX, got {spec!r}")
     return lo, hi
+
+
+# Settings a node may set for itself: how it joins (and restarts), and where its data lies (the data
+# itself is compared instead).
+NODE_SETTINGS = frozenset(
+    {"nproc", "nnodes", "rdzv_endpoint", "rdzv_id", "rdzv_timeout_s", "rdzv_last_call_s", "max_restarts", "dataset_options"}
+)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -41,7 +41,7 @@ from fedge.errors import ConfigError, FedgeError
 from fedge.failure import record_failure
 from fedge.plugins.train.base import DistContext, resolve_strategy, strategy_config
 from fedge.plugins.train.checkpoint import Checkpointer
-from fedge.plugins.train.config import TrainConfig
+from fedge.plugins.train.config import NODE_SETTINGS, TrainConfig
 from fedge.rundir import RunDir, atomic_write_text
 
 if TYPE_CHECKING:
@@ -316,17 +316,10 @@ def _write_node_file(run: RunDir, tag: str, *, num_nodes: int, first_rank: int, 
     run.write_json(f"nodes/{tag}.json", record)
 
 
-# Settings a node may set for itself: how it joins (and restarts), and where its data lies (the data
-# itself is compared instead).
-_NODE_SETTINGS = frozenset(
-    {"nproc", "nnodes", "rdzv_endpoint", "rdzv_id", "rdzv_timeout_s", "rdzv_last_call_s", "max_restarts", "dataset_options"}
-)
-
-
 def _check_same_job(cfg: TrainConfig, data: ArrayDataset) -> None:
     """Every rank must run the job rank 0 runs: nodes started with other flags would train something else
     (or hang in mismatched collectives), so all ranks compare and all fail with the same line."""
-    mine = {k: v for k, v in to_mapping(cfg).items() if k not in _NODE_SETTINGS}
+    mine = {k: v for k, v in to_mapping(cfg).items() if k not in NODE_SETTINGS}
     mine["training set (samples, input shape, classes)"] = (len(data.x_train), tuple(data.input_shape), data.num_classes)
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)

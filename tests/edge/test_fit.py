@@ -38,8 +38,13 @@ def _rows(report: dict) -> dict[str, dict]:
     return {c["name"]: c for c in report["candidates"]}
 
 
-def test_a_model_too_big_for_the_board_comes_out_fitting_within_the_stated_drop(fitted) -> None:
+def test_a_model_too_big_for_the_board_comes_out_fitting_within_the_stated_drop(
+    fitted, trained_run: Path, tmp_path: Path, lend_worker
+) -> None:
     code, _, report = fitted
+    with lend_worker():  # the teacher exported on its own, as a user would
+        assert main(["edge", "export", str(trained_run), "--quantize", "int8", "--out", str(tmp_path / "teacher")]) == 0
+    teacher = json.loads((tmp_path / "teacher" / "edge-report.json").read_text())
     rows = _rows(report)
     chosen = rows[report["chosen"]]
 
@@ -47,7 +52,8 @@ def test_a_model_too_big_for_the_board_comes_out_fitting_within_the_stated_drop(
     assert rows["as-is"]["fits"] is False and not rows["as-is"]["flash_ok"] and not rows["as-is"]["ram_ok"]
     assert report["fits_as_is"] is False and report["chosen"] != "as-is"
     assert chosen["fits"] and chosen["size_bytes"] <= 32 * 1024 and chosen["arena_bytes"] <= 8 * 1024
-    assert report["teacher_accuracy_int8"] == rows["as-is"]["accuracy"] > 0.5
+    assert report["teacher_accuracy_int8"] == rows["as-is"]["accuracy"] == teacher["accuracy_exported"] > 0.5
+    assert rows["as-is"]["size_bytes"] == teacher["size_bytes"]
     assert chosen["accuracy"] >= report["teacher_accuracy_int8"] - MAX_DROP_POINTS / 100
     # Verified on both runtimes, like any export.
     assert chosen["runtimes_agreed"] is True and chosen["accuracy_tflm"] == chosen["accuracy"]
@@ -82,6 +88,7 @@ def test_the_chosen_model_is_written_as_an_export_writes_it(fitted, digits, tmp_
 
     assert edge_report["fits"] is True and edge_report["board"]["name"] == "tiny-m0"
     assert edge_report["fit_candidate"] == report["chosen"] and edge_report["size_bytes"] == len(tflite)
+    assert len(tflite) == chosen["size_bytes"]  # the file on disk is the chosen candidate's
     assert parsed == tflite
     assert build.returncode == 0, build.stderr
     # The file on disk answers as the report says, run again here on LiteRT.
@@ -91,7 +98,7 @@ def test_the_chosen_model_is_written_as_an_export_writes_it(fitted, digits, tmp_
         student = load_model(out)
         assert model_spec(student)["config"]["channels"] == chosen["setting"]["config"]["channels"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["name"] for m in metrics] == [c["name"] for c in report["candidates"]]
+    assert [m["name"] for m in metrics] == ["as-is", "low-rank-0.25", "distill-0.5"]
 
 
 def test_a_board_nothing_fits_is_one_line_with_the_smallest_size_reached(

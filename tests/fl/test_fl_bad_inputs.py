@@ -81,9 +81,11 @@ CASES = [
     ("run-ray-address-without-simulation", ["fl", "run", "--ray-address", "127.0.0.1:6379"], 1, "ray_address is for engine = simulation"),
     ("run-ray-address-not-answering", ["fl", "run", "--engine", "simulation", "--ray-address", "127.0.0.1:{free_port}"], 1, "no Ray cluster answers at 127.0.0.1:"),
     ("run-ray-address-not-ray", ["fl", "run", "--engine", "simulation", "--ray-address", "127.0.0.1:{busy_port}"], 1, "something listens there but gave no gRPC answer within 5 s"),
-    ("run-supernode-poll-zero", ["fl", "run", "--supernode-poll-s", "0"], 1, "supernode_poll_s must be in (0, 60] seconds"),
+    ("run-supernode-poll-zero", ["fl", "run", "--supernode-poll-s", "0"], 1, "supernode_poll_s must be a number of seconds in (0, 60]; got 0.0"),
     ("run-heterogeneity-nan", ["fl", "run", "--heterogeneity", "lognormal:nan"], 1, "heterogeneity must be lognormal:SIGMA with a finite SIGMA"),
     ("run-client-cpus-zero", ["fl", "run", "--engine", "simulation", "--client-cpus", "0"], 1, "client_cpus must be > 0"),
+    ("run-client-cpus-over-cores", ["fl", "run", "--engine", "simulation", "--client-cpus", "4096"], 1, "client_cpus = 4096 is more than the "),
+    ("run-client-gpus-without-gpu", ["fl", "run", "--engine", "simulation", "--client-gpus", "0.5"], 1, "client_gpus = 0.5 needs a GPU, and torch sees none here"),
     ("run-unknown-model", ["fl", "run", "--model", "resnet9000"], 1, "unknown model 'resnet9000'"),
     # fl superlink
     ("superlink-port-zero", ["fl", "superlink", "--host", "127.0.0.1", "--fleet-port", "0"], 1, "--fleet-port must be a TCP port in 1..65535; got 0"),
@@ -132,6 +134,11 @@ def test_bad_input_is_one_line_and_writes_nothing(
     argv: list[str], code: int, expected: str, files: dict[str, Path], busy_port: int, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
+    if "needs a GPU" in expected:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
     # Prepare: a working directory to see that nothing (no runs/) appears; the inputs as files.
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -215,6 +222,20 @@ def test_supernode_that_cannot_reach_its_superlink_says_so_and_gives_up(tmp_path
     assert f"cannot reach the SuperLink at 127.0.0.1:{port} yet; retrying for up to 6 s" in err
     assert f"could not join the SuperLink at 127.0.0.1:{port} within 6 s (--connect-timeout)" in err
     assert "Traceback" not in err
+
+    # The same workdir with another split of the same share would replace the node's data file: refused.
+    data = tmp_path / "node" / "digits-0-of-2.npz"
+    kept = data.read_bytes()
+    code = main(["fl", "supernode", "--superlink", f"127.0.0.1:{port}", "--partition", "0/2", "--split", "iid",
+                 "--workdir", str(tmp_path / "node")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 1, err
+    assert err == (
+        f"fedge: error: --workdir {str(tmp_path / 'node')!r} holds the node of another data share (split is "
+        "'dirichlet:0.5' there but 'iid' here); its data file would be replaced: give the same "
+        "--dataset/--partition/--split/--seed, or another --workdir"
+    )
+    assert data.read_bytes() == kept
 
 
 @pytest.mark.multiproc

@@ -26,8 +26,10 @@ SMALL = {"partition": "iid", "local_epochs": 2, "batch_size": 16, "model": "mlp"
 
 
 def _layout(run_dir: Path) -> set[str]:
-    # What both engines write; the deployment engine also keeps per-client data files and Flower's daemons' logs.
-    return {p.name for p in run_dir.iterdir()} - {"flower", "app"}
+    # Every file both engines write; the deployment engine also keeps per-client data files, the app it
+    # submitted and Flower's daemons' state and logs.
+    files = {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()}
+    return {f for f in files if f.split("/")[0] not in {"flower", "app"} and not f.startswith("data/client-")}
 
 
 def test_same_job_on_both_engines_reaches_comparable_accuracy_with_the_same_layout(tmp_path: Path) -> None:
@@ -44,6 +46,7 @@ def test_same_job_on_both_engines_reaches_comparable_accuracy_with_the_same_layo
     assert simulated.accuracy > 0.6 and deployed.accuracy > 0.6
     assert abs(simulated.accuracy - deployed.accuracy) < 0.1
     assert _layout(simulated.run_dir) == _layout(deployed.run_dir)
+    assert [sorted(m) for m in simulated.metrics] == [sorted(m) for m in deployed.metrics]  # the same records
     assert (simulated.run_dir / "checkpoints" / "round-0003.pt").is_file()
 
 

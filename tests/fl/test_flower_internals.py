@@ -36,6 +36,21 @@ def test_supernode_idle_sleep_is_shortened_and_nothing_else() -> None:
     assert loop.time is time  # checking patched nothing in this process
 
 
+def test_the_patch_reaches_flowers_supernode_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: Flower's own loop module (restored afterwards)
+    import flwr.supernode.start_client_internal as loop
+
+    monkeypatch.setattr(loop, "time", loop.time)
+    # Execute
+    flower_internals.patch_supernode_poll(0.01)
+    started = time.perf_counter()
+    loop.time.sleep(flower_internals.SUPERNODE_IDLE_SLEEP_S)  # what the loop's idle branch calls
+    idle_s = time.perf_counter() - started
+    # Assert: the loop's `time` is the shim, and its idle sleep is the short one
+    assert isinstance(loop.time, flower_internals._ShortIdleSleep) and loop.time.poll_s == 0.01
+    assert idle_s < flower_internals.SUPERNODE_IDLE_SLEEP_S / 2
+
+
 def test_supernode_argv_names_flower_supernode_and_runs_the_patched_one() -> None:
     argv = flower_internals.supernode_argv(["--superlink", "127.0.0.1:1"], poll_s=0.5)
 
@@ -46,7 +61,7 @@ def test_supernode_argv_names_flower_supernode_and_runs_the_patched_one() -> Non
     assert "flower-supernode" in argv and argv[-2:] == ["--superlink", "127.0.0.1:1"]
     assert done.returncode == 0 and "--superlink" in done.stdout  # Flower's own SuperNode answered
     bad = subprocess.run([*argv[:5], "0"], capture_output=True, text=True, timeout=300, check=False, env=quiet)
-    assert bad.returncode == 1 and "poll interval must be > 0" in bad.stderr
+    assert bad.returncode == 1 and "--poll-s must be a number of seconds in (0, 60]; got 0.0" in bad.stderr
 
 
 def test_a_changed_supernode_loop_stops_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,6 +22,12 @@ def _run_of(kind: str) -> Callable[[Path], None]:
     return make
 
 
+def _unfinished_job_run(path: Path) -> None:
+    """A node's unfinished run of the job on rendezvous 127.0.0.1:29431 with 20 steps (no summary.json)."""
+    _run_of("train")(path)
+    (path / "config.toml").write_text('strategy = "allreduce"\nsteps = 20\nnnodes = "2"\nrdzv_endpoint = "127.0.0.1:29431"\n')
+
+
 def _file(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("not a directory\n")
@@ -75,6 +81,8 @@ TRAIN_CASES = [
     ("resume-fl-run", ["--resume", "{tmp}/x"], _run_of("fl"), "holds a fl run, not a train run"),
     ("resume-edge-run", ["--resume", "{tmp}/x"], _run_of("edge"), "holds a edge run, not a train run"),
     ("out-holds-a-train-run", ["--out", "{tmp}/x"], _run_of("train"), "already holds a train run"),
+    ("out-holds-another-job-of-the-rendezvous", ["--out", "{tmp}/x", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29431", "--steps", "21"],
+     _unfinished_job_run, "holds an unfinished train run of rendezvous 127.0.0.1:29431 (id 'fedge-train') started with other settings (steps is 20 there but 21 here)"),
     ("out-holds-an-fl-run", ["--out", "{tmp}/x"], _run_of("fl"), "already holds a fl run"),
     ("out-is-a-file", ["--out", "{tmp}/x"], _file, "is a file, not a directory"),
     ("resume-and-overwrite", ["--resume", "{tmp}/x", "--overwrite"], _run_of("train"), "no checkpoint yet"),

@@ -25,8 +25,11 @@ def _assert_same(state: dict, ref: dict) -> None:
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
-# parameter-server: one server, 2 -> 3 -> 2 workers; fsdp: DTensor shards resharded by DCP
-RESIZES = {"allreduce": (2, 4, 2), "parameter-server": (3, 4, 3), "fsdp": (2, 4, 2)}
+# parameter-server: one server, 2 -> 3 -> 2 workers; fsdp: DTensor shards resharded by DCP; pipeline:
+# 2 -> 4 -> 2 stages of the mlp's 6 layers; megatron: tp 2 x dp 1 -> dp 2 -> tp 1 x dp 2 (-o tp=1 on the last leg).
+RESIZES = {"allreduce": (2, 4, 2), "parameter-server": (3, 4, 3), "fsdp": (2, 4, 2), "pipeline": (2, 4, 2), "megatron": (2, 4, 2)}
+GPT = {"model": "tiny-gpt", "model_options": {"d_model": 32, "num_heads": 4, "num_layers": 2}}
+SETTINGS = {"megatron": lambda leg: {**GPT, "strategy_options": {"tp": 2 if leg < 2 else 1}}}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,8 @@ def resized(tmp_path_factory: pytest.TempPathFactory, write_run, run_workers) ->
             by_world.setdefault(worlds[leg], []).append(strategy)
         for world, names in by_world.items():
             for strategy in names:
-                write_run(tmp / strategy, strategy=strategy, steps=LEG_STEPS * (leg + 1), checkpoint_every=LEG_STEPS)
+                extra = SETTINGS[strategy](leg) if strategy in SETTINGS else {}
+                write_run(tmp / strategy, strategy=strategy, steps=LEG_STEPS * (leg + 1), checkpoint_every=LEG_STEPS, **extra)
             run_workers(world, [tmp / s for s in names])
             for strategy in names:
                 metas[strategy].append(json.loads((tmp / strategy / "checkpoints" / "latest.json").read_text()))
@@ -57,7 +61,8 @@ def test_resized_resume_matches_an_uninterrupted_run(resized, reference_state, s
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from_step"] == LEG_STEPS * (len(worlds) - 1)
-    ref_state, ref_losses = reference_state(LEG_STEPS * len(worlds))
+    model = GPT if strategy == "megatron" else {}
+    ref_state, ref_losses = reference_state(LEG_STEPS * len(worlds), **model)
     _assert_same(torch.load(run_dir / "model.pt", weights_only=True), ref_state)
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert losses == pytest.approx(ref_losses, rel=1e-5)
