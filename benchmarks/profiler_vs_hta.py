@@ -1,21 +1,19 @@
-"""fedge's profiler vs Holistic Trace Analysis (HTA) on the 53 MB trace set: load+analyse time and peak RSS,
-as ratios. HTA runs live from a venv of its own with --hta-python; otherwise its numbers are read from the set's hta-reference.json (HTA 0.5.0,
-``timing_repeats``: median load + temporal/overlap/kernel breakdown; ``maxrss_*_mb``: peak RSS).
+"""fedge's profiler vs Holistic Trace Analysis (HTA) 0.5 and the gzip + orjson floor, whole process: wall time,
+CPU time (user+sys of the process and its workers, what other load on the machine barely changes) and peak RSS
+of each command, start-up and imports included, measured with os.wait4 on that process alone.
 
-fedge runs in a child process per repeat (load_job + build_report, mode hta), so its peak RSS is the
-child's alone (resource.getrusage(RUSAGE_CHILDREN)).
+It prints, in one run: the largest shared single-rank trace and a shared multi-rank set, each as
+``fedge profile report --json --mode hta`` vs HTA (``TraceAnalysis`` + temporal/overlap/kernel breakdowns, live
+from a venv of its own with --hta-python, else the set's stored hta-reference.json times, which exclude
+HTA's imports) vs the floor (``gzip`` + ``orjson.loads`` of the same files, one after the other); then, with
+--synthetic, ``fedge profile report`` on synthetic traces of the given sizes (benchmarks/make_big_trace.py):
+time, CPU and peak RSS against the file size.
 
-It also prints the naive floor, gzip + orjson.loads of the same files in a fresh process, and fedge's time
-as a ratio to it.
-
-Run:  .venv/bin/python benchmarks/profiler_vs_hta.py [--set DIR] [--repeats 3] [--big /tmp/fedge-big-trace.json]
-      [--synthetic 0.5,1.5,4] [--hta-python /tmp/hta-venv/bin/python]
-(``--hta-python``: run HTA 0.5.0 live from a venv of its own, made with
-``python3 -m venv /tmp/hta-venv && /tmp/hta-venv/bin/pip install HolisticTraceAnalysis==0.5.0``, instead of
-reading its stored times;
-``--big``: also load+analyse a synthetic multi-GB trace made by benchmarks/make_big_trace.py and print its
-peak RSS against the file size; ``--synthetic``: make one of each size in GB under /tmp, measure time and
-peak RSS of each, delete it.)
+Run:  .venv/bin/python benchmarks/profiler_vs_hta.py --repeats 3 --hta-python /tmp/hta-venv/bin/python \
+      --synthetic 0.5,1.5,4
+(``--hta-python``: a venv made with ``python3 -m venv /tmp/hta-venv && /tmp/hta-venv/bin/pip install
+HolisticTraceAnalysis==0.5.0 'pandas<3'``; ``--single``/``--multi``: other trace sets; ``--big FILE``: also an
+existing multi-GB trace.) About 6 minutes at --repeats 3 --synthetic 0.5,1.5,4 on 2 cores.
 """
 
 from __future__ import annotations
@@ -26,20 +24,13 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_SET = Path(__file__).resolve().parents[2] / "shared" / "traces" / "hta-v100-2gpu-rank1-large"
-
-
-def _child(path: str, mode: str) -> None:
-    from fedge.profiler import build_report, load_job
-
-    start, cpu_start = time.perf_counter(), time.process_time()
-    job = load_job(path)
-    report = build_report(job, mode=mode)
-    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    print(json.dumps({"seconds": elapsed, "cpu_seconds": cpu, "ranks": len(report["ranks"]), "errors": len(report["errors"])}))
+TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
+DEFAULT_SINGLE = TRACES / "hta-v100-2gpu-rank1-large"
+DEFAULT_MULTI = TRACES / "hta-sampled-128gpu-2rank"
 
 
 def _floor_child(path: str) -> None:
@@ -47,11 +38,9 @@ def _floor_child(path: str) -> None:
 
     import orjson
 
-    start, cpu_start = time.perf_counter(), time.process_time()
     for f in _trace_files(path):
         raw = f.read_bytes()
         orjson.loads(zlib.decompress(raw, 16 + zlib.MAX_WBITS) if raw[:2] == b"\x1f\x8b" else raw)
-    print(json.dumps({"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start}))
 
 
 def _trace_files(path: str) -> list[Path]:
@@ -59,123 +48,121 @@ def _trace_files(path: str) -> list[Path]:
     return sorted(f for f in p.glob("*.json*") if "reference" not in f.name) if p.is_dir() else [p]
 
 
-def _floor(path: str) -> tuple[float, float]:
-    proc = subprocess.run([sys.executable, __file__, "--floor", path], capture_output=True, text=True, check=True)
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    return float(out["seconds"]), float(out["cpu_seconds"])
-
-
 # HTA 0.5 in its own interpreter: TraceAnalysis (parse, align, filter) plus the breakdowns its reference times
 # cover, on a folder holding the trace files only (HTA reads every JSON file it finds).
 _HTA_CHILD = """
-import json, os, resource, sys, tempfile, time
+import os, sys, tempfile
 from pathlib import Path
 from hta.trace_analysis import TraceAnalysis
 with tempfile.TemporaryDirectory() as tmp:
     for f in sys.argv[1:]:
         os.symlink(f, Path(tmp) / Path(f).name)
-    start, cpu = time.perf_counter(), time.process_time()
     analysis = TraceAnalysis(trace_dir=tmp)
     analysis.get_temporal_breakdown(visualize=False)
     analysis.get_comm_comp_overlap(visualize=False)
     analysis.get_gpu_kernel_breakdown(visualize=False)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-children = resource.getrusage(resource.RUSAGE_CHILDREN)
-print(json.dumps({"seconds": seconds, "cpu_seconds": cpu + children.ru_utime + children.ru_stime,
-                  "maxrss_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + children.ru_maxrss) / 1024}))
 """
 
 
-def _hta_live(python: str, path: str) -> tuple[float, float, float]:
-    files = [str(f.resolve()) for f in _trace_files(path)]
-    proc = subprocess.run([python, "-c", _HTA_CHILD, *files], capture_output=True, text=True, check=True)
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    return float(out["seconds"]), float(out["cpu_seconds"]), float(out["maxrss_mb"])
+# Children may cache bytecode, as an installed package has it (HTA's venv does): a PYTHONDONTWRITEBYTECODE
+# inherited from the shell would otherwise make fedge compile its modules on every run.
+_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
-def _synthetic(sizes_gb: list[float]) -> None:
+def _measure(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall s, CPU s, peak RSS MB) of one command and the processes it waited for, start-up included."""
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=_ENV)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
+        if code not in (0, 2):  # 2: fedge read some files only
+            err.seek(0)
+            raise SystemExit(f"{cmd[0]} exited {code}: {err.read().decode(errors='replace')[-2000:]}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+
+
+def _median(cmd: list[str], repeats: int) -> tuple[float, float, float]:
+    """Medians of wall and CPU time and the largest peak RSS over ``repeats`` runs, after one unmeasured run
+    (bytecode written, files in the page cache, for every command alike)."""
+    _measure(cmd)
+    runs = [_measure(cmd) for _ in range(repeats)]
+    return (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs), max(r[2] for r in runs))
+
+
+def _fedge_cmd(path: str | Path, mode: str) -> list[str]:
+    return [str(Path(sys.executable).with_name("fedge")), "profile", "report", str(path), "--json", "--mode", mode]
+
+
+def _hta_cmd(python: str, path: Path) -> list[str]:
+    return [python, "-c", _HTA_CHILD, *(str(f.resolve()) for f in _trace_files(str(path)))]
+
+
+def _compare(label: str, path: Path, args: argparse.Namespace) -> None:
+    """One trace set: fedge vs HTA vs the floor, whole process, median of --repeats."""
+    files = _trace_files(str(path))
+    gz_mb = sum(f.stat().st_size for f in files) / 1e6
+    fedge = _median(_fedge_cmd(path, args.mode), args.repeats)
+    floor = _median([sys.executable, __file__, "--floor", str(path)], args.repeats)
+    print(f"{label}: {path.name} ({len(files)} file(s), {gz_mb:.1f} MB gz)")
+    print(f"  fedge profile report ({args.mode} mode): {fedge[0]:.3f} s wall, {fedge[1]:.3f} s CPU, peak RSS {fedge[2]:.1f} MB")
+    if args.hta_python:
+        hta = _median(_hta_cmd(args.hta_python, path), args.repeats)
+        source = "live"
+    else:
+        ref = json.loads((path / "hta-reference.json").read_text())
+        reps = ref["timing_repeats"]
+        seconds = reps["load_s_median"] + reps["analyze_s_median"]
+        hta = (seconds, seconds, ref["maxrss_self_mb"] + ref.get("maxrss_children_mb", 0.0))
+        source = "stored, imports not included"
+    print(f"  HTA 0.5.0 ({source}): {hta[0]:.3f} s wall, {hta[1]:.3f} s CPU, peak RSS {hta[2]:.1f} MB")
+    print(f"  floor (gzip + orjson.loads): {floor[0]:.3f} s wall, {floor[1]:.3f} s CPU")
+    print(f"  fedge is {hta[0] / fedge[0]:.1f}x faster than HTA by wall time, {hta[1] / fedge[1]:.1f}x by CPU time "
+          f"(target >= 10x); {fedge[0] / floor[0]:.2f}x the floor by wall time, {fedge[1] / floor[1]:.2f}x by CPU "
+          f"time (target <= 1.1x); {fedge[2] / hta[2]:.2f}x HTA's peak RSS (median of {args.repeats})")
+
+
+def _synthetic(sizes_gb: list[float], mode: str) -> None:
     maker = Path(__file__).with_name("make_big_trace.py")
     for gb in sizes_gb:
         path = f"/tmp/fedge-synthetic-{gb:g}gb.json"
         try:
             subprocess.run([sys.executable, str(maker), "--gb", str(gb), "--out", path], check=True, capture_output=True)
-            size_mb = os.path.getsize(path) / 1e6
-            seconds, _, mb = _run_child(path, "fedge")
-            print(f"synthetic {size_mb:,.0f} MB: load+analyse {seconds:.1f} s ({seconds / size_mb * 1000:.1f} s/GB), "
-                  f"peak RSS {mb:,.0f} MB ({mb / size_mb:.2f}x the file size)")
+            _big(path, mode)
         finally:
             Path(path).unlink(missing_ok=True)
 
 
-def _run_child(path: str, mode: str) -> tuple[float, float, float]:
-    """(wall seconds, CPU seconds, peak RSS MB) of load+analyse in a fresh process. RUSAGE_CHILDREN is the max
-    over all children a process waited for, so each measurement goes through its own intermediate process."""
-    code = (
-        "import json, resource, subprocess, sys;"
-        f"p = subprocess.run([sys.executable, {__file__!r}, '--child', {path!r}, '--mode', {mode!r}],"
-        " capture_output=True, text=True, check=True);"
-        "out = json.loads(p.stdout.strip().splitlines()[-1]);"
-        "out['maxrss_mb'] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024;"
-        "print(json.dumps(out))"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    return float(out["seconds"]), float(out["cpu_seconds"]), float(out["maxrss_mb"])
+def _big(path: str, mode: str) -> None:
+    size_mb = os.path.getsize(path) / 1e6
+    wall, cpu, mb = _measure(_fedge_cmd(path, mode))
+    print(f"synthetic {size_mb:,.0f} MB: fedge profile report {wall:.1f} s wall, {cpu:.1f} s CPU "
+          f"({cpu / size_mb * 1000:.1f} s CPU/GB), peak RSS {mb:,.0f} MB ({mb / size_mb:.3f}x the file size; target <= 0.1x)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--set", default=str(DEFAULT_SET), help="trace set directory with hta-reference.json")
+    parser.add_argument("--single", default=str(DEFAULT_SINGLE), help="a single-rank trace set with hta-reference.json")
+    parser.add_argument("--multi", default=str(DEFAULT_MULTI), help="a multi-rank trace set with hta-reference.json")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mode", default="hta")
     parser.add_argument("--big", default=None, help="also measure this synthetic multi-GB trace")
     parser.add_argument("--synthetic", default=None, help="comma-separated sizes in GB of synthetic traces to measure")
     parser.add_argument("--hta-python", default=None,
                         help="python of a venv with HolisticTraceAnalysis==0.5.0: run HTA live instead of reading its stored times")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--floor", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        _child(args.child, args.mode)
-        return
     if args.floor:
         _floor_child(args.floor)
         return
-    ref = json.loads((Path(args.set) / "hta-reference.json").read_text())
-    reps = ref["timing_repeats"]
-    hta_s = reps["load_s_median"] + reps["analyze_s_median"]
-    hta_mb = ref["maxrss_self_mb"] + ref.get("maxrss_children_mb", 0.0)
-    runs = [_run_child(args.set, args.mode) for _ in range(args.repeats)]
-    fedge_s = statistics.median(r[0] for r in runs)
-    fedge_cpu = statistics.median(r[1] for r in runs)
-    fedge_mb = max(r[2] for r in runs)
-    print(f"set: {Path(args.set).name} ({sum(f.stat().st_size for f in Path(args.set).glob('*.gz')) / 1e6:.1f} MB gz)")
-    print(f"HTA 0.5.0 (reference): load+analyse {hta_s:.3f} s (median of {reps['repeats']}), peak RSS {hta_mb:.1f} MB")
-    hta_cpu = None
-    if args.hta_python:
-        live = [_hta_live(args.hta_python, args.set) for _ in range(args.repeats)]
-        hta_s, hta_cpu = statistics.median(r[0] for r in live), statistics.median(r[1] for r in live)
-        hta_mb = max(r[2] for r in live)
-        print(f"HTA 0.5.0 (live, {args.hta_python}): load+analyse {hta_s:.3f} s wall, {hta_cpu:.3f} s CPU "
-              f"(median of {args.repeats}), peak RSS {hta_mb:.1f} MB")
-    print(f"fedge ({args.mode} mode):   load+analyse {fedge_s:.3f} s (median of {args.repeats}: "
-          f"{', '.join(f'{r[0]:.3f}' for r in runs)}), peak RSS {fedge_mb:.1f} MB")
-    print(f"fedge CPU time (user+sys, immune to other load on the machine): {fedge_cpu:.3f} s (median); "
-          f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"speed-up: {hta_s / fedge_s:.1f}x faster by wall time, {(hta_cpu or hta_s) / fedge_cpu:.1f}x by CPU time "
-          "(target >= 10x)")
-    print(f"memory:   {fedge_mb / hta_mb:.2f}x HTA's peak RSS (target <= 0.5x)")
-    floors = [_floor(args.set) for _ in range(args.repeats)]
-    floor_s, floor_cpu = statistics.median(f[0] for f in floors), statistics.median(f[1] for f in floors)
-    print(f"floor:    gzip + orjson.loads {floor_s:.3f} s wall, {floor_cpu:.3f} s CPU (median of {args.repeats}); fedge is "
-          f"{fedge_s / floor_s:.2f}x it by wall time, {fedge_cpu / floor_cpu:.2f}x by CPU time (target <= 1.1x)")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    _compare("largest single-rank set", Path(args.single), args)
+    _compare("multi-rank set", Path(args.multi), args)
     if args.big:
-        size_mb = os.path.getsize(args.big) / 1e6
-        seconds, _, mb = _run_child(args.big, "fedge")
-        print(f"big trace: {args.big} {size_mb:,.0f} MB: load+analyse {seconds:.1f} s, peak RSS {mb:,.0f} MB "
-              f"({mb / size_mb:.2f}x the file size)")
+        _big(args.big, "fedge")
     if args.synthetic:
-        _synthetic([float(x) for x in args.synthetic.split(",")])
+        _synthetic([float(x) for x in args.synthetic.split(",")], "fedge")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import numpy as np
 import orjson
 
 from fedge.errors import DataError
+from fedge.profiler.columns import Exact, FloatColumn, IntColumn, release_free_memory
 from fedge.profiler.kinds import is_collective_op
 
 __all__ = [
@@ -142,21 +143,60 @@ def _decode(text: bytes) -> list[Any]:
 
 @dataclass(frozen=True, slots=True)
 class Table:
-    """Columns of equal length: ``ts``/``dur`` (µs, float64, as written in the file), ``name`` (index into
-    ``Trace.names``), ``cat`` (category code), ``tid`` (stream for GPU events), ``device``, ``corr``
-    (correlation id, -1 if none), ``ext`` (``External id``: the op a launch or kernel belongs to, -1 if none)."""
+    """Columns of equal length: ``ts``/``dur`` (µs, float64, exactly as written in the file; stored compactly,
+    see :mod:`fedge.profiler.columns`, so each access decodes: take a subset with ``ts_at``/``dur_at``/``end_at``),
+    ``name`` (index into ``Trace.names``), ``cat`` (category code), ``tid`` (stream for GPU events), ``device``
+    (-1 on CPU events), ``corr`` (correlation id, -1 if none; on the CPU side only launches keep theirs, stored
+    sparsely as ``corr_rows``/``corr_values`` sorted by id), ``ext`` (``External id``: the op a launch or kernel
+    belongs to, -1 if none). Integer columns take the narrowest dtype that holds their values, and one that holds
+    a single value takes no memory (a read-only broadcast)."""
 
-    ts: np.ndarray
-    dur: np.ndarray
+    ts_exact: Exact
+    dur_exact: Exact
     name: np.ndarray
     cat: np.ndarray
     tid: np.ndarray
     device: np.ndarray
-    corr: np.ndarray
     ext: np.ndarray
+    corr_values: np.ndarray
+    corr_rows: np.ndarray | None = None
+
+    @property
+    def corr(self) -> np.ndarray:
+        """Correlation id of every event (-1 if none)."""
+        if self.corr_rows is None:
+            return self.corr_values
+        out = np.full(len(self), -1, dtype=self.corr_values.dtype)
+        out[self.corr_rows] = self.corr_values
+        return out
 
     def __len__(self) -> int:
-        return len(self.ts)
+        return len(self.cat)
+
+    @property
+    def ts(self) -> np.ndarray:
+        """Start of every event (µs, float64)."""
+        return self.ts_exact.get()
+
+    @property
+    def dur(self) -> np.ndarray:
+        """Duration of every event (µs, float64)."""
+        return self.dur_exact.get()
+
+    def ts_at(self, rows: Any) -> np.ndarray:
+        """Starts of ``rows`` (an index array, mask or slice) without decoding the whole column."""
+        return self.ts_exact.get(rows)
+
+    def dur_at(self, rows: Any) -> np.ndarray:
+        return self.dur_exact.get(rows)
+
+    def end_at(self, rows: Any = None) -> np.ndarray:
+        """``ts + dur`` of ``rows`` (of every event by default), as float64."""
+        ts = self.ts_exact.get(rows)
+        if ts is self.ts_exact.raw or ts.base is not None:  # the stored column or a view of it: never written
+            return ts + self.dur_exact.get(rows)
+        ts += self.dur_exact.get(rows)  # a fresh decode: added in place, one temporary column fewer
+        return ts
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,43 +420,35 @@ def _why_no_events(rest: bytes) -> str:
     return "traceEvents holds values that are not events (expected objects with ph, name, ts)"
 
 
-_DTYPES = (np.float64, np.float64, np.int32, np.int8, np.int64, np.int32, np.int64, np.int64)
-
-
-def _release_free_memory() -> None:
-    """Give freed heap pages back to the OS (glibc keeps them otherwise, and the many small per-chunk column
-    parts freed while joining columns would double the peak RSS). No-op where malloc_trim does not exist."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class _Columns:
-    """Append-only columns, turned into numpy arrays every chunk so memory stays compact."""
+    """Rows of one table: Python lists for the chunk being read, moved into compact columns after each chunk.
+    ``with_device``: GPU tables. CPU events have no device (their ``device`` column is a -1 that takes no memory),
+    and only launches keep a correlation id: there the ``device`` and ``corr`` lists hold launch rows and ids."""
 
-    def __init__(self) -> None:
-        self.lists: tuple[list[Any], ...] = tuple([] for _ in _DTYPES)
-        self.parts: tuple[list[np.ndarray], ...] = tuple([] for _ in _DTYPES)
+    def __init__(self, *, with_device: bool) -> None:
+        self.with_device = with_device
+        self.lists: tuple[list[Any], ...] = tuple([] for _ in range(8))
+        self.columns: tuple[FloatColumn | IntColumn, ...] = (
+            FloatColumn(relative=True), FloatColumn(relative=False), *(IntColumn() for _ in range(6))
+        )
         self.count = 0
 
     def flush(self) -> None:
-        if self.lists[0]:
-            for col, parts, dt in zip(self.lists, self.parts, _DTYPES):
-                parts.append(np.asarray(col, dtype=dt))
-                col.clear()
+        for values, column in zip(self.lists, self.columns):
+            column.extend(values)  # type: ignore[arg-type]
+            values.clear()
 
     def table(self) -> Table:
         self.flush()
-        columns = []
-        for parts, dt in zip(self.parts, _DTYPES):  # one column at a time, freeing its parts: peak +1 column
-            columns.append(np.concatenate(parts) if parts else np.empty(0, dtype=dt))
-            parts.clear()
-            if len(columns[-1]) > (1 << 20):
-                _release_free_memory()
-        return Table(*columns)
+        ts, dur, name, cat, tid, device, corr, ext = (c.finish() for c in self.columns)
+        assert isinstance(ts, Exact) and isinstance(dur, Exact)
+        if self.with_device:
+            return Table(ts, dur, name, cat, tid, device, ext, corr)  # type: ignore[arg-type]
+        # CPU: ``device`` and ``corr`` hold the rows and correlation ids of the launches, sorted here by id
+        rows, values = device, corr
+        by_corr = np.argsort(values, kind="stable")  # type: ignore[arg-type]
+        return Table(ts, dur, name, cat, tid, np.broadcast_to(np.int8(-1), (self.count,)), ext,  # type: ignore[arg-type]
+                     values[by_corr], rows[by_corr])  # type: ignore[index]
 
 
 def _int_tid(tid: Any) -> int:
@@ -449,7 +481,7 @@ def _ingest(
     """Append the kept events of one chunk to the columns. ``flags[name id]``: 1 = ProfilerStep, 2 = collective op."""
     categories = _CATEGORIES
     g_ts, g_dur, g_name, g_cat, g_tid, g_dev, g_corr, g_ext = gpu.lists
-    c_ts, c_dur, c_name, c_cat, c_tid, c_dev, c_corr, c_ext = cpu.lists
+    c_ts, c_dur, c_name, c_cat, c_tid, c_launch, c_corr, c_ext = cpu.lists
     for e in events:
         cat = e.cat
         code = categories.get(cat) if type(cat) is str else None
@@ -493,7 +525,11 @@ def _ingest(
         if code == GPU_ANNOTATION and flag != 2:  # GPU-track copies: only collectives' are kept (tb-profiler reads them)
             continue
         tid = e.tid
-        corr = args.correlation if args is not None else -1
+        if code in LAUNCH_CATEGORIES and args is not None:
+            corr = args.correlation
+            if type(corr) is int and corr >= 0:
+                c_launch.append(cpu.count)
+                c_corr.append(corr)
         if flag == 2 and args is not None:
             found = _comm_args(args)
             if found:
@@ -503,8 +539,6 @@ def _ingest(
         c_name.append(nid)
         c_cat.append(code)
         c_tid.append(tid if type(tid) is int else _int_tid(tid))
-        c_dev.append(-1)
-        c_corr.append(corr if type(corr) is int else -1)
         c_ext.append(_ext(args))
         cpu.count += 1
     gpu.flush()
@@ -555,7 +589,7 @@ def load_trace(path: str | os.PathLike[str], *, rank: int | None = None, chunk_b
         raise DataError(f"{p}: {err}") from err
     except OSError as err:
         raise DataError(f"{p}: cannot read ({err.strerror or err})") from err
-    except (ValueError, TypeError, UnicodeDecodeError) as err:
+    except (ValueError, TypeError, OverflowError, UnicodeDecodeError) as err:
         raise DataError(f"{p}: not a valid trace ({type(err).__name__}: {err})") from err
 
 
@@ -570,11 +604,21 @@ def _not_readable(p: Path) -> str | None:
     return None
 
 
+def _rank_of(info: dict[str, Any], p: Path, rank: int | None) -> tuple[int, str]:
+    """The rank and where it came from: ``distributedInfo``, else the file name, else the file order."""
+    if isinstance(info.get("rank"), int):
+        return int(info["rank"]), "distributedInfo"
+    m = _RANK_IN_NAME_RE.search(p.name)
+    if m:
+        return int(m.group(1)), "file name"
+    return (rank if rank is not None else 0), "file order"
+
+
 def _load(p: Path, rank: int | None, chunk_bytes: int) -> Trace:
     problem = _not_readable(p)
     if problem:
         raise DataError(problem)
-    gpu, cpu = _Columns(), _Columns()
+    gpu, cpu = _Columns(with_device=True), _Columns(with_device=False)
     names: dict[str, int] = {}
     flags: list[int] = []
     steps: list[tuple[float, float, int, bool]] = []
@@ -598,25 +642,16 @@ def _load(p: Path, rank: int | None, chunk_bytes: int) -> Trace:
             gc.enable()
     if not seen_events:
         logger.debug("%s: traceEvents is empty", p)
-    notes: list[str] = []
     raw_info = meta.get("distributedInfo")
     info: dict[str, Any] = raw_info if isinstance(raw_info, dict) else {}
-    if isinstance(info.get("rank"), int):
-        found_rank, source = int(info["rank"]), "distributedInfo"
-    else:
-        m = _RANK_IN_NAME_RE.search(p.name)
-        if m:
-            found_rank, source = int(m.group(1)), "file name"
-        else:
-            found_rank, source = (rank if rank is not None else 0), "file order"
-        notes.append(f"{p.name}: no distributedInfo.rank; rank {found_rank} taken from the {source}")
+    found_rank, source = _rank_of(info, p, rank)
+    notes = [] if source == "distributedInfo" else [f"{p.name}: no distributedInfo.rank; rank {found_rank} taken from the {source}"]
     base_ns = meta.get("baseTimeNanoseconds")
     step_arr = np.array(sorted((s[0], s[1], s[2]) for s in steps if not s[3]), dtype=np.float64).reshape(-1, 3)
     gpu_step_arr = np.array(sorted((s[0], s[1], s[2]) for s in steps if s[3]), dtype=np.float64).reshape(-1, 3)
     ordered = sorted(names, key=names.__getitem__)
     cpu_table = cpu.table()
-    launch = np.flatnonzero(np.isin(cpu_table.cat, LAUNCH_CATEGORIES) & (cpu_table.corr >= 0))
-    by_corr = np.argsort(cpu_table.corr[launch], kind="stable")
+    release_free_memory()
     return Trace(
         path=str(p),
         rank=found_rank,
@@ -631,8 +666,8 @@ def _load(p: Path, rank: int | None, chunk_bytes: int) -> Trace:
         comm_args=comm_args,
         metadata=_small_metadata(meta),
         base_us=float(base_ns) / 1000.0 if isinstance(base_ns, (int, float)) else 0.0,
-        launch_corr=cpu_table.corr[launch][by_corr],
-        launch_row=launch[by_corr],
+        launch_corr=cpu_table.corr_values,
+        launch_row=cpu_table.corr_rows,  # type: ignore[arg-type]
         collective_names=np.array([f == 2 for f in flags] or [False], dtype=bool),
         notes=tuple(notes),
     )

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
+from fedge.profiler.columns import release_free_memory
 from fedge.profiler.kinds import Mode
 from fedge.profiler.timeline import Kernels, cpu_intervals, kernels
 from fedge.profiler.trace import Job, Trace
@@ -150,13 +151,26 @@ class JobView:
             self._derived[key] = compute()
         return self._derived[key]  # type: ignore[no-any-return]
 
+    def once(self, what: str, compute: Callable[[], R]) -> R:
+        """``compute()`` once per view: a result several analyses read (the recommendations read the temporal,
+        overlap and idle breakdowns the report has just computed)."""
+        key = (what, 0)
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]  # type: ignore[no-any-return]
+
     def kernels(self, trace: Trace) -> Kernels:
         """The GPU events the analyses use (see :func:`fedge.profiler.timeline.kernels`)."""
-        return self.derive("kernels", trace, lambda: kernels(trace, self.mode, include_last_step=self.include_last_step))
+        return self.derive("kernels", trace, lambda: _trimmed(kernels(trace, self.mode, include_last_step=self.include_last_step)))
 
     def cpu_intervals(self, trace: Trace) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """CPU compute and collective intervals, for ranks with no GPU activity."""
         return self.derive("cpu", trace, lambda: cpu_intervals(trace, include_last_step=self.include_last_step, mode=self.mode))
+
+
+def _trimmed(value: R) -> R:
+    release_free_memory()  # the temporaries of a multi-GB rank's kernels, before the analyses add their own
+    return value
 
 
 def as_view(data: Job | Trace | JobView, *, mode: Mode | str = Mode.FEDGE, include_last_step: bool = False) -> JobView:

@@ -147,8 +147,8 @@ class _Context:
         self.by_tid: dict[int, tuple[list[float], list[float], list[int]]] = {}
         for tid in np.unique(cpu.tid[rows]):
             r = rows[cpu.tid[rows] == tid]
-            r = r[np.argsort(cpu.ts[r], kind="stable")]
-            self.by_tid[int(tid)] = (cpu.ts[r].tolist(), (cpu.ts[r] + cpu.dur[r]).tolist(), r.tolist())
+            r = r[np.argsort(cpu.ts_at(r), kind="stable")]
+            self.by_tid[int(tid)] = (cpu.ts_at(r).tolist(), cpu.end_at(r).tolist(), r.tolist())
 
     def enclosing(self, tid: int, t: float) -> list[int]:
         """Rows of the collective ops on thread ``tid`` that contain time ``t``, innermost first."""
@@ -211,34 +211,36 @@ def _collective_ops(trace: Trace, k: Kernels, include_last_step: bool) -> list[C
         comm = np.flatnonzero(k.kind == int(KernelKind.COMMUNICATION))
         gpu_rows = k.row[comm]
         launches = launch_rows(trace, trace.gpu.corr[gpu_rows])
-        for i, row, launch in zip(comm, gpu_rows, launches):
+        launch_ts = np.full(len(launches), np.nan)
+        launch_ts[launches >= 0] = cpu.ts_at(launches[launches >= 0])
+        for i, row, launch, at in zip(comm, gpu_rows, launches, launch_ts.tolist()):
             sources: list[dict[str, Any]] = []
             if ("gpu", int(row)) in trace.comm_args:
                 sources.append(trace.comm_args[("gpu", int(row))])
             op_names: list[str] = []
             if launch >= 0:
-                for r in ctx.enclosing(int(cpu.tid[launch]), float(cpu.ts[launch])):
+                for r in ctx.enclosing(int(cpu.tid[launch]), at):
                     op_names.append(trace.names[cpu.name[r]])
                     if ("cpu", r) in trace.comm_args:
                         sources.append(trace.comm_args[("cpu", r)])
             name = trace.names[int(k.name[i])]
             coll, group, n, size, source = _describe(trace, name, sources, op_names)
-            ops.append(CollectiveOp(trace.rank, coll, group, n, float(k.ts[i]) + trace.base_us,
-                                    float(k.end[i]) + trace.base_us, size, source))
+            ops.append(CollectiveOp(trace.rank, coll, group, n, float(k.ts_at(i)) + trace.base_us,
+                                    float(k.end_at(i)) + trace.base_us, size, source))
         return ops
     rows = [r for v in ctx.by_tid.values() for r in v[2]]
     executing = [r for r in rows if not trace.names[cpu.name[r]].startswith(("c10d::", "record_param_comms"))]
     rows = executing or [r for r in rows if trace.names[cpu.name[r]].startswith("c10d::")]
     steps = trace.steps
     limit = steps[:, 0].max() if has_last_step(steps) and not include_last_step else math.inf
-    for r in sorted(rows, key=lambda r: cpu.ts[r]):
-        if cpu.ts[r] >= limit:
+    start, end = dict(zip(rows, cpu.ts_at(rows).tolist())), dict(zip(rows, cpu.end_at(rows).tolist()))
+    for r in sorted(rows, key=start.__getitem__):
+        if start[r] >= limit:
             continue
         name = trace.names[cpu.name[r]]
         sources = [trace.comm_args[("cpu", r)]] if ("cpu", r) in trace.comm_args else []
         coll, group, n, size, source = _describe(trace, None, sources, [name])
-        ops.append(CollectiveOp(trace.rank, coll, group, n, float(cpu.ts[r]) + trace.base_us,
-                                float(cpu.ts[r] + cpu.dur[r]) + trace.base_us, size, source))
+        ops.append(CollectiveOp(trace.rank, coll, group, n, start[r] + trace.base_us, end[r] + trace.base_us, size, source))
     return ops
 
 

@@ -25,12 +25,15 @@ the two on the shared traces.
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fedge.errors import ConfigError
+from fedge.profiler import timeline
 from fedge.profiler.analyses.base import AnalysisConfig, Column, JobView, Result, Section
 from fedge.profiler.kinds import KernelKind, Mode
 from fedge.profiler.timeline import Kernels, launch_rows, merge
@@ -106,38 +109,68 @@ class CriticalPath(Result):
 
 
 class _Walk:
-    """The backward walk over one rank's GPU events and CPU calls."""
+    """The backward walk over one rank's GPU events and CPU calls, for a step starting at ``start``.
 
-    def __init__(self, trace: Trace, k: Kernels, *, thread_gap_us: float, wait_gap_us: float) -> None:
+    Every GPU event the walk can return ends after the step's start, so only those are indexed by end, and
+    only the CPU calls that reach past the start are read: memory follows the step, not the trace. Launches
+    and the previous event on a stream are looked up for the events the walk visits only."""
+
+    def __init__(self, trace: Trace, k: Kernels, start: float, *, thread_gap_us: float, wait_gap_us: float) -> None:
         self.trace, self.k, self.thread_gap_us, self.wait_gap_us = trace, k, thread_gap_us, wait_gap_us
         cpu = trace.cpu
-        self.launch = launch_rows(trace, trace.gpu.corr[k.row])
-        self.by_end = np.argsort(k.end, kind="stable")
-        self.ends = k.end[self.by_end]
+        after = np.flatnonzero(k.end > start)
+        self.by_end = after[np.argsort(k.end_at(after), kind="stable")]
+        self.ends = k.end_at(self.by_end)
         is_sync = np.array([n.startswith(_SYNC) for n in trace.names] or [False], dtype=bool)
-        self.syncs = np.flatnonzero(np.isin(cpu.cat, LAUNCH_CATEGORIES) & is_sync[cpu.name])
-        # The previous event on each event's stream (-1 for the first), as an array: a dict would cost ~100 bytes
-        # per kernel on a multi-GB trace.
-        order = np.lexsort((k.ts, k.stream))
-        self.prev_on_stream = np.full(len(k), -1, dtype=np.int64)
-        same = k.stream[order[1:]] == k.stream[order[:-1]]
-        self.prev_on_stream[order[1:][same]] = order[:-1][same]
-        ops = np.flatnonzero((cpu.cat == CPU_OP) | (cpu.cat == ANNOTATION))
+        syncs = _cpu_rows(trace, lambda cat, name, rows: np.isin(cat, LAUNCH_CATEGORIES) & is_sync[name]
+                          & (cpu.ts_at(rows) >= start))
+        self.syncs = syncs
+        self.sync_tid, self.sync_ts, self.sync_end = cpu.tid[syncs], cpu.ts_at(syncs), cpu.end_at(syncs)
+        self._launch: dict[int, tuple[int, float, float]] = {}
+        self._stream_order: dict[int, np.ndarray] = {}
+        # CPU ops that reach the step's start, in bursts per thread (ops ending earlier cannot change a burst
+        # that holds a time after it)
+        ops = _cpu_rows(trace, lambda cat, name, rows: ((cat == CPU_OP) | (cat == ANNOTATION))
+                        & (cpu.end_at(rows) + thread_gap_us >= start))
         self.bursts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for tid in np.unique(cpu.tid[ops]).tolist():
             rows = ops[cpu.tid[ops] == tid]
-            self.bursts[tid] = merge(cpu.ts[rows], cpu.ts[rows] + cpu.dur[rows] + thread_gap_us)
+            self.bursts[tid] = merge(cpu.ts_at(rows), cpu.end_at(rows) + thread_gap_us)
+
+    def launch(self, i: int) -> tuple[int, float, float]:
+        """(cpu row, start, end) of the launch of GPU event ``i``; (-1, nan, -inf) when it was not recorded."""
+        found = self._launch.get(i)
+        if found is None:
+            cpu = self.trace.cpu
+            row = int(launch_rows(self.trace, self.trace.gpu.corr[self.k.row[i : i + 1]])[0])
+            found = (row, float(cpu.ts_at(row)), float(cpu.end_at(row))) if row >= 0 else (-1, np.nan, -np.inf)
+            self._launch[i] = found
+        return found
+
+    def prev_on_stream(self, i: int) -> int | None:
+        """The event before ``i`` on its stream, in (start, index) order."""
+        k = self.k
+        stream = int(k.stream[i])
+        order = self._stream_order.get(stream)
+        if order is None:
+            order = self._stream_order[stream] = k.by_ts[k.stream[k.by_ts] == stream]
+        pos = bisect.bisect_left(order, (float(k.ts_at(i)), i), key=lambda j: (float(k.ts_at(j)), int(j)))
+        return int(order[pos - 1]) if pos > 0 else None
 
     def _last_of_step(self, start: float, end: float) -> int | None:
         """The GPU event launched in the step that ends last (it may end after the step's CPU side)."""
-        cpu = self.trace.cpu
-        has = self.launch >= 0
-        launch_ts = np.full(len(self.k), np.nan)
-        launch_ts[has] = cpu.ts[self.launch[has]]
-        inside = np.flatnonzero((launch_ts >= start) & (launch_ts < end))
-        if len(inside):
-            return int(inside[np.argmax(self.k.end[inside])])
-        return self.last_gpu_before(end, start)
+        k, best, best_end = self.k, None, -np.inf
+        for lo in range(0, len(k), timeline.BLOCK):
+            block = slice(lo, lo + timeline.BLOCK)
+            launch = launch_rows(self.trace, self.trace.gpu.corr[k.row[block]])
+            launch_ts = np.full(len(launch), np.nan)
+            launch_ts[launch >= 0] = self.trace.cpu.ts_at(launch[launch >= 0])
+            inside = np.flatnonzero((launch_ts >= start) & (launch_ts < end))
+            if len(inside):
+                j = int(inside[np.argmax(k.end_at(block)[inside])])
+                if best is None or k.end_at(lo + j) > best_end:  # the first of equal ends, as argmax over all
+                    best, best_end = lo + j, float(k.end_at(lo + j))
+        return best if best is not None else self.last_gpu_before(end, start)
 
     def last_gpu_before(self, t: float, lo: float) -> int | None:
         i = int(np.searchsorted(self.ends, t, side="right")) - 1
@@ -153,9 +186,9 @@ class _Walk:
         seen: set[int] = set()
         while i is not None and i not in seen:  # each GPU event once: zero-length events cannot make a cycle
             seen.add(i)
-            links.append(PathLink(_KIND.get(int(k.kind[i]), "kernel"), names[int(k.name[i])], max(float(k.ts[i]), start),
-                                  float(k.end[i]), int(k.stream[i])))
-            if k.ts[i] <= start:  # the step began while this ran
+            links.append(PathLink(_KIND.get(int(k.kind[i]), "kernel"), names[int(k.name[i])], max(float(k.ts_at(i)), start),
+                                  float(k.end_at(i)), int(k.stream[i])))
+            if k.ts_at(i) <= start:  # the step began while this ran
                 cpu_at = None
                 break
             i, cpu_at = self._before_gpu(i, start, links)
@@ -170,29 +203,27 @@ class _Walk:
         on on the CPU, returned as (thread, time)); when both were done well before it started, the GPU event on
         another stream that ended last before it (a cross-stream dependency, cudaStreamWaitEvent)."""
         k, cpu, names = self.k, self.trace.cpu, self.trace.names
-        ts = float(k.ts[i])
-        prev_row = int(self.prev_on_stream[i])
-        prev = prev_row if prev_row >= 0 else None
-        launch = int(self.launch[i])
-        launch_end = float(cpu.ts[launch] + cpu.dur[launch]) if launch >= 0 else -np.inf
-        prev_end = float(k.end[prev]) if prev is not None else -np.inf
+        ts = float(k.ts_at(i))
+        prev = self.prev_on_stream(i)
+        launch, launch_ts, launch_end = self.launch(i)
+        prev_end = float(k.end_at(prev)) if prev is not None else -np.inf
         ready = max(prev_end, launch_end)
         if ts - ready > self.wait_gap_us:
             other = self.last_gpu_before(ts, max(ready, start))
-            if other is not None and k.ts[other] < ts and int(k.stream[other]) != int(k.stream[i]):
-                links.append(PathLink("kernel_gap", "", float(k.end[other]), ts, int(k.stream[i])))
+            if other is not None and k.ts_at(other) < ts and int(k.stream[other]) != int(k.stream[i]):
+                links.append(PathLink("kernel_gap", "", float(k.end_at(other)), ts, int(k.stream[i])))
                 return other, None
         if prev is not None and prev_end >= launch_end and prev_end > start:
             if ts > prev_end:
                 links.append(PathLink("kernel_gap", "", prev_end, ts, int(k.stream[i])))
             return prev, None
-        if launch < 0 or cpu.ts[launch] < start:
+        if launch < 0 or launch_ts < start:
             return None, None
         if ts > launch_end:
             links.append(PathLink("launch_delay", "", launch_end, ts, int(k.stream[i])))
         tid = int(cpu.tid[launch])
-        links.append(PathLink("launch", names[int(cpu.name[launch])], float(cpu.ts[launch]), launch_end, tid))
-        return None, (tid, float(cpu.ts[launch]))
+        links.append(PathLink("launch", names[int(cpu.name[launch])], launch_ts, launch_end, tid))
+        return None, (tid, launch_ts)
 
     def _before_on_cpu(self, at: tuple[int, float], start: float, main_tid: int, links: list[PathLink]) -> int | None:
         """From CPU time ``at`` back to the GPU event the thread last waited for (returned), else to the step's
@@ -200,18 +231,17 @@ class _Walk:
         cpu, names = self.trace.cpu, self.trace.names
         tid, t = at
         while True:
-            s_rows = self.syncs[(cpu.tid[self.syncs] == tid) & (cpu.ts[self.syncs] + cpu.dur[self.syncs] <= t)
-                                & (cpu.ts[self.syncs] >= start) & (cpu.ts[self.syncs] < t)]
+            found = np.flatnonzero((self.sync_tid == tid) & (self.sync_end <= t) & (self.sync_ts >= start) & (self.sync_ts < t))
             burst = self._burst_start(tid, t, start) if tid != main_tid else start
-            if len(s_rows):
-                s = int(s_rows[np.argmax(cpu.ts[s_rows] + cpu.dur[s_rows])])
-                s_start, s_end = float(cpu.ts[s]), float(cpu.ts[s] + cpu.dur[s])
+            if len(found):
+                j = int(found[np.argmax(self.sync_end[found])])
+                s, s_start, s_end = int(self.syncs[j]), float(self.sync_ts[j]), float(self.sync_end[j])
                 if s_end >= burst:
                     if t > s_end:
                         links.append(PathLink("cpu", "", s_end, t, tid))
                     waited = self.last_gpu_before(s_end, s_start)
                     # It waited from its call until that GPU event ended; one that waited for nothing is CPU time
-                    links.append(PathLink("sync", names[int(cpu.name[s])], float(self.k.end[waited]) if waited is not None
+                    links.append(PathLink("sync", names[int(cpu.name[s])], float(self.k.end_at(waited)) if waited is not None
                                           else s_start, s_end, tid))
                     if waited is not None:
                         return waited
@@ -244,11 +274,21 @@ def _clip(links: list[PathLink]) -> list[PathLink]:
     return clipped
 
 
+def _cpu_rows(trace: Trace, keep: Callable[[np.ndarray, np.ndarray, slice], np.ndarray]) -> np.ndarray:
+    """Rows of ``trace.cpu`` where ``keep(cat, name, rows)`` holds, tested ``BLOCK`` rows at a time."""
+    cpu, found = trace.cpu, []
+    for lo in range(0, len(cpu), timeline.BLOCK):
+        block = slice(lo, lo + timeline.BLOCK)
+        found.append(np.flatnonzero(keep(cpu.cat[block], cpu.name[block], block)) + lo)
+    return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
+
+
 def _main_tid(trace: Trace, step_ts: float) -> int:
     """The thread that records the step's ``ProfilerStep#N`` (the training loop's)."""
     cpu = trace.cpu
     is_step = np.array([n.startswith("ProfilerStep") for n in trace.names] or [False], dtype=bool)[cpu.name]
-    rows = np.flatnonzero(is_step & (cpu.ts == step_ts))
+    rows = np.flatnonzero(is_step)
+    rows = rows[cpu.ts_at(rows) == step_ts]
     return int(cpu.tid[rows[0]]) if len(rows) else -1
 
 
@@ -266,7 +306,8 @@ def _rank_path(view: JobView, trace: Trace, config: CriticalPathAnalysis.Config)
     else:
         row = steps[-2] if len(steps) >= 2 and not view.include_last_step else steps[-1]
     start, end = float(row[0]), float(row[0] + row[1])
-    links = _Walk(trace, k, thread_gap_us=config.thread_gap_us, wait_gap_us=config.wait_gap_us).run(start, end, _main_tid(trace, float(row[0])))
+    walk = _Walk(trace, k, start, thread_gap_us=config.thread_gap_us, wait_gap_us=config.wait_gap_us)
+    links = walk.run(start, end, _main_tid(trace, float(row[0])))
     if not links:
         return None
     span = links[-1].end_us - start

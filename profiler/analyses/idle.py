@@ -9,7 +9,7 @@ import numpy as np
 
 from fedge.profiler.analyses.base import AnalysisConfig, Column, JobView, Result, Section, as_view, jsonable
 from fedge.profiler.kinds import Mode
-from fedge.profiler.timeline import Kernels, launch_rows, merge
+from fedge.profiler.timeline import Kernels, launch_rows
 from fedge.profiler.trace import Job, Trace
 from fedge.registry import plugin
 
@@ -46,19 +46,42 @@ class IdleBreakdown(Result):
 def _rank_idle(trace: Trace, k: Kernels, mode: Mode) -> RankIdle:
     if len(k) < 2:
         return RankIdle(trace.rank, 0.0, 0.0, 0.0, 0)
-    s, e = merge(k.ts, k.end)
-    gap_start, gap_end = e[:-1], s[1:]
-    # The event that ends each gap is the earliest-starting one of the next merged block.
-    order = np.argsort(k.ts, kind="stable")
-    first_after = order[np.searchsorted(k.ts[order], gap_end, side="left")]
-    rows = launch_rows(trace, trace.gpu.corr[k.row[first_after]])
-    launch_end = np.where(rows >= 0, trace.cpu.ts[rows] + trace.cpu.dur[rows], -np.inf)
+    idle = host_wait = 0.0
+    num_gaps = 0
+    last_end: float | None = None
+    for s, e, pos in k.merged_blocks():  # gaps between merged intervals, a block at a time
+        if not len(s):
+            continue
+        if last_end is None:
+            gap_start, gap_end, after = e[:-1], s[1:], pos[1:]
+        else:
+            gap_start, gap_end, after = np.r_[last_end, e[:-1]], s, pos
+        last_end = float(e[-1])
+        host = _host_wait(trace, k, mode, gap_start, gap_end, after)
+        idle += float(np.sum(gap_end - gap_start))
+        host_wait += float(host.sum())
+        num_gaps += len(gap_start)
+    return RankIdle(trace.rank, idle, host_wait, idle - host_wait, num_gaps)
+
+
+def _host_wait(trace: Trace, k: Kernels, mode: Mode, gap_start: np.ndarray, gap_end: np.ndarray,
+               after: np.ndarray) -> np.ndarray:
+    """Per gap, the part before the launch of the event that ends it returned. That event is the first in
+    (start, row) order that starts at the gap's end: the merged interval's first, or one just before it that
+    starts at the same time (an interval ending before it starts, as HTA's rounding makes, stands alone)."""
+    at = after.copy()
+    while True:
+        back = np.flatnonzero(at > 0)
+        back = back[k.ts_at(k.by_ts[at[back] - 1]) >= gap_end[back]]
+        if not len(back):
+            break
+        at[back] -= 1
+    rows = launch_rows(trace, trace.gpu.corr[k.row[k.by_ts[at]]])
+    launch_end = np.full(len(rows), -np.inf)
+    launch_end[rows >= 0] = trace.cpu.end_at(rows[rows >= 0])
     if mode is Mode.HTA:
         launch_end = np.floor(launch_end)
-    host = np.clip(np.minimum(launch_end, gap_end) - gap_start, 0.0, None)
-    idle = float(np.sum(gap_end - gap_start))
-    host_wait = float(host.sum())
-    return RankIdle(trace.rank, idle, host_wait, idle - host_wait, len(gap_start))
+    return np.clip(np.minimum(launch_end, gap_end) - gap_start, 0.0, None)
 
 
 def idle_time(data: Job | Trace | JobView, *, mode: Mode | str = Mode.FEDGE, include_last_step: bool = False) -> IdleBreakdown:
@@ -73,7 +96,8 @@ def idle_time(data: Job | Trace | JobView, *, mode: Mode | str = Mode.FEDGE, inc
         print(idle.rows[0].host_wait_us)
     """
     view = as_view(data, mode=mode, include_last_step=include_last_step)
-    return IdleBreakdown(mode=view.mode.value, rows=tuple(_rank_idle(t, view.kernels(t), view.mode) for t in view.traces))
+    return view.once("idle", lambda: IdleBreakdown(mode=view.mode.value,
+                                                   rows=tuple(_rank_idle(t, view.kernels(t), view.mode) for t in view.traces)))
 
 
 @plugin("analysis", "idle")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedge.profiler import timeline
 from fedge.profiler.analyses.base import AnalysisConfig, Column, JobView, Result, Section, as_view, jsonable
 from fedge.profiler.kinds import KernelKind, Mode
 from fedge.profiler.timeline import Kernels, exclusive_kinds
@@ -87,24 +88,31 @@ def short_name(name: str, width: int = 60) -> str:
 
 
 def _rank_kernels(trace: Trace, k: Kernels, top: int) -> RankKernels:
-    dur = k.end - k.ts
-    sums = {kind.name: float(dur[k.kind == int(kind)].sum()) for kind in KernelKind if np.any(k.kind == int(kind))}
-    stats: list[KernelStat] = []
-    if len(k):
-        key = k.name.astype(np.int64) * 4 + k.kind
-        uniq, inverse = np.unique(key, return_inverse=True)
-        total = np.bincount(inverse, weights=dur)
-        count = np.bincount(inverse)
-        order = np.argsort(inverse, kind="stable")  # group durations by kernel (ufunc.at is slow)
-        starts = np.r_[0, np.cumsum(count)[:-1]]
-        lo = np.minimum.reduceat(dur[order], starts)
-        hi = np.maximum.reduceat(dur[order], starts)
-        for i in np.argsort(-total, kind="stable")[:top]:
-            stats.append(
-                KernelStat(trace.rank, KernelKind(int(uniq[i] % 4)).name, trace.names[int(uniq[i] // 4)], int(count[i]),
-                           float(total[i]), float(total[i] / count[i]), float(lo[i]), float(hi[i]))
-            )
-    return RankKernels(trace.rank, exclusive_kinds(k), sums, tuple(stats))
+    # Per (name, kind) key, accumulated ``BLOCK`` kernels at a time (one block: the plain sums, as ever)
+    size = 4 * len(trace.names) + 4
+    count, total = np.zeros(size, dtype=np.int64), np.zeros(size)
+    lo, hi = np.full(size, np.inf), np.full(size, -np.inf)
+    sums: dict[int, float] = {}
+    for start in range(0, len(k), timeline.BLOCK):
+        block = slice(start, start + timeline.BLOCK)
+        dur, kind = k.end_at(block) - k.ts_at(block), k.kind[block]
+        for kk in KernelKind:
+            mask = kind == int(kk)
+            if mask.any():
+                sums[int(kk)] = sums.get(int(kk), 0.0) + float(dur[mask].sum())
+        key = k.name[block].astype(np.int32) * 4 + kind
+        count += np.bincount(key, minlength=size)
+        total += np.bincount(key, weights=dur, minlength=size)
+        np.minimum.at(lo, key, dur)
+        np.maximum.at(hi, key, dur)
+    uniq = np.flatnonzero(count)
+    stats = [
+        KernelStat(trace.rank, KernelKind(int(u % 4)).name, trace.names[int(u // 4)], int(count[u]), float(total[u]),
+                   float(total[u] / count[u]), float(lo[u]), float(hi[u]))
+        for u in uniq[np.argsort(-total[uniq], kind="stable")[:top]].tolist()
+    ]
+    by_name = {kk.name: sums[int(kk)] for kk in KernelKind if int(kk) in sums}
+    return RankKernels(trace.rank, exclusive_kinds(k), by_name, tuple(stats))
 
 
 def kernel_breakdown(

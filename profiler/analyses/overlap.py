@@ -47,12 +47,14 @@ class CommCompOverlap(Result):
 def _rank_overlap(view: JobView, trace: Trace) -> RankOverlap:
     k = view.kernels(trace)
     if len(k):
-        comm, comp, device = k.of(KernelKind.COMMUNICATION), k.of(KernelKind.COMPUTATION), "gpu"
+        comm, comp, device = KernelKind.COMMUNICATION, KernelKind.COMPUTATION, "gpu"
+        comm_us = k.union_us(comm)
+        hidden = k.union_us(comm) + k.union_us(comp) - k.union_us(comm, comp) if comm_us else 0.0  # |A|+|B|-|A∪B|
     else:
         iv = view.cpu_intervals(trace)
-        comm, comp, device = iv["comm"], iv["compute"], "cpu"
-    comm_us = union_us(*comm)
-    hidden = intersection_us(comm, comp) if comm_us else 0.0
+        comm_us = union_us(*iv["comm"])
+        hidden = intersection_us(iv["comm"], iv["compute"]) if comm_us else 0.0
+        device = "cpu"
     pct = 100.0 * hidden / comm_us if comm_us else None
     return RankOverlap(trace.rank, device, comm_us, hidden, comm_us - hidden, pct)
 
@@ -68,7 +70,7 @@ def comm_comp_overlap(
         print(ov.rows[0].overlap_pct, ov.rows[0].exposed_comm_us)
     """
     view = as_view(data, mode=mode, include_last_step=include_last_step)
-    return CommCompOverlap(mode=view.mode.value, rows=tuple(_rank_overlap(view, t) for t in view.traces))
+    return view.once("overlap", lambda: CommCompOverlap(mode=view.mode.value, rows=tuple(_rank_overlap(view, t) for t in view.traces)))
 
 
 @plugin("analysis", "overlap")

@@ -61,14 +61,38 @@ def recommend(
         recs = recommend(temporal_breakdown(job), comm_comp_overlap(job), idle_time(job), collectives(job), stragglers(job))
         for r in recs.rows: print(r.message)
     """
-    out: list[Recommendation] = []
     span = {r.rank: r.span_us for r in temporal.rows}
+    out = _no_gpu(temporal, span) + _communication(overlap, colls, span, exposed_comm_pct)
+    exposed = any(r.id == "exposed-communication" for r in out)
+    out += _idle(idle, span, idle_pct) + _waiting(late, colls)
+    busy = [r for r in temporal.rows if r.device == "gpu" and r.compute_pct >= 80.0]
+    if busy and not exposed:
+        out.append(Recommendation(
+            "compute-bound",
+            f"Ranks {', '.join(str(r.rank) for r in busy)} spend {min(r.compute_pct for r in busy):.0f}%+ of the span "
+            "computing: communication is not the bottleneck. Speed up kernels (mixed precision, fused ops) or, if the "
+            "model no longer fits, split it with the megatron (tensor parallel) or pipeline strategy.",
+            tuple(r.rank for r in busy), ("megatron", "pipeline")))
+    if not out and temporal.rows:
+        out.append(Recommendation("balanced", "No dominant bottleneck found: communication is mostly hidden and the GPU is busy.",
+                                  tuple(span)))
+    return Recommendations(rows=tuple(out))
+
+
+def _no_gpu(temporal: TemporalBreakdown, span: dict[int, float]) -> list[Recommendation]:
+    out: list[Recommendation] = []
     devices = {r.rank: r.device for r in temporal.rows}
     if temporal.rows and all(d == "cpu" for d in devices.values()):
         out.append(Recommendation(
             "no-gpu", "No GPU activity in these traces: the breakdown below is measured on CPU ops (collectives "
             "such as gloo:all_reduce vs the rest). On GPUs, train with NCCL to overlap communication with compute.",
             tuple(span), ("allreduce",)))
+    return out
+
+
+def _communication(overlap: CommCompOverlap, colls: CollectiveStats, span: dict[int, float],
+                   exposed_comm_pct: float) -> list[Recommendation]:
+    out: list[Recommendation] = []
     exposed = [o for o in overlap.rows if _pct(o.exposed_comm_us, span.get(o.rank, 0.0)) >= exposed_comm_pct]
     if exposed:
         worst = max(exposed, key=lambda o: _pct(o.exposed_comm_us, span[o.rank]))
@@ -89,6 +113,11 @@ def recommend(
             f"{c.count} all-reduces of {c.mean_bytes or 0:.0f} bytes on average (rank {c.rank}): latency-bound. Bucket "
             "them into fewer, larger messages; tree-allreduce has lower latency than ring for small messages.",
             tuple(sorted({x.rank for x in small})), ("tree-allreduce",), {"mean_bytes": float(c.mean_bytes or 0)}))
+    return out
+
+
+def _idle(idle: IdleBreakdown, span: dict[int, float], idle_pct: float) -> list[Recommendation]:
+    out: list[Recommendation] = []
     host = [r for r in idle.rows if _pct(r.idle_us, span.get(r.rank, 0.0)) >= idle_pct and r.host_wait_us >= 0.5 * r.idle_us]
     if host:
         r = max(host, key=lambda x: x.host_wait_us)
@@ -107,6 +136,11 @@ def recommend(
             "(synchronisation, CPU-side waits, data loading). Look for .item()/.cpu() syncs and blocking collectives; "
             "a pipeline strategy can fill bubbles when stages wait on each other.",
             (r.rank,), ("pipeline",), {"idle_pct": round(_pct(r.idle_us, span[r.rank]), 2)}))
+    return out
+
+
+def _waiting(late: StragglerReport, colls: CollectiveStats) -> list[Recommendation]:
+    out: list[Recommendation] = []
     slow = [r for r in late.rows if r.straggler]
     if slow:
         r = slow[0]
@@ -124,18 +158,7 @@ def recommend(
             f"Rank {w.rank} spends {_pct(w.wait_us, w.wait_us + w.transfer_us):.0f}% of its collective time waiting for "
             "peers rather than transferring: the imbalance is before the collective (uneven work or input), not the network.",
             tuple(x.rank for x in waits), (), {"wait_us": round(w.wait_us, 2)}))
-    busy = [r for r in temporal.rows if r.device == "gpu" and r.compute_pct >= 80.0]
-    if busy and not exposed:
-        out.append(Recommendation(
-            "compute-bound",
-            f"Ranks {', '.join(str(r.rank) for r in busy)} spend {min(r.compute_pct for r in busy):.0f}%+ of the span "
-            "computing: communication is not the bottleneck. Speed up kernels (mixed precision, fused ops) or, if the "
-            "model no longer fits, split it with the megatron (tensor parallel) or pipeline strategy.",
-            tuple(r.rank for r in busy), ("megatron", "pipeline")))
-    if not out and temporal.rows:
-        out.append(Recommendation("balanced", "No dominant bottleneck found: communication is mostly hidden and the GPU is busy.",
-                                  tuple(span)))
-    return Recommendations(rows=tuple(out))
+    return out
 
 
 @plugin("analysis", "recommendations")

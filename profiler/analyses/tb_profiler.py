@@ -136,7 +136,10 @@ def _merged(ranges: list[Range]) -> list[Range]:
 
 
 def _intersect(a: list[Range], b: list[Range]) -> list[Range]:
-    """intersection_ranges_lists of two merged lists, in order (empty pieces, which add nothing, left out)."""
+    """intersection_ranges_lists of two merged lists, in order (empty pieces, which add nothing, left out).
+
+    Not ``timeline.intersection_us``: the per-step costs need the pieces themselves, summed in the plugin's order,
+    and |A| + |B| - |A ∪ B| can land an ulp off a value the plugin rounds at .5 µs (ns-precision traces)."""
     if not a or not b:
         return []
     a_s, a_e = np.array(a).T
@@ -196,16 +199,14 @@ def _bytes(args: dict[str, Any]) -> int:
     return total
 
 
-def _device_steps(trace: Trace, steps: list[Range]) -> tuple[float | None, list[Range], list[int]]:
-    """StepParser._find_device_steps: the GPU span each host step launched, from its runtime calls."""
+def _attach(trace: Trace, rt: np.ndarray) -> dict[int, list[int]]:
+    """Per runtime call (index into ``rt``, in start order), the device events of its correlation id: each
+    belongs to the latest such call before it, else to the next one."""
     cpu, gpu = trace.cpu, trace.gpu
-    rt = np.flatnonzero(cpu.cat == LEGACY_RUNTIME)  # the plugin reads ``Runtime``, not ``cuda_runtime``
-    rt = rt[np.argsort(cpu.ts[rt], kind="stable")]
-    # A device event belongs to the runtime call of its correlation id (the latest one before it, else the next).
     by_corr: dict[int, int] = {}
     pending: dict[int, list[int]] = {}
     attached: dict[int, list[int]] = {}
-    order = np.argsort(np.concatenate([cpu.ts[rt], gpu.ts]), kind="stable")
+    order = np.argsort(np.concatenate([cpu.ts_at(rt), gpu.ts]), kind="stable")
     n_rt = len(rt)
     rt_corr, gpu_corr = cpu.corr[rt].tolist(), gpu.corr.tolist()
     for i in order.tolist():
@@ -219,8 +220,18 @@ def _device_steps(trace: Trace, steps: list[Range]) -> tuple[float | None, list[
                 attached[by_corr[corr]].append(d)
             else:
                 pending.setdefault(corr, []).append(d)
-    rt_start, rt_end = cpu.ts[rt].tolist(), (cpu.ts[rt] + cpu.dur[rt]).tolist()
-    dev_start, dev_end = gpu.ts.tolist(), (gpu.ts + gpu.dur).tolist()
+    return attached
+
+
+def _device_steps(trace: Trace, steps: list[Range]) -> tuple[float | None, list[Range], list[int]]:
+    """StepParser._find_device_steps: the GPU span each host step launched, from its runtime calls."""
+    cpu, gpu = trace.cpu, trace.gpu
+    rt = np.flatnonzero(cpu.cat == LEGACY_RUNTIME)  # the plugin reads ``Runtime``, not ``cuda_runtime``
+    rt = rt[np.argsort(cpu.ts_at(rt), kind="stable")]
+    attached = _attach(trace, rt)
+    n_rt = len(rt)
+    rt_start, rt_end = cpu.ts_at(rt).tolist(), cpu.end_at(rt).tolist()
+    dev_start, dev_end = gpu.ts.tolist(), gpu.end_at().tolist()
     big, small = sys.maxsize, -sys.maxsize - 1
     steps_device: list[Range] = [(big, small)] * len(steps)
     matched_count = [0] * len(steps)
@@ -253,7 +264,7 @@ def _device_steps(trace: Trace, steps: list[Range]) -> tuple[float | None, list[
         if steps_device[0][0] != big:
             unmatched = np.ones(len(gpu), dtype=bool)
             unmatched[list(matched)] = False
-            ends = (gpu.ts + gpu.dur)[unmatched]
+            ends = gpu.end_at(unmatched)
             before = ends[ends < steps_device[0][0]]
             if len(before):
                 prev_end = max(prev_end, float(before.max()))
@@ -287,15 +298,14 @@ def _worker(trace: Trace) -> _Worker:
     libs = {names[cpu.name[r]].split(":")[0] for r in comm_rows.tolist()}
     by_ext: dict[int, _CommNode] = {}
     comm_ranges: list[Range] = []
-    for r in comm_rows.tolist():
-        start, end = float(cpu.ts[r]), float(cpu.ts[r] + cpu.dur[r])
+    for r, start, end in zip(comm_rows.tolist(), cpu.ts_at(comm_rows).tolist(), cpu.end_at(comm_rows).tolist()):
         by_ext[int(cpu.ext[r])] = _CommNode(names[cpu.name[r]], start, end, _bytes(trace.comm_args.get(("cpu", r), {})),
                                             [(start, end)])
         comm_ranges.append((start, end))
     k = np.flatnonzero(gpu.cat == KERNEL)
-    k = k[np.argsort(gpu.ts[k], kind="stable")]
+    k = k[np.argsort(gpu.ts_at(k), kind="stable")]
     is_comm = np.isin(gpu.ext[k], np.array(list(by_ext), dtype=np.int64))
-    k_start, k_end = gpu.ts[k].tolist(), (gpu.ts[k] + gpu.dur[k]).tolist()
+    k_start, k_end = gpu.ts_at(k).tolist(), gpu.end_at(k).tolist()
     kernel_ranges = [(s, e) for s, e, c in zip(k_start, k_end, is_comm.tolist()) if not c]
     for s, e, c, ext in zip(k_start, k_end, is_comm.tolist(), gpu.ext[k].tolist()):
         if c:
@@ -307,13 +317,13 @@ def _worker(trace: Trace) -> _Worker:
                            or (n.startswith("enumerate(DataLoader)#") and n.endswith(".__next__"))) for n in names]
                      or [False], dtype=bool)
     is_cpu_op = plain[cpu.name[op]]
-    cpu_op_ranges = list(zip(cpu.ts[op][is_cpu_op].tolist(), (cpu.ts[op] + cpu.dur[op])[is_cpu_op].tolist()))
+    cpu_op_ranges = list(zip(cpu.ts_at(op[is_cpu_op]).tolist(), cpu.end_at(op[is_cpu_op]).tolist()))
     table = np.concatenate([trace.steps, trace.gpu_steps])
     table = table[np.argsort(table[:, 0], kind="stable")]
     steps = [(s, s + d) for s, d in zip(table[:, 0].tolist(), table[:, 1].tolist())]
     labels = [str(int(n)) for n in table[:, 2].tolist()]
     if not steps and len(op):  # no ProfilerStep: the plugin takes the CPU ops' span as step "0"
-        steps, labels = [(float(cpu.ts[op].min()), float((cpu.ts[op] + cpu.dur[op]).max()))], ["0"]
+        steps, labels = [(float(cpu.ts_at(op).min()), float(cpu.end_at(op).max()))], ["0"]
     steps, labels = _stretch_steps(steps, labels, _device_steps(trace, steps))
     comm_role, kernel_role = _merged(comm_ranges), _merged(kernel_ranges)
     computation = kernel_role or _merged(cpu_op_ranges)

@@ -83,9 +83,9 @@ def _rank_time(view: JobView, trace: Trace) -> RankTime:
     k = view.kernels(trace)
     if len(k):
         span = float(k.end.max() - k.ts.min())
-        idle = span - union_us(k.ts, k.end)
-        compute = union_us(*k.of(KernelKind.COMPUTATION))
-        memory = union_us(*k.of(KernelKind.MEMORY))
+        idle = span - k.union_us()
+        compute = k.union_us(KernelKind.COMPUTATION)
+        memory = k.union_us(KernelKind.MEMORY)
         return RankTime(trace.rank, "gpu", span, idle, compute, span - compute - idle, memory, len(k))
     iv = view.cpu_intervals(trace)
     comp, comm = iv["compute"], iv["comm"]
@@ -113,7 +113,7 @@ def temporal_breakdown(
         print(tb.to_rows()[0]["compute_pct"])
     """
     view = as_view(data, mode=mode, include_last_step=include_last_step)
-    return TemporalBreakdown(mode=view.mode.value, rows=tuple(_rank_time(view, t) for t in view.traces))
+    return view.once("temporal", lambda: TemporalBreakdown(mode=view.mode.value, rows=tuple(_rank_time(view, t) for t in view.traces)))
 
 
 @plugin("analysis", "temporal")
