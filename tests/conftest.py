@@ -17,6 +17,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TRACES = ROOT.parent / "shared" / "traces"
+# A suite started in the background (`make test &` in a script) inherits SIGINT ignored, and so would every
+# process the Ctrl-C tests start; a Python handler here is reset to the default in each child at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 _LEFTOVER_PATTERN = "flower-superlink|flower-supernode|flower-superexec|flwr-serverapp|flwr-clientapp|torchrun|torch.distributed.run|raylet|gcs_server|ray::|ray/_private"
 
 
