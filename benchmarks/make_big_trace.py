@@ -1,4 +1,5 @@
 """Write a synthetic multi-GB torch.profiler trace (one rank) for the profiler's memory test. Not committed.
+Several, each with its own ``--rank``, make a multi-rank set.
 
 Each step has a ProfilerStep annotation, python_function events (dropped by the loader, as with_stack traces
 are mostly these), CPU ops, launches, compute kernels on stream 7 and an NCCL all-reduce on stream 20 with
@@ -65,12 +66,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=2.0, help="target size in GB (1e9 bytes)")
     parser.add_argument("--out", default="/tmp/fedge-big-trace.json", help="where to write it")
+    parser.add_argument("--rank", type=int, default=0, help="the rank in distributedInfo (of a 2-rank job)")
     args = parser.parse_args()
     target = int(args.gb * 1e9)
     start = time.perf_counter()
     tmp = args.out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write('{\n "schemaVersion": 1,\n "distributedInfo": {"backend": "nccl", "rank": 0, "world_size": 2},\n'
+        f.write('{\n "schemaVersion": 1,\n "distributedInfo": {"backend": "nccl", "rank": ' + str(args.rank) + ', "world_size": 2},\n'
                 ' "deviceProperties": [{"id": 0, "name": "NVIDIA A100-SXM4-80GB"}],\n "traceEvents": [\n')
         written, step, t, corr, first = 0, 1, 1_700_000_000_000_000, 1, True
         while written < target:

@@ -13,7 +13,8 @@ Run:  .venv/bin/python benchmarks/profiler_vs_hta.py --repeats 3 --hta-python /t
       --synthetic 0.5,1.5,4
 (``--hta-python``: a venv made with ``python3 -m venv /tmp/hta-venv && /tmp/hta-venv/bin/pip install
 HolisticTraceAnalysis==0.5.0 'pandas<3'``; ``--single``/``--multi``: other trace sets; ``--big FILE``: also an
-existing multi-GB trace.) About 6 minutes at --repeats 3 --synthetic 0.5,1.5,4 on 2 cores.
+existing multi-GB trace; ``--synthetic-ranks GB``: also a synthetic 2-rank set of GB per rank against HTA.) About
+6 minutes at --repeats 3 --synthetic 0.5,1.5,4 on 2 cores.
 """
 
 from __future__ import annotations
@@ -102,10 +103,10 @@ def _hta_cmd(python: str, path: Path) -> list[str]:
 def _compare(label: str, path: Path, args: argparse.Namespace) -> None:
     """One trace set: fedge vs HTA vs the floor, whole process, median of --repeats."""
     files = _trace_files(str(path))
-    gz_mb = sum(f.stat().st_size for f in files) / 1e6
+    disk_mb = sum(f.stat().st_size for f in files) / 1e6
     fedge = _median(_fedge_cmd(path, args.mode), args.repeats)
     floor = _median([sys.executable, __file__, "--floor", str(path)], args.repeats)
-    print(f"{label}: {path.name} ({len(files)} file(s), {gz_mb:.1f} MB gz)")
+    print(f"{label}: {path.name} ({len(files)} file(s), {disk_mb:.1f} MB on disk)")
     print(f"  fedge profile report ({args.mode} mode): {fedge[0]:.3f} s wall, {fedge[1]:.3f} s CPU, peak RSS {fedge[2]:.1f} MB")
     if args.hta_python:
         hta = _median(_hta_cmd(args.hta_python, path), args.repeats)
@@ -134,6 +135,18 @@ def _synthetic(sizes_gb: list[float], mode: str) -> None:
             Path(path).unlink(missing_ok=True)
 
 
+def _synthetic_ranks(gb: float, args: argparse.Namespace) -> None:
+    """A synthetic 2-rank set of ``gb`` GB per rank: fedge vs HTA vs the floor, as the shared sets (one run each:
+    HTA takes minutes here)."""
+    maker = Path(__file__).with_name("make_big_trace.py")
+    with tempfile.TemporaryDirectory(prefix="fedge-synthetic-ranks-") as tmp:
+        for rank in range(2):
+            out = Path(tmp) / f"rank-{rank}.json"
+            subprocess.run([sys.executable, str(maker), "--gb", str(gb), "--rank", str(rank), "--out", str(out)],
+                           check=True, capture_output=True)  # fmt: skip
+        _compare(f"synthetic 2-rank set, {gb:g} GB per rank", Path(tmp), argparse.Namespace(**{**vars(args), "repeats": 1}))
+
+
 def _big(path: str, mode: str) -> None:
     size_mb = os.path.getsize(path) / 1e6
     wall, cpu, mb = _measure(_fedge_cmd(path, mode))
@@ -149,6 +162,8 @@ def main() -> None:
     parser.add_argument("--mode", default="hta")
     parser.add_argument("--big", default=None, help="also measure this synthetic multi-GB trace")
     parser.add_argument("--synthetic", default=None, help="comma-separated sizes in GB of synthetic traces to measure")
+    parser.add_argument("--synthetic-ranks", type=float, default=None,
+                        help="GB per rank of a synthetic 2-rank set to compare with HTA too (e.g. 0.1)")
     parser.add_argument("--hta-python", default=None,
                         help="python of a venv with HolisticTraceAnalysis==0.5.0: run HTA live instead of reading its stored times")
     parser.add_argument("--floor", default=None, help=argparse.SUPPRESS)
@@ -159,6 +174,8 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     _compare("largest single-rank set", Path(args.single), args)
     _compare("multi-rank set", Path(args.multi), args)
+    if args.synthetic_ranks:
+        _synthetic_ranks(args.synthetic_ranks, args)
     if args.big:
         _big(args.big, "fedge")
     if args.synthetic:
