@@ -25,13 +25,19 @@ def _start(args: list[str]) -> subprocess.Popen[str]:
 
 
 def _interrupt_when(proc: subprocess.Popen[str], ready: Callable[[], bool], timeout_s: float = 180) -> tuple[str, str]:
-    deadline = time.monotonic() + timeout_s
-    while not ready():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the job never got going"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    return proc.communicate(timeout=60)
+    from fedge.supervisor import terminate_tree
+
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the job never got going"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        return proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # the test failed: leave nothing running behind it
+            terminate_tree([proc.pid], grace_s=2.0)
 
 
 def test_ctrl_c_on_train_says_what_was_kept_and_how_to_resume(tmp_path: Path, write_run) -> None:
