@@ -287,7 +287,7 @@ def test_ctrl_c_on_a_supernode_is_one_line_and_stops_its_processes(tmp_path: Pat
     import subprocess
     import sys
 
-    from fedge.supervisor import free_port, processes_with_env
+    from fedge.supervisor import free_port, processes_with_env, terminate_tree
 
     port, workdir = free_port(), tmp_path / "node"  # nothing listens there: the node keeps retrying
     proc = subprocess.Popen(
@@ -296,11 +296,15 @@ def test_ctrl_c_on_a_supernode_is_one_line_and_stops_its_processes(tmp_path: Pat
         env=dict(os.environ, PYTHONSAFEPATH="1"), stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert proc.stderr is not None
-    for line in proc.stderr:
-        if "cannot reach the SuperLink" in line:
-            break
-    proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=60)[1]
+    try:
+        for line in proc.stderr:
+            if "cannot reach the SuperLink" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:  # the test failed: leave nothing running behind it
+            terminate_tree([proc.pid], grace_s=2.0)
 
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == [f"fedge: error: stopped the SuperNode for 127.0.0.1:{port}; kept {workdir}; the same command starts it again"]

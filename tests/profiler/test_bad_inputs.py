@@ -172,7 +172,13 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, ranks, sig):
         time.sleep(0.1)
     # Execute
     proc.send_signal(sig)
-    code = proc.wait(timeout=60)
+    try:
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:  # the test failed: leave nothing running behind it
+            from fedge.supervisor import terminate_tree
+
+            terminate_tree([proc.pid], grace_s=2.0)
     # Assert
     err = proc.stderr.read().strip().splitlines()
     assert code == 130, err
