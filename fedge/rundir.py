@@ -89,7 +89,10 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def a_run(kind: str) -> str:
-    """``"a train run"``, ``"an edge run"``: a run kind with its article, for messages."""
+    """``"a train run"``, ``"an edge run"``: a run kind with its article, for messages (``"a run"`` for a run
+    of no known kind)."""
+    if kind == "unknown":
+        return "a run"
     return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind} run"
 
 
@@ -187,9 +190,8 @@ class RunDir:
             return cls(out)
         if not overwrite:
             also = f", --resume {out} to continue it," if resumable and held in (kind, "unknown") else ""
-            what = a_run(held) if held != "unknown" else "a run"
             raise ConfigError(
-                f"{flag} {str(out)!r} already holds {what}; choose a new directory{also} or pass --overwrite to replace it"
+                f"{flag} {str(out)!r} already holds {a_run(held)}; choose a new directory{also} or pass --overwrite to replace it"
             )
         aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
         try:

@@ -27,6 +27,7 @@ from fedge.plugins.fl.privacy import PrivacyConfig
 
 if TYPE_CHECKING:
     from fedge.config import PartitionConfig
+    from fedge.rundir import RunDir
 
 __all__ = ["app"]
 
@@ -303,8 +304,14 @@ def supernode_command(
         assert partition is not None
         index, total = _parse_share(partition)
         scheme = _parse_split(split, seed)
-        _open_workdir(workdir, share={"dataset": dataset, "partition": f"{index}/{total}", "split": split, "seed": seed})
+        from fedge.plugins.data import dataset_config
+
+        dataset_config(dataset, {}, command="fedge fl supernode")  # a misspelt name: one line, nothing written
+        share = {"dataset": dataset, "partition": f"{index}/{total}", "split": split, "seed": seed}
+        node = _open_workdir(workdir, share=share)
         data = _materialize_partition(workdir, index, total, dataset, scheme)
+        if _stored_share(workdir) is None:  # recorded once the share was made
+            node.write_json("node.json", share)
         node_config["partition-id"], node_config["num-partitions"] = index, total
     node_config["data-path"] = str(data.resolve())
     node_config["device"] = device
@@ -324,15 +331,14 @@ def supernode_command(
     return 0 if daemon.proc.returncode == 0 else 3
 
 
-def _open_workdir(workdir: Path, share: dict[str, Any] | None = None) -> None:
+def _open_workdir(workdir: Path, share: dict[str, Any] | None = None) -> RunDir:
     """A SuperNode reopens its own workdir across restarts, but never writes into another command's run, nor
     replaces the data file of another share (``share``: what ``--partition`` made there, kept in node.json)."""
     from fedge.rundir import RunDir, a_run, run_kind
 
     held = run_kind(workdir)
     if held not in (None, "supernode"):
-        what = a_run(held) if held != "unknown" else "a run"
-        raise ConfigError(f"--workdir {str(workdir)!r} already holds {what}; the node's files would mix into it: choose another --workdir")
+        raise ConfigError(f"--workdir {str(workdir)!r} already holds {a_run(held)}; the node's files would mix into it: choose another --workdir")
     before = _stored_share(workdir) if held == "supernode" else None
     if share is not None and before is not None and before != share:
         shown = "; ".join(f"{k} is {before.get(k)!r} there but {share[k]!r} here" for k in share if before.get(k) != share[k])
@@ -340,9 +346,7 @@ def _open_workdir(workdir: Path, share: dict[str, Any] | None = None) -> None:
             f"--workdir {str(workdir)!r} holds the node of another data share ({shown}); its data file would be "
             "replaced: give the same --dataset/--partition/--split/--seed, or another --workdir"
         )
-    run = RunDir.create("supernode", workdir, resume=held == "supernode", flag="--workdir")
-    if share is not None and before is None:
-        run.write_json("node.json", share)
+    return RunDir.create("supernode", workdir, resume=held == "supernode", flag="--workdir")
 
 
 def _stored_share(workdir: Path) -> dict[str, Any] | None:

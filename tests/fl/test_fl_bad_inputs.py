@@ -107,6 +107,7 @@ CASES = [
     ("supernode-not-npz", ["fl", "supernode", "--superlink", "127.0.0.1:9092", "--data", "{not_npz}"], 1, "is not a readable .npz file"),
     ("supernode-mismatched-rows", ["fl", "supernode", "--superlink", "127.0.0.1:9092", "--data", "{mismatched_npz}"], 1, "x_train has 4 rows and y_train shape (3,)"),
     ("supernode-share-out-of-range", ["fl", "supernode", "--superlink", "127.0.0.1:9092", "--partition", "3/2"], 1, "I must be in 0..N-1"),
+    ("supernode-unknown-dataset", ["fl", "supernode", "--superlink", "127.0.0.1:9092", "--partition", "0/2", "--dataset", "digitz", "--workdir", "{a_dir}/node"], 1, "unknown dataset 'digitz'"),
     ("supernode-share-not-numbers", ["fl", "supernode", "--superlink", "127.0.0.1:9092", "--partition", "a/b"], 1, "use I/N"),
     ("supernode-both-data-sources", ["fl", "supernode", "--superlink", "127.0.0.1:9092", "--partition", "0/2", "--data", "{wrong_npz}"], 1, "exactly one of --data"),
     ("supernode-connect-timeout-zero", ["fl", "supernode", "--superlink", "127.0.0.1:9092", "--partition", "0/2", "--connect-timeout", "0"], 1, "--connect-timeout must be a finite number"),
