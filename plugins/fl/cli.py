@@ -296,6 +296,9 @@ def supernode_command(
     host, port = _parse_address(superlink)
     _check_node_flags(host, connect_timeout=connect_timeout, root_certificates=root_certificates, auth_key=auth_key,
                       insecure=insecure, data=data, partition=partition, device=device, poll_s=poll_s)  # fmt: skip
+    from fedge.plugins.fl.flower_internals import check_supernode_poll
+
+    check_supernode_poll()  # a changed Flower: one line before the workdir exists
     node_config: dict[str, str | int | float] = {}
     if data is not None:
         _check_node_data(data)

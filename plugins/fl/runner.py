@@ -474,6 +474,10 @@ def check_before_start(cfg: FlConfig) -> None:
         from fedge.plugins.fl.simulation import check_simulation
 
         check_simulation(cfg.ray_address, client_cpus=cfg.client_cpus, client_gpus=cfg.client_gpus)
+    else:
+        from fedge.plugins.fl.flower_internals import check_supernode_poll
+
+        check_supernode_poll()  # a changed Flower: one line before the run directory exists
 
 
 def _clear_previous_attempt(run_dir: RunDir, on_status: Callable[[str], None] | None) -> None:

@@ -43,6 +43,9 @@ def check_simulation(ray_address: str, *, client_cpus: float = 1.0, client_gpus:
         import ray  # noqa: F401
     except ImportError:
         raise ConfigError("the simulation engine needs Ray; install it with: pip install 'fedge[simulation]'") from None
+    from fedge.plugins.fl.flower_internals import check_tensorflow_import
+
+    check_tensorflow_import()
     if ray_address:
         _check_ray_head(ray_address)
         return

@@ -64,13 +64,22 @@ def test_supernode_argv_names_flower_supernode_and_runs_the_patched_one() -> Non
     assert bad.returncode == 1 and "--poll-s must be a number of seconds in (0, 60]; got 0.0" in bad.stderr
 
 
-def test_a_changed_supernode_loop_stops_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_changed_supernode_loop_stops_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import flwr.supernode.start_client_internal as loop
+
+    from fedge.cli.app import main
 
     monkeypatch.setattr(loop, "time", object())  # e.g. `from time import sleep` in a later release
 
     with pytest.raises(ConfigError, match=r"written for flwr 1\.39\.0.*pip install 'flwr==1\.39\.0'"):
         flower_internals.check_supernode_poll()
+    # fedge fl run says so before its run directory exists, so the same --out works once Flower is right
+    assert main(["fl", "run", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "shorter SuperNode idle poll is written for flwr 1.39.0" in err[0], err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_changed_tensorflow_import_stops_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
