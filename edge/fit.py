@@ -75,9 +75,11 @@ class FitConfig:
             raise ValueError("ranks and widths are both empty: there is nothing to search; give at least one")
         if self.epochs < 1 or self.finetune_epochs < 0:
             raise ValueError(f"epochs must be >= 1 and finetune_epochs >= 0, got {self.epochs}, {self.finetune_epochs}")
-        from fedge.edge.distill import DistillConfig  # torch: only when a fit is configured
-
-        DistillConfig(temperature=self.temperature, alpha=self.alpha)  # its checks of both
+        # DistillConfig checks the same two; it is not built here because its module imports torch (~2 s).
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be between 0 and 1, got {self.alpha}")
 
     def export_config(self) -> ExportConfig:
         """How every candidate is exported: int8 with the C array, checked against the board."""
