@@ -12,6 +12,7 @@ and ns-precision ones within ±2.1 s of the base), else as float64.
 from __future__ import annotations
 
 import mmap
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,37 +36,66 @@ def release_free_memory() -> None:
         pass
 
 
+_REMAP = sys.platform.startswith("linux")
+"""Whether anonymous maps can grow by remapping (CPython's ``mmap.resize`` of one needs Linux's mremap; macOS
+raises SystemError, Windows has no MAP_PRIVATE): elsewhere a column grows as a numpy array (realloc)."""
+
+
 class _Store:
-    """Rows of one dtype in an anonymous memory map that grows by remapping."""
+    """Rows of one dtype in an anonymous memory map that grows by remapping (a numpy array where the OS has no
+    ``mremap``)."""
 
     def __init__(self, dtype: np.dtype[Any]) -> None:
         self.dtype = dtype
         self.n = 0
-        self.map: mmap.mmap | None = None
+        self.map: mmap.mmap | np.ndarray | None = None
 
     def append(self, values: np.ndarray) -> None:
         size = self.dtype.itemsize
         need = (self.n + len(values)) * size
         if self.map is None:
+            first = max(need, 1 << 16)
             # Private: a shared anonymous map is a tmpfs file, which a remap past its first size makes fault.
-            self.map = mmap.mmap(-1, max(need, 1 << 16), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        elif need > len(self.map):
-            self.map.resize(max(need, 2 * len(self.map)))  # virtual size only: untouched pages cost nothing
-        np.frombuffer(self.map, self.dtype, count=len(values), offset=self.n * size)[:] = values
+            self.map = (
+                mmap.mmap(-1, first, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                if _REMAP
+                else np.empty(first // size, dtype=self.dtype)
+            )
+        elif need > _nbytes(self.map):
+            _grow(self.map, max(need, 2 * _nbytes(self.map)), size)  # virtual size only: untouched pages cost nothing
+        self._rows(len(values), self.n)[:] = values
         self.n += len(values)
+
+    def _rows(self, count: int, start: int = 0) -> np.ndarray:
+        assert self.map is not None
+        if isinstance(self.map, np.ndarray):
+            return self.map[start : start + count]
+        return np.frombuffer(self.map, self.dtype, count=count, offset=start * self.dtype.itemsize)
 
     def view(self) -> np.ndarray:
         """The rows so far (to be dropped before the next append)."""
         if self.map is None or self.n == 0:
             return np.empty(0, dtype=self.dtype)
-        return np.frombuffer(self.map, self.dtype, count=self.n)
+        return self._rows(self.n)
 
     def finish(self) -> np.ndarray:
         """The rows as one array, the map cut to their size."""
         if self.map is None or self.n == 0:
             return np.empty(0, dtype=self.dtype)
-        self.map.resize(self.n * self.dtype.itemsize)
-        return np.frombuffer(self.map, self.dtype)
+        _grow(self.map, self.n * self.dtype.itemsize, self.dtype.itemsize)
+        return self._rows(self.n)
+
+
+def _nbytes(store: mmap.mmap | np.ndarray) -> int:
+    return store.nbytes if isinstance(store, np.ndarray) else len(store)
+
+
+def _grow(store: mmap.mmap | np.ndarray, nbytes: int, itemsize: int) -> None:
+    # Both resize in place: the caller holds no view of the rows across it.
+    if isinstance(store, np.ndarray):
+        store.resize(nbytes // itemsize, refcheck=False)
+    else:
+        store.resize(nbytes)
 
 
 class IntColumn:

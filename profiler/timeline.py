@@ -80,9 +80,12 @@ class Kernels:
     def _order(self, kinds: tuple[KernelKind, ...]) -> np.ndarray:
         if not kinds:
             return self.by_ts
-        if len(kinds) == 1:
-            return self.by_ts[self.kind[self.by_ts] == int(kinds[0])]
-        return self.by_ts[np.isin(self.kind[self.by_ts], [int(k) for k in kinds])]
+        per_kind = [self.by_ts[self.kind[self.by_ts] == int(k)] for k in kinds]
+        if len(per_kind) == 1:
+            return per_kind[0]
+        # (start, kind order, row), as union_us of the kinds' concatenated intervals takes them
+        joined = np.concatenate(per_kind)
+        return joined[np.argsort(self.ts_at(joined), kind="stable")]
 
     def merged_blocks(self, *kinds: KernelKind) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """The merged intervals of the events of ``kinds`` (of all events when none), in time order, ``BLOCK``

@@ -3,16 +3,19 @@ what the whole-array ones give."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from fedge.errors import DataError
-from fedge.profiler import build_report, load_job, load_trace, timeline
-from fedge.profiler.columns import FloatColumn, IntColumn
+from fedge.profiler import build_report, columns, load_trace, timeline
+from fedge.profiler.columns import Exact, FloatColumn, IntColumn
+from fedge.profiler.kinds import KernelKind
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "traces"
+
+@pytest.fixture(params=[True, False], ids=["remapped", "numpy-array"])
+def store(request, monkeypatch) -> None:
+    """Columns grown by mremap (Linux) and as numpy arrays (where the OS has no mremap)."""
+    monkeypatch.setattr(columns, "_REMAP", request.param)
 
 
 def _floats(chunks: list[list[float]], *, relative: bool) -> tuple[list[float], int]:
@@ -23,7 +26,7 @@ def _floats(chunks: list[list[float]], *, relative: bool) -> tuple[list[float], 
     return stored.get().tolist(), stored.scale
 
 
-def test_whole_us_then_ns_then_huge_values_come_back_exactly():
+def test_whole_us_then_ns_then_huge_values_come_back_exactly(store):
     # Prepare: whole µs (4 bytes), then ns-precision decimals (still 4 bytes), then an epoch in ns decimals
     whole = [1_700_000_000_000_000 + i * 45 for i in range(5)]
     ns = [4458676388068.751, 4458676388069.003, 4458676388070.5]
@@ -39,7 +42,11 @@ def test_whole_us_then_ns_then_huge_values_come_back_exactly():
     assert values == [0.1, 1e-7, 3.0] and scale == 0
 
 
-def test_integers_widen_as_needed_and_a_constant_column_takes_no_memory():
+def test_integers_widen_as_needed_and_a_constant_column_takes_no_memory(store):
+    grown = IntColumn()
+    for i in range(0, 200_000, 1000):  # past the first map / array: grown in place
+        grown.extend(list(range(i, i + 1000)))
+    assert grown.finish().tolist() == list(range(200_000))
     column = IntColumn()
     column.extend([1, -1, 7])
     column.extend([2**40])
@@ -52,9 +59,9 @@ def test_integers_widen_as_needed_and_a_constant_column_takes_no_memory():
 
 
 @pytest.mark.slow
-def test_block_at_a_time_sweeps_equal_the_whole_array_ones(monkeypatch):
+def test_block_at_a_time_sweeps_equal_the_whole_array_ones(monkeypatch, shared_job):
     # Prepare: the largest shared single-rank trace, swept whole and in blocks of 97 kernels
-    job = load_job(SHARED / "hta-v100-2gpu-rank1-large")
+    job = shared_job("hta-v100-2gpu-rank1-large")
     whole = {mode: build_report(job, mode=mode) for mode in ("fedge", "hta")}
     # Execute
     monkeypatch.setattr(timeline, "BLOCK", 97)
@@ -65,6 +72,22 @@ def test_block_at_a_time_sweeps_equal_the_whole_array_ones(monkeypatch):
         assert found.keys() == expected.keys()
         for path, value in expected.items():
             assert found[path] == (pytest.approx(value, rel=1e-9) if isinstance(value, float) else value), (mode, path)
+
+
+def test_a_union_of_several_kinds_in_blocks_takes_equal_starts_in_kind_order(monkeypatch):
+    # Prepare: comp [10, 20], comm [10, 9] (HTA mode rounds sub-µs kernels into ends before starts), comp [30, 31]
+    ts, end = np.array([10.0, 10.0, 30.0]), np.array([20.0, 9.0, 31.0])
+    comp, comm = int(KernelKind.COMPUTATION), int(KernelKind.COMMUNICATION)
+    k = timeline.Kernels(
+        ts_exact=Exact(ts), end_exact=Exact(end), kind=np.array([comp, comm, comp], dtype=np.int8),
+        stream=np.zeros(3, dtype=np.int8), name=np.zeros(3, dtype=np.int8), row=np.arange(3), by_ts=np.arange(3),
+    )  # fmt: skip
+    whole = k.union_us(KernelKind.COMMUNICATION, KernelKind.COMPUTATION)
+    # Execute
+    monkeypatch.setattr(timeline, "BLOCK", 2)
+    blocked = k.union_us(KernelKind.COMMUNICATION, KernelKind.COMPUTATION)
+    # Assert: the same as union_us of the concatenated intervals, swept whole or in blocks
+    assert blocked == whole == timeline.union_us(np.r_[ts[1], ts[[0, 2]]], np.r_[end[1], end[[0, 2]]])
 
 
 def _leaves(value: object, path: str = "") -> list[tuple[str, object]]:
