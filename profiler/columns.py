@@ -141,10 +141,6 @@ class Exact:
         raw = self.raw if rows is None else self.raw[rows]
         return _decode(raw, self.scale, self.base)
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.raw.nbytes)
-
 
 def _decode(raw: np.ndarray, scale: int, base: int) -> np.ndarray:
     if scale == 0:

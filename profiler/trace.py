@@ -144,7 +144,7 @@ def _decode(text: bytes) -> list[Any]:
 @dataclass(frozen=True, slots=True)
 class Table:
     """Columns of equal length: ``ts``/``dur`` (µs, float64, exactly as written in the file; stored compactly,
-    see :mod:`fedge.profiler.columns`, so each access decodes: take a subset with ``ts_at``/``dur_at``/``end_at``),
+    see :mod:`fedge.profiler.columns`, so each access decodes: take a subset with ``ts_at``/``end_at``),
     ``name`` (index into ``Trace.names``), ``cat`` (category code), ``tid`` (stream for GPU events), ``device``
     (-1 on CPU events), ``corr`` (correlation id, -1 if none; on the CPU side only launches keep theirs, stored
     sparsely as ``corr_rows``/``corr_values`` sorted by id), ``ext`` (``External id``: the op a launch or kernel
@@ -186,9 +186,6 @@ class Table:
     def ts_at(self, rows: Any) -> np.ndarray:
         """Starts of ``rows`` (an index array, mask or slice) without decoding the whole column."""
         return self.ts_exact.get(rows)
-
-    def dur_at(self, rows: Any) -> np.ndarray:
-        return self.dur_exact.get(rows)
 
     def end_at(self, rows: Any = None) -> np.ndarray:
         """``ts + dur`` of ``rows`` (of every event by default), as float64."""

@@ -49,7 +49,7 @@ def _rank_overlap(view: JobView, trace: Trace) -> RankOverlap:
     if len(k):
         comm, comp, device = KernelKind.COMMUNICATION, KernelKind.COMPUTATION, "gpu"
         comm_us = k.union_us(comm)
-        hidden = k.union_us(comm) + k.union_us(comp) - k.union_us(comm, comp) if comm_us else 0.0  # |A|+|B|-|A∪B|
+        hidden = comm_us + k.union_us(comp) - k.union_us(comm, comp) if comm_us else 0.0  # |A|+|B|-|A∪B|
     else:
         iv = view.cpu_intervals(trace)
         comm_us = union_us(*iv["comm"])
