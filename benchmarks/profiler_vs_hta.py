@@ -71,7 +71,8 @@ _ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
 def _measure(cmd: list[str]) -> tuple[float, float, float]:
-    """(wall s, CPU s, peak RSS MB) of one command and the processes it waited for, start-up included."""
+    """(wall s, CPU s, peak RSS MB) of one command and the processes it waited for, start-up included. The peak
+    is that of the largest single process (``ru_maxrss``), not the sum over a command and its workers."""
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=_ENV)
@@ -116,7 +117,7 @@ def _compare(label: str, path: Path, args: argparse.Namespace) -> None:
         reps = ref["timing_repeats"]
         seconds = reps["load_s_median"] + reps["analyze_s_median"]
         hta = (seconds, seconds, ref["maxrss_self_mb"] + ref.get("maxrss_children_mb", 0.0))
-        source = "stored, imports not included"
+        source = "stored, imports not included; its CPU figure is its wall time"
     print(f"  HTA 0.5.0 ({source}): {hta[0]:.3f} s wall, {hta[1]:.3f} s CPU, peak RSS {hta[2]:.1f} MB")
     print(f"  floor (gzip + orjson.loads): {floor[0]:.3f} s wall, {floor[1]:.3f} s CPU")
     print(f"  fedge is {hta[0] / fedge[0]:.1f}x faster than HTA by wall time, {hta[1] / fedge[1]:.1f}x by CPU time "
@@ -171,6 +172,8 @@ def main() -> None:
     if args.floor:
         _floor_child(args.floor)
         return
+    if args.synthetic_ranks and not args.hta_python:
+        parser.error("--synthetic-ranks compares with HTA live, which has no stored times for it: give --hta-python")
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     _compare("largest single-rank set", Path(args.single), args)
     _compare("multi-rank set", Path(args.multi), args)
