@@ -135,15 +135,16 @@ def _merged(ranges: list[Range]) -> list[Range]:
     return list(zip(s.tolist(), e.tolist()))
 
 
-def _intersect(a: list[Range], b: list[Range]) -> list[Range]:
+def _intersect(a: list[Range], b: list[Range], b_bounds: tuple[np.ndarray, np.ndarray] | None = None) -> list[Range]:
     """intersection_ranges_lists of two merged lists, in order (empty pieces, which add nothing, left out).
 
     Not ``timeline.intersection_us``: the per-step costs need the pieces themselves, summed in the plugin's order,
-    and |A| + |B| - |A ∪ B| can land an ulp off a value the plugin rounds at .5 µs (ns-precision traces)."""
+    and |A| + |B| - |A ∪ B| can land an ulp off a value the plugin rounds at .5 µs (ns-precision traces).
+    ``b_bounds``: ``b``'s starts and ends as arrays (:func:`_bounds`), for a ``b`` intersected many times."""
     if not a or not b:
         return []
     a_s, a_e = np.array(a).T
-    b_s, b_e = np.array(b).T
+    b_s, b_e = b_bounds if b_bounds is not None else _bounds(b)
     lo = np.searchsorted(b_e, a_s, side="right")  # first b ending after a starts
     hi = np.searchsorted(b_s, a_e, side="left")  # b starting before a ends
     out: list[Range] = []
@@ -153,6 +154,11 @@ def _intersect(a: list[Range], b: list[Range]) -> list[Range]:
             if e > s:
                 out.append((s, e))
     return out
+
+
+def _bounds(ranges: list[Range]) -> tuple[np.ndarray, np.ndarray]:
+    starts, ends = np.array(ranges).T
+    return starts, ends
 
 
 def _sum(ranges: list[Range]) -> float:
@@ -329,8 +335,10 @@ def _worker(trace: Trace) -> _Worker:
     computation = kernel_role or _merged(cpu_op_ranges)
     overlap = _intersect(computation, comm_role)
     costs = []
+    # Each step cuts its part out of the same three lists: their bounds are made once, not once per step.
+    bounds = [(r, _bounds(r) if r else None) for r in (overlap, computation, comm_role)]
     for step in steps:
-        o, c, m = _sum(_intersect([step], overlap)), _sum(_intersect([step], computation)), _sum(_intersect([step], comm_role))
+        o, c, m = (_sum(_intersect([step], r, b)) for r, b in bounds)
         costs.append((c, m, o, step[1] - step[0] + o - c - m))
     nodes = [] if len(libs) > 1 else _assign_steps(list(by_ext.values()), steps, labels)
     return _Worker(trace.rank, steps, labels, costs, nodes, bool(comm_role))
