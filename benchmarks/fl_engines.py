@@ -19,6 +19,7 @@ printed with each figure; compare within one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -27,6 +28,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fedge.plugins.fl.flower_internals import DEFAULT_POLL_S
+from fedge.supervisor import free_port
 
 BIN = Path(sys.executable).parent
 # The work both sides do: fedge's defaults but the MLP and IID digits, so a round is short and even.
@@ -166,21 +170,13 @@ def flower_simulation(clients: int, rounds: int, tmp: Path) -> dict:
     return {"wall_s": round(wall, 1), "accuracy": round(json.loads(out.read_text())["accuracy"], 4), "load": load_before}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def flower_deployment(clients: int, rounds: int, tmp: Path) -> dict:
     """Flower's deployment recipe by hand: a SuperLink, N SuperNodes, ``flwr run``; then stop them all."""
     out = tmp / "flower-dep.json"
     app = write_app(tmp / "flower-dep-app", clients, rounds, out)
     home = tmp / "flwr-home"
     home.mkdir()
-    fleet, control = _free_port(), _free_port()
+    fleet, control = free_port(), free_port()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{control}"\ninsecure = true\n')
     env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
@@ -195,7 +191,7 @@ def flower_deployment(clients: int, rounds: int, tmp: Path) -> dict:
         start([str(BIN / "flower-superlink"), "--insecure", "--fleet-api-address", f"127.0.0.1:{fleet}", "--host", "127.0.0.1",
                "--port", str(control)])  # fmt: skip
         for i in range(clients):
-            start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{fleet}", "--port", str(_free_port()),
+            start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{fleet}", "--port", str(free_port()),
                    "--node-config", f"partition-id={i} num-partitions={clients}"])  # fmt: skip
         deadline = time.monotonic() + 300
         while subprocess.run([str(BIN / "flwr"), "run", str(app), "local"], env=env, cwd=tmp, capture_output=True,
@@ -209,7 +205,7 @@ def flower_deployment(clients: int, rounds: int, tmp: Path) -> dict:
             time.sleep(0.25)
     finally:
         for proc in procs:  # each in its own session: its group holds the SuperExec and the apps it started
-            with __import__("contextlib").suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, 15)
         wall = time.perf_counter() - started  # the stop below is not Flower's work
         for proc in procs:
@@ -255,7 +251,7 @@ def main() -> None:
     parser.add_argument("what", choices=["simulation", "deployment", "rounds"])
     parser.add_argument("--clients", type=int)
     parser.add_argument("--rounds", type=int)
-    parser.add_argument("--poll-s", type=float, default=0.5, help="rounds: fedge's SuperNode idle poll")
+    parser.add_argument("--poll-s", type=float, default=DEFAULT_POLL_S, help="rounds: fedge's SuperNode idle poll")
     args = parser.parse_args()
     report: dict = {"job": JOB, "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="fedge-engines-") as name:

@@ -22,7 +22,7 @@ import typer
 from fedge.cli.options import config_options
 from fedge.errors import ConfigError, Interrupted
 from fedge.plugins.fl.config import FlConfig
-from fedge.plugins.fl.flower_internals import check_poll_s
+from fedge.plugins.fl.flower_internals import DEFAULT_POLL_S, check_poll_s
 from fedge.plugins.fl.privacy import PrivacyConfig
 
 if TYPE_CHECKING:
@@ -287,7 +287,7 @@ def supernode_command(
     connect_timeout: Annotated[float, typer.Option("--connect-timeout", help="Seconds to keep trying to join the SuperLink before giving up.")] = 60.0,
     workdir: Annotated[Path, typer.Option("--workdir", help="Where logs, Flower state and the node's data file go.")] = Path("runs/supernode"),
     device: Annotated[str, typer.Option("--device", help="Where this node trains: auto (the GPU if torch sees one), cpu or cuda.")] = "auto",
-    poll_s: Annotated[float, typer.Option("--poll-s", help="Seconds between requests for a message while idle (Flower's own SuperNode: 3).")] = 0.5,
+    poll_s: Annotated[float, typer.Option("--poll-s", help="Seconds between requests for a message while idle (Flower's own SuperNode: 3).")] = DEFAULT_POLL_S,
 ) -> int:
     """Join a SuperLink as one client (a SuperNode in the foreground until Ctrl-C or the SuperLink goes away)."""
     from fedge.plugins.fl.federation import Federation, TlsFiles

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedge.config import PartitionConfig, from_mapping, load_toml, merge, parse_partition, to_mapping
-from fedge.plugins.fl.flower_internals import check_poll_s
+from fedge.plugins.fl.flower_internals import DEFAULT_POLL_S, check_poll_s
 from fedge.plugins.fl.privacy import PrivacyConfig
 
 __all__ = ["FAULTS", "FlConfig", "load_config"]
@@ -70,7 +70,7 @@ class FlConfig:
     warm_workers: bool = True
     """Give each SuperNode a warm worker that keeps torch loaded between rounds (the ClientApp process Flower
     starts per message then skips importing torch); false trains inside the ClientApp process."""
-    supernode_poll_s: float = 0.5
+    supernode_poll_s: float = DEFAULT_POLL_S
     """Seconds an idle SuperNode waits before asking the SuperLink again for a message (Flower 1.39 hard-codes
     3 s; fedge starts Flower's SuperNode with this one sleep shortened, see ``fedge.plugins.fl.flower_internals``)."""
     heterogeneity: str = ""

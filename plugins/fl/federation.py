@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Self
 
 from fedge.errors import ConfigError, RuntimeFailure
+from fedge.plugins.fl.flower_internals import DEFAULT_POLL_S
 from fedge.rundir import atomic_write_text
 from fedge.supervisor import Child, Supervisor, free_port, kill_recorded, wait_for_port
 
@@ -124,7 +125,7 @@ class Federation:
     env: Mapping[str, str] = field(default_factory=dict)
     fleet_port: int = 0
     control_port: int = 0
-    supernode_poll_s: float = 0.5
+    supernode_poll_s: float = DEFAULT_POLL_S
     worker_sockets: list[str] = field(default_factory=list)
     _socket_dir: Path | None = None
     supervisor: Supervisor = field(init=False)

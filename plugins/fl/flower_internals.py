@@ -31,6 +31,7 @@ from types import ModuleType
 from fedge.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_POLL_S",
     "SUPERNODE_IDLE_SLEEP_S",
     "block_tensorflow",
     "check_poll_s",
@@ -44,6 +45,8 @@ WRITTEN_FOR = "1.39.0"
 """The Flower release these patches were written and tested against."""
 SUPERNODE_IDLE_SLEEP_S = 3
 """What Flower 1.39's SuperNode sleeps when it has no message (``time.sleep(3)`` in its pull loop)."""
+DEFAULT_POLL_S = 0.5
+"""fedge's SuperNode idle poll (Flower's own is 3 s): the setting's, the flag's and the Federation's default."""
 MAX_POLL_S = 60.0
 """The longest idle poll fedge accepts (Flower's own is 3 s)."""
 _IDLE_SLEEP_CALL = f"time.sleep({SUPERNODE_IDLE_SLEEP_S})"
