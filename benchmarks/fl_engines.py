@@ -71,6 +71,7 @@ clientapp = ClientApp()
 
 @clientapp.train()
 def train(msg: Message, context: Context) -> Message:
+    from fedge.plugins.fl.local import client_seed
     from fedge.plugins.train.single_process import train_epochs
 
     ds, parts = _data()
@@ -79,7 +80,7 @@ def train(msg: Message, context: Context) -> Message:
     model = _model(ds)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     idx = parts[pid]
-    seed = S["seed"] * 100_003 + server_round * 1_009 + pid  # fedge's per-client seed
+    seed = client_seed(S["seed"], server_round, pid)  # fedge's per-client seed
     loss = train_epochs(model, ds.x_train[idx], ds.y_train[idx], epochs=S["local_epochs"], batch_size=S["batch_size"],
                         lr=S["lr"], seed=seed)
     metrics = MetricRecord({{"train-loss": float(loss), "num-examples": len(idx)}})

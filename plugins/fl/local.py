@@ -14,10 +14,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["load_local_data", "node_device", "train_round"]
+__all__ = ["client_seed", "load_local_data", "node_device", "train_round"]
 
 
 @lru_cache(maxsize=4)
+def client_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """The seed of one client's local training in one round: distinct per client and round, fixed by ``seed``."""
+    return seed * 100_003 + server_round * 1_009 + partition_id
+
+
 def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
     with np.load(path) as data:
         return data["x_train"], data["y_train"]
@@ -88,7 +93,7 @@ def train_round(
         spec["model"], spec.get("config", {}), input_shape=tuple(spec["input_shape"]), num_classes=spec["num_classes"]
     )
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
-    seed = int(config["seed"]) * 100_003 + int(config["server-round"]) * 1_009 + int(node.get("partition-id", 0))
+    seed = client_seed(int(config["seed"]), int(config["server-round"]), int(node.get("partition-id", 0)))
     start = time.perf_counter()
     loss = train_epochs(
         model,
