@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import socket
@@ -35,8 +36,10 @@ CALIBRATION_SIZES = "4KB,16KB,64KB,256KB,1MB,4MB,16MB"
 _INPUT_SHAPE, _CLASSES = (1, 8, 8), 10  # the benches' digits-shaped input
 
 
-def _default_calibration(nproc: int) -> Path:
-    return Path.home() / ".cache" / "fedge" / f"collectives-{socket.gethostname()}-w{nproc}.json"
+def _default_calibration(nproc: int, sizes: str, reps: int) -> Path:
+    # Other --sizes/--reps get a file of their own, so measuring them never replaces the default calibration.
+    tag = "" if (sizes, reps) == (CALIBRATION_SIZES, 5) else "-" + hashlib.sha1(f"{sizes}|{reps}".encode()).hexdigest()[:8]
+    return Path.home() / ".cache" / "fedge" / f"collectives-{socket.gethostname()}-w{nproc}{tag}.json"
 
 
 _FSDP_SHAPES = [[2, 64], [6, 64], [2, 512]]  # (Linear layers, width): units and bytes apart
@@ -80,6 +83,10 @@ def calibrate(
         stored = _stored(path, nproc=nproc, sizes=size_list, reps=reps)
         if stored is not None:
             return stored, None
+        typer.echo(
+            f"fedge advise: {path} was measured on another host, world size, --sizes or --reps (or by an older "
+            "fedge); it is measured again and replaced", err=True,
+        )  # fmt: skip
     typer.echo(f"fedge advise: measuring collectives on {nproc} processes (stored in {path}) ...", err=True)
     spec = {
         "sizes": size_list, "reps": reps, "max_iters": 20, "ring_chunk_bytes": 4 << 20, "tree_chunk_bytes": 1 << 20,
@@ -236,7 +243,7 @@ def advise(
     )
     with RunDir.create("advise", out, overwrite=overwrite) as run:  # an --out holding a run: refused before measuring
         wanted = compute_spec(model, options, nproc=nproc, batch_size=batch_size)
-        cal = calibration or _default_calibration(nproc)
+        cal = calibration or _default_calibration(nproc, sizes, reps)
         record, compute = calibrate(nproc, cal, refit=refit, sizes=sizes, reps=reps, compute=wanted)
         _warn_if_busy()
         run.write_json("collectives.json", record)

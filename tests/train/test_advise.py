@@ -210,3 +210,12 @@ def test_advise_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
     assert message in err
     assert len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
+
+
+def test_other_sizes_or_reps_get_a_calibration_file_of_their_own() -> None:
+    from fedge.plugins.train.advise import CALIBRATION_SIZES, _default_calibration
+
+    default = _default_calibration(2, CALIBRATION_SIZES, 5)
+    assert default.name == f"collectives-{socket.gethostname()}-w2.json"
+    others = {_default_calibration(2, "4KB,1MB", 5), _default_calibration(2, CALIBRATION_SIZES, 3)}
+    assert len(others) == 2 and default not in others and all(p.parent == default.parent for p in others)
