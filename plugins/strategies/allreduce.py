@@ -185,7 +185,7 @@ class AllReduce(DataParallel):
         self.flat = self.buckets[0].flat  # its last slot carries the loss (DataParallel's convention)
         self._bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b.params}
         self._next = 0  # buckets launch in index order on every rank so the collectives match
-        if getattr(self, "powersgd", None) is not None:
+        if self.powersgd is not None:
             self.powersgd.reset()
         self._sent_numel = 0
 

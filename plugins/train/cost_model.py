@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from fedge.errors import ConfigError
 
@@ -59,9 +59,6 @@ class AlphaBeta:
 
     def time_s(self, num_bytes: float) -> float:
         return self.alpha_s + self.beta_s_per_byte * num_bytes
-
-    def to_json(self) -> dict[str, float]:
-        return asdict(self)
 
 
 def fit_alpha_beta(points: Iterable[tuple[float, float]], *, outlier_factor: float = 2.0) -> AlphaBeta:
