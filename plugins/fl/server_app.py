@@ -296,6 +296,10 @@ class ServerLoop:
             "dropped_nodes": sorted(this.dropped),
             "late_nodes": sorted([*got.timed_out, *got.quarantined]),
             "reply_s": {str(node): got.reply_s[node] for node in sorted(got.reply_s)},
+            "compute_s": {
+                str(m.metadata.src_node_id): round(float(v.get("compute-s", np.nan)), 3)
+                for m, v in sorted(zip(this.good, metric_values), key=lambda p: int(p[0].metadata.src_node_id))
+            },
             **self._privacy_metrics(),
         }
         self.run.append_metrics(record)
