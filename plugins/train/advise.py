@@ -43,6 +43,7 @@ def _default_calibration(nproc: int, sizes: str, reps: int) -> Path:
 
 
 _FSDP_SHAPES = [[2, 64], [6, 64], [2, 512]]  # (Linear layers, width): units and bytes apart
+_METHOD = 2  # how the calibration is measured; one stored by another method is measured again
 
 
 def _stored(path: Path, *, nproc: int, sizes: list[int], reps: int) -> dict[str, Any] | None:
@@ -58,8 +59,7 @@ def _stored(path: Path, *, nproc: int, sizes: list[int], reps: int) -> dict[str,
             f"calibration {str(path)!r} is not a fedge collectives calibration (no rows of measurements); "
             "pass --refit to measure again"
         )
-    wanted = {"world_size": nproc, "host": socket.gethostname(), "sizes": sizes, "reps": reps}
-    # One made before the wake-up and fsdp terms were measured lacks them: measured again, like any mismatch.
+    wanted = {"world_size": nproc, "host": socket.gethostname(), "sizes": sizes, "reps": reps, "method": _METHOD}
     if all(stored.get(k) == v for k, v in wanted.items()) and isinstance(stored.get("fsdp_rows"), list):
         return dict(stored)
     return None
@@ -89,15 +89,16 @@ def calibrate(
         )  # fmt: skip
     typer.echo(f"fedge advise: measuring collectives on {nproc} processes (stored in {path}) ...", err=True)
     spec = {
-        "sizes": size_list, "reps": reps, "max_iters": 20, "ring_chunk_bytes": 4 << 20, "tree_chunk_bytes": 1 << 20,
-        "after_compute": True, "fsdp_shapes": _FSDP_SHAPES, **({"compute": compute} if compute else {}),
+        "sizes": size_list, "reps": reps, "max_iters": 100, "wake_iters": 60, "ring_chunk_bytes": 4 << 20,
+        "tree_chunk_bytes": 1 << 20, "after_compute": True, "fsdp_shapes": _FSDP_SHAPES, **({"compute": compute} if compute else {}),
     }  # fmt: skip
     rows = run_bench("collectives", nproc, spec)
     kind = {"fsdp": [], "compute": [], "": []}
     for row in rows:
         kind[row.get("kind", "")].append(row)
     record = {
-        "world_size": nproc, "host": socket.gethostname(), "sizes": size_list, "reps": reps, "measured_at": time.time(),
+        "world_size": nproc, "host": socket.gethostname(), "sizes": size_list, "reps": reps, "method": _METHOD,
+        "measured_at": time.time(),
         "rows": kind[""], "fsdp_rows": kind["fsdp"],
     }  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,12 +106,12 @@ def calibrate(
     return record, ({r["case"]: r["compute_s"] for r in kind["compute"]} if compute else None)
 
 
-def compute_spec(model: str, options: dict[str, Any], *, nproc: int, batch_size: int, iters: int = 20) -> dict[str, Any]:
+def compute_spec(model: str, options: dict[str, Any], *, nproc: int, batch_size: int, iters: int = 60) -> dict[str, Any]:
     """What the bench worker needs to time the model's compute on ``nproc`` processes (see :func:`measure_compute`)."""
     cases = [{"name": "dp", "rows": batch_size // nproc, "ranks": nproc}]
     if batch_size % (nproc - 1) == 0:
         cases.append({"name": "ps", "rows": batch_size // (nproc - 1), "ranks": nproc - 1})
-    return {"model": model, "model_options": options, "cases": cases, "warmup": 3, "iters": iters, "reps": 1}
+    return {"model": model, "model_options": options, "cases": cases, "warmup": 5, "iters": iters, "reps": 1}
 
 
 def measure_compute(spec: dict[str, Any], *, nproc: int) -> dict[str, float]:
@@ -239,7 +240,7 @@ def advise(
     facts = _model_facts(net)
     # Checked up front too, so a batch that does not split is one line before the collectives are measured.
     spec = strategies_spec(
-        nproc, model=model, model_options=options, batch_size=batch_size, reps=reps, iters=5, bucket_mb=25.0, built=net
+        nproc, model=model, model_options=options, batch_size=batch_size, reps=reps, iters=20, bucket_mb=25.0, built=net
     )
     with RunDir.create("advise", out, overwrite=overwrite) as run:  # an --out holding a run: refused before measuring
         wanted = compute_spec(model, options, nproc=nproc, batch_size=batch_size)

@@ -220,9 +220,11 @@ def _call_times(call: Callable[[], object], before: Callable[[], object] | None,
 def _wake_up(size: int, spec: dict[str, Any], w: int) -> dict[str, float]:
     """Seconds each collective on ``size`` bytes takes beyond its back-to-back time when every rank reaches it
     after a spell of compute: the peers that got there first sleep in their receive and must be woken, and the
-    caches hold the compute's data, not the buffers. Timed from the last rank's arrival (the wait for the
-    slowest rank's compute belongs to the compute term) to the last rank's finish, median over iterations,
-    both ways interleaved."""
+    caches hold the compute's data, not the buffers. The parameter server's server rank does not compute (in a
+    step it waits for the push), so only its workers run the spell. Timed from the last rank's arrival (the
+    wait for the slowest rank's compute belongs to the compute term) to the last rank's finish; the mean over
+    a repetition's calls (a woken peer now and then waits a whole scheduler tick, and a step pays the mean),
+    median over repetitions, both ways interleaved."""
     buf = torch.zeros(size // 4, dtype=torch.float32)
     calls = _collective_impls(buf, spec, w)
     spell = _spell()
@@ -230,11 +232,14 @@ def _wake_up(size: int, spec: dict[str, Any], w: int) -> dict[str, float]:
         call()
     times: dict[str, list[float]] = {f"{n}{how}": [] for n in calls for how in ("", "+spell")}
     names = list(calls)
+    serves = dist.get_rank() == w - 1  # a parameter server's server rank waits for the push, it does not compute
+    iters = spec.get("wake_iters", 20)
     for rep in range(spec["reps"]):
         for i in range(len(names)):
             name = names[(rep + i) % len(names)]
-            times[name] += _call_times(calls[name], None, 20)
-            times[name + "+spell"] += _call_times(calls[name], spell, 20)
+            before = None if name == "parameter-server" and serves else spell
+            times[name].append(statistics.mean(_call_times(calls[name], None, iters)))
+            times[name + "+spell"].append(statistics.mean(_call_times(calls[name], before, iters)))
     return {n: max(0.0, statistics.median(times[n + "+spell"]) - statistics.median(times[n])) for n in calls}
 
 

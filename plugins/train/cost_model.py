@@ -17,8 +17,8 @@ Step time of a strategy = compute + communication, each term measured on this ma
 - its wake-up: how much longer one call takes when every rank reaches it after a spell of compute, as a
   training step does, than back to back (the peer sleeps in its receive and must be woken, the caches hold
   the compute's data); measured by the calibration at the smallest size from the last rank's arrival to
-  the last rank's finish (the wait for the slowest rank's compute is already in the compute term), paid
-  once per call;
+  the last rank's finish (the wait for the slowest rank's compute is already in the compute term), the mean
+  over calls (now and then a woken peer waits a whole scheduler tick), paid once per call;
 - for ``fsdp``, what ``fully_shard`` adds per unit and per byte: an FSDP step of a stack of Linear layers minus
   the same stack's unsharded step, at three shapes, fitted as ``units x unit_s + beta x bytes``
   (:func:`fit_per_unit`); that holds every unit's all-gathers and reduce-scatter, their copies in and out and
