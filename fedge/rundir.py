@@ -93,7 +93,8 @@ def a_run(kind: str) -> str:
     of no known kind)."""
     if kind == "unknown":
         return "a run"
-    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind} run"
+    vowel_sound = kind[:1] in "aeiou" or kind == "fl"  # "fl" is read as letters: "an fl run"
+    return f"{'an' if vowel_sound else 'a'} {kind} run"
 
 
 class RunDir:

@@ -67,7 +67,7 @@ def test_a_second_run_into_the_same_out_is_refused_and_leaves_the_first_byte_ide
 
 def test_refusal_names_resume_when_the_command_has_it(tmp_path: Path) -> None:
     RunDir.create("fl", tmp_path / "out")
-    with pytest.raises(ConfigError, match=r"already holds a fl run; choose a new directory, --resume .* or pass --overwrite"):
+    with pytest.raises(ConfigError, match=r"already holds an fl run; choose a new directory, --resume .* or pass --overwrite"):
         RunDir.create("fl", tmp_path / "out", resumable=True)
 
 
@@ -82,7 +82,7 @@ def test_resume_reopens_only_a_run_of_its_kind(tmp_path: Path) -> None:
     first.append_metrics({"step": 1})
     again = RunDir.create("train", tmp_path / "t", resume=True)
     assert again.read_metrics() == [{"step": 1}]
-    with pytest.raises(ConfigError, match="holds a train run, not a fl run"):
+    with pytest.raises(ConfigError, match="holds a train run, not an fl run"):
         RunDir.create("fl", tmp_path / "t", resume=True)
     with pytest.raises(ConfigError, match="nothing to resume"):
         RunDir.create("fl", tmp_path / "empty", resume=True)

@@ -42,7 +42,7 @@ EXPORT = [
     (["{tmp}/nodataset", "--dataset", "mnist"], "unknown dataset 'mnist'"),
     (["{run}", "--out", "{tmp}/notes.txt"], "is a file"),
     (["{run}", "--out", "{tmp}/previous"], "already holds a run; choose a new directory"),
-    (["{run}", "--out", "{tmp}/fl-run"], "already holds a fl run"),
+    (["{run}", "--out", "{tmp}/fl-run"], "already holds an fl run"),
 ]
 FIT = [
     (["{tmp}/nowhere", "-t", BOARD], "no model at"),

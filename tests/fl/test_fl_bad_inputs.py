@@ -182,7 +182,7 @@ def test_second_run_into_the_same_out_is_refused_and_the_first_stays_byte_identi
     # Assert
     err = capsys.readouterr().err
     assert codes == [1, 1]
-    assert err.count("already holds a fl run; choose a new directory, --resume") == 2, err
+    assert err.count("already holds an fl run; choose a new directory, --resume") == 2, err
     assert _tree(out) == before
 
 
