@@ -93,9 +93,9 @@ def calibrate(
         "tree_chunk_bytes": 1 << 20, "after_compute": True, "fsdp_shapes": _FSDP_SHAPES, **({"compute": compute} if compute else {}),
     }  # fmt: skip
     rows = run_bench("collectives", nproc, spec)
-    kind = {"fsdp": [], "compute": [], "": []}
+    kind: dict[str, list[dict[str, Any]]] = {"fsdp": [], "compute": [], "": []}
     for row in rows:
-        kind[row.get("kind", "")].append(row)
+        kind.setdefault(row.get("kind", ""), []).append(row)
     record = {
         "world_size": nproc, "host": socket.gethostname(), "sizes": size_list, "reps": reps, "method": _METHOD,
         "measured_at": time.time(),

@@ -157,10 +157,14 @@ class Prediction:
     reason: str
 
 
-def _bound(fit: AlphaBeta, num_bytes: float) -> str:
-    latency, transfer = fit.alpha_s, fit.beta_s_per_byte * num_bytes
+def _bound(fit: AlphaBeta, num_bytes: float, *, calls: int = 1) -> str:
+    latency, transfer = fit.alpha_s * calls, fit.beta_s_per_byte * num_bytes
     kind = "latency" if latency >= transfer else "bandwidth"
-    return f"{kind} bound (alpha {latency * 1e6:.0f} us vs beta x n {transfer * 1e6:.0f} us)"
+    alpha = f"{calls} x alpha" if calls > 1 else "alpha"
+    return (
+        f"{kind} bound ({alpha} {latency * 1e6:.0f} us vs beta x n {transfer * 1e6:.0f} us; "
+        f"the fit is within {fit.max_rel_error:.0%} of its points)"
+    )
 
 
 _ALLREDUCE_IMPL = {"allreduce": "native", "ring-allreduce": "ring", "tree-allreduce": "tree"}
@@ -203,7 +207,7 @@ def predict(
         if impl in fits:
             sizes = _buckets(grad_bytes) if name == "allreduce" else [grad_bytes]
             comm = sum(fits[impl].time_s(n) for n in sizes) + wake.get(impl, 0.0)
-            why = f"{mb:.2f} MB of gradients through {impl} all-reduce is {_bound(fits[impl], grad_bytes)}"
+            why = f"{mb:.2f} MB of gradients through {impl} all-reduce is {_bound(fits[impl], grad_bytes, calls=len(sizes))}"
             out.append(Prediction(name, compute_s["dp"] + comm, compute_s["dp"], comm, why))
     if "parameter-server" in fits and "ps" in compute_s:
         fit = fits["parameter-server"]

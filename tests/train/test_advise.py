@@ -94,6 +94,8 @@ def test_a_wake_up_is_paid_once_per_call_and_allreduce_pays_alpha_per_bucket() -
     # three buckets (1 MiB, 25 MiB, 1 MB): three alphas; tree sends it in one call
     assert large["allreduce"].comm_s == pytest.approx(3 * 100e-6 + ((1 << 20) + (25 << 20) + 1e6) / 1e9, rel=1e-3)
     assert large["tree-allreduce"].comm_s == pytest.approx(50e-6 + ((1 << 20) + (25 << 20) + 1e6) / 1e9, rel=1e-3)
+    assert "(3 x alpha 300 us vs" in large["allreduce"].reason and "(alpha 50 us vs" in large["tree-allreduce"].reason
+    assert "the fit is within 0% of its points" in large["tree-allreduce"].reason  # exact rows, an exact fit
     assert "fsdp" not in large  # no per-unit measurement, no fsdp prediction
 
 
