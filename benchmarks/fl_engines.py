@@ -228,8 +228,12 @@ def _round_done(out: Path) -> int:
 
 
 def round_split(metrics: list[dict]) -> dict:
-    """Mean seconds of the steady rounds (all but the first): the round, the clients' training, the rest."""
-    steady = metrics[1:] or metrics
+    """Mean seconds of the steady rounds (all but the first) that aggregated a reply: the round, the clients'
+    training, the rest."""
+    answered = [m for m in metrics if m["reply_s"] and m["client_compute_s"] is not None]
+    steady = [m for m in answered if m["round"] > 1] or answered
+    if not steady:
+        raise SystemExit("no round aggregated a client's reply; see the run's flower/logs")
 
     def mean(values: list[float]) -> float:
         return round(statistics.mean(values), 2)

@@ -55,6 +55,7 @@ def federated(warm: bool, rounds: int | None, clients: int | None, out: Path) ->
 
 def centralized(epochs: int) -> dict:
     import torch
+
     from fedge.plugins.data import load_dataset
     from fedge.plugins.fl.config import FlConfig
     from fedge.plugins.models import build_model

@@ -26,11 +26,12 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from fedge.plugins.models.tiny_gpt import Block
-from fedge.plugins.strategies._megatron_layers import parallelize_tp
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from fedge.plugins.models.tiny_gpt import Block
+from fedge.plugins.strategies._megatron_layers import parallelize_tp
 
 
 def _torch_tp(model: nn.Sequential, tp: int) -> nn.Sequential:

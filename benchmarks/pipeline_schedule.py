@@ -26,11 +26,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+
 from fedge.plugins.strategies._pipeline_stage import SCHEDULES
 from fedge.plugins.strategies.pipeline import Pipeline
 from fedge.plugins.train.base import DistContext
-from torch import nn
-from torch.distributed.pipelining import PipelineStage
 
 WIDTH = 10  # features = classes, so the last stage's output feeds cross-entropy directly
 
