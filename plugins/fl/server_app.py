@@ -275,6 +275,7 @@ class ServerLoop:
         got = this.got
         assert got is not None
         metric_values = [next(iter(m.content.metric_records.values())) for m in this.good]
+        compute = {int(m.metadata.src_node_id): float(v["compute-s"]) for m, v in zip(this.good, metric_values) if "compute-s" in v}
         record = {
             "round": this.server_round,
             "loss": round(this.loss, 6),
@@ -296,10 +297,7 @@ class ServerLoop:
             "dropped_nodes": sorted(this.dropped),
             "late_nodes": sorted([*got.timed_out, *got.quarantined]),
             "reply_s": {str(node): got.reply_s[node] for node in sorted(got.reply_s)},
-            "compute_s": {
-                str(m.metadata.src_node_id): round(float(v.get("compute-s", np.nan)), 3)
-                for m, v in sorted(zip(this.good, metric_values), key=lambda p: int(p[0].metadata.src_node_id))
-            },
+            "compute_s": {str(node): round(compute[node], 3) for node in sorted(compute)},
             **self._privacy_metrics(),
         }
         self.run.append_metrics(record)

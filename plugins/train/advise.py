@@ -89,8 +89,9 @@ def calibrate(
         )  # fmt: skip
     typer.echo(f"fedge advise: measuring collectives on {nproc} processes (stored in {path}) ...", err=True)
     spec = {
-        "sizes": size_list, "reps": reps, "max_iters": 100, "wake_iters": 60, "ring_chunk_bytes": 4 << 20,
-        "tree_chunk_bytes": 1 << 20, "after_compute": True, "fsdp_shapes": _FSDP_SHAPES, **({"compute": compute} if compute else {}),
+        "sizes": size_list, "reps": reps, "max_iters": 100, "wake_iters": 60, "after_compute": True,
+        "ring_chunk_bytes": 4 << 20, "tree_chunk_bytes": 1 << 20, "fsdp_shapes": _FSDP_SHAPES,
+        **({"compute": compute} if compute else {}),
     }  # fmt: skip
     rows = run_bench("collectives", nproc, spec)
     kind: dict[str, list[dict[str, Any]]] = {"fsdp": [], "compute": [], "": []}
@@ -98,8 +99,7 @@ def calibrate(
         kind.setdefault(row.get("kind", ""), []).append(row)
     record = {
         "world_size": nproc, "host": socket.gethostname(), "sizes": size_list, "reps": reps, "method": _METHOD,
-        "measured_at": time.time(),
-        "rows": kind[""], "fsdp_rows": kind["fsdp"],
+        "measured_at": time.time(), "rows": kind[""], "fsdp_rows": kind["fsdp"],
     }  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")

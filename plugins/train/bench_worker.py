@@ -233,7 +233,7 @@ def _wake_up(size: int, spec: dict[str, Any], w: int) -> dict[str, float]:
     times: dict[str, list[float]] = {f"{n}{how}": [] for n in calls for how in ("", "+spell")}
     names = list(calls)
     serves = dist.get_rank() == w - 1  # a parameter server's server rank waits for the push, it does not compute
-    iters = spec.get("wake_iters", 20)
+    iters = spec["wake_iters"]
     for rep in range(spec["reps"]):
         for i in range(len(names)):
             name = names[(rep + i) % len(names)]

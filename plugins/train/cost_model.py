@@ -212,7 +212,8 @@ def predict(
     if "parameter-server" in fits and "ps" in compute_s:
         fit = fits["parameter-server"]
         comm = fit.time_s(grad_bytes) + wake.get("parameter-server", 0.0)
-        why = f"{world_size - 1} workers share the batch and one server; push/pull is {_bound(fit, grad_bytes)}"
+        workers = f"{world_size - 1} workers share" if world_size > 2 else "1 worker takes"
+        why = f"{workers} the batch and one server; push/pull is {_bound(fit, grad_bytes)}"
         out.append(Prediction("parameter-server", compute_s["ps"] + comm, compute_s["ps"], comm, why))
     if "native" in fits and fsdp is not None:
         units = fsdp.unit_s * num_units

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedge.cli.app import main
+from fedge.plugins.train import advise
 from fedge.plugins.train.advise import _check_rows, _summary
 from fedge.plugins.train.cost_model import (
     Prediction,
@@ -125,7 +126,7 @@ def _calibration(path: Path, nproc: int, *, sizes: list[int] = SIZES, reps: int 
     rows = _rows({"native": (200e-6, 1 / 1e9), "ring": (600e-6, 1 / 1e9), "tree": (150e-6, 1 / 0.5e9),
                   "parameter-server": (300e-6, 1 / 0.5e9)})  # fmt: skip
     fsdp_rows = [{"kind": "fsdp", "units": u, "bytes": n, "extra_s": u * 5e-3 + n / 1e9} for u, n in [(3, 4e4), (7, 1e5), (3, 2e6)]]
-    record = {"world_size": nproc, "host": socket.gethostname(), "sizes": sizes, "reps": reps, "method": 2, "rows": rows,
+    record = {"world_size": nproc, "host": socket.gethostname(), "sizes": sizes, "reps": reps, "method": advise._METHOD, "rows": rows,
               "fsdp_rows": fsdp_rows}
     path.write_text(json.dumps(record))
     return path
